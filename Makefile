@@ -1,0 +1,34 @@
+# One-command setup and run. Everything the project needs is installed by these targets.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+# Every process that starts ROS 2 stays on loopback and on its own domain (see README).
+export ROS_AUTOMATIC_DISCOVERY_RANGE := LOCALHOST
+export ROS_DOMAIN_ID ?= 42
+
+.PHONY: setup demo test bench clean
+
+setup: $(STAMP)
+
+$(STAMP): setup.py package.xml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	# torch first and pinned: this version is on the machine's disk; any other downloads GBs.
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e '.[ros,dev]'
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(VENV)/bin/mm-fusion demo --config config/robot.yaml --duration 10 --plot artifacts/demo.png
+
+test: $(STAMP)
+	$(PY) -m pytest -q test
+
+bench: $(STAMP)
+	$(VENV)/bin/mm-fusion bench-engine --config config/robot.yaml --backends torch,onnxruntime --plot artifacts/bench_engine.png
+
+clean:
+	rm -rf $(VENV) artifacts build install log *.egg-info

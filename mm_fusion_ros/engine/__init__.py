@@ -1,0 +1,88 @@
+"""Inference backends behind one interface, and the choice between them.
+
+``auto`` takes TensorRT when it is importable and a GPU exists, else the
+torch-compiled engine on CUDA, else ONNX Runtime on the CPU.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from ..config import RobotConfig, config_to_dict
+from ..model import FusionNet, input_specs, output_specs
+from .base import Engine, InputError, check_inputs
+from .export import export_onnx
+
+BACKENDS = ("torch", "onnxruntime", "tensorrt", "compiled")
+
+__all__ = ["BACKENDS", "Engine", "InputError", "check_inputs", "create_engine", "ensure_onnx",
+           "model_fingerprint", "resolve_backend"]
+
+
+def resolve_backend(requested: str) -> str:
+    if requested != "auto":
+        if requested not in BACKENDS:
+            raise ValueError(f"unknown backend {requested!r}; allowed: auto, {', '.join(BACKENDS)}")
+        return requested
+    from .tensorrt_engine import tensorrt_available
+    if tensorrt_available():
+        return "tensorrt"
+    if torch.cuda.is_available():
+        return "compiled"
+    return "onnxruntime"
+
+
+def model_fingerprint(model: FusionNet) -> str:
+    """SHA-256 of the model config and weights: says whether model.onnx is still this model."""
+    h = hashlib.sha256(json.dumps(config_to_dict(model.cfg), sort_keys=True).encode())
+    for name, tensor in sorted(model.state_dict().items()):
+        h.update(name.encode())
+        h.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+def ensure_onnx(model: FusionNet, artifact_dir: str | Path, log: Callable[[str], None] = print) -> Path:
+    """Return artifact_dir/model.onnx, exporting it again only if it is missing or stale."""
+    artifact_dir = Path(artifact_dir)
+    onnx_path, meta_path = artifact_dir / "model.onnx", artifact_dir / "model.json"
+    fingerprint = model_fingerprint(model)
+    if onnx_path.is_file() and meta_path.is_file():
+        try:
+            meta = json.loads(meta_path.read_text())
+        except json.JSONDecodeError:
+            meta = {}
+        if meta.get("model_sha256") == fingerprint:
+            return onnx_path
+    log(f"exporting the streaming step to {onnx_path}")
+    export_onnx(model, artifact_dir, extra_meta={"model_sha256": fingerprint})
+    return onnx_path
+
+
+def create_engine(cfg: RobotConfig, model: FusionNet, backend: str | None = None,
+                  log: Callable[[str], None] = print) -> Engine:
+    """Build the engine named by ``backend`` (default: the config's), logging the choice."""
+    requested = backend or cfg.engine.backend
+    name = resolve_backend(requested)
+    specs_in, specs_out = input_specs(model.cfg), output_specs(model.cfg)
+    if name == "torch":
+        from .torch_engine import TorchEngine
+        engine: Engine = TorchEngine(model)
+    elif name == "compiled":
+        from .compiled_engine import CompiledEngine
+        engine = CompiledEngine(model)
+    elif name == "onnxruntime":
+        from .onnxruntime_engine import OnnxRuntimeEngine
+        onnx_path = ensure_onnx(model, cfg.engine.artifact_dir, log)
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        engine = OnnxRuntimeEngine(onnx_path, specs_in, specs_out, cfg.engine.intra_op_threads, device)
+    else:
+        from .tensorrt_engine import TensorRTEngine
+        onnx_path = ensure_onnx(model, cfg.engine.artifact_dir, log)
+        engine = TensorRTEngine(onnx_path, cfg.engine.artifact_dir, specs_in, specs_out, cfg.engine.precision)
+    log(f"inference backend: {engine.describe()} (requested '{requested}')")
+    return engine

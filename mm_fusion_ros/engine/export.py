@@ -1,0 +1,92 @@
+"""Export the streaming step to ONNX: static shapes, batch 1, spike steps unrolled.
+
+Writes ``model.onnx`` and ``model.json`` (input/output specs, the model config,
+the ONNX file's SHA-256 that TensorRT plans are keyed on, and versions). Both
+are written under temporary names and renamed when complete.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import warnings
+from pathlib import Path
+
+import torch
+
+from ..config import config_to_dict
+from ..model import INPUT_NAMES, OUTPUT_NAMES, FusionNet, input_specs, output_specs
+
+OPSET = 18
+FORBIDDEN_OPS = {"Loop", "Scan", "If"}  # the step must be a flat graph for TensorRT and for latency
+
+
+class ExportError(RuntimeError):
+    pass
+
+
+def file_sha256(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def example_inputs(model: FusionNet) -> tuple[torch.Tensor, ...]:
+    out = []
+    for spec in input_specs(model.cfg):
+        out.append(torch.zeros(spec.shape, dtype=getattr(torch, spec.dtype)))
+    return tuple(out)
+
+
+def export_onnx(model: FusionNet, out_dir: str | Path, extra_meta: dict | None = None) -> Path:
+    """Export ``model`` to ``out_dir/model.onnx`` (+ ``model.json``); returns the ONNX path."""
+    import onnx
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    onnx_path = out_dir / "model.onnx"
+    tmp = out_dir / "model.onnx.tmp"
+    model = model.eval()
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")
+        program = torch.onnx.export(model, example_inputs(model), dynamo=True, opset_version=OPSET,
+                                    input_names=list(INPUT_NAMES), output_names=list(OUTPUT_NAMES),
+                                    external_data=False, verbose=False)
+    program.save(str(tmp))
+    proto = onnx.load(str(tmp))
+    onnx.checker.check_model(proto, full_check=True)
+    ops = {node.op_type for node in proto.graph.node}
+    if ops & FORBIDDEN_OPS:
+        tmp.unlink()
+        raise ExportError(f"exported graph contains control flow {sorted(ops & FORBIDDEN_OPS)}; "
+                          "the streaming step must be unrolled")
+    names_in = [i.name for i in proto.graph.input]
+    names_out = [o.name for o in proto.graph.output]
+    if names_in != list(INPUT_NAMES) or names_out != list(OUTPUT_NAMES):
+        tmp.unlink()
+        raise ExportError(f"exported graph has inputs {names_in} and outputs {names_out}; "
+                          f"expected {list(INPUT_NAMES)} and {list(OUTPUT_NAMES)}")
+    os.replace(tmp, onnx_path)
+    meta = {
+        "format": "mm_fusion_ros.onnx/1",
+        "onnx_sha256": file_sha256(onnx_path),
+        "opset": OPSET,
+        "torch_version": torch.__version__,
+        "onnx_version": onnx.__version__,
+        "nodes": len(proto.graph.node),
+        "inputs": [{"name": s.name, "shape": list(s.shape), "dtype": s.dtype} for s in input_specs(model.cfg)],
+        "outputs": [{"name": s.name, "shape": list(s.shape), "dtype": s.dtype} for s in output_specs(model.cfg)],
+        "model_config": config_to_dict(model.cfg),
+        **(extra_meta or {}),
+    }
+    write_json_atomic(out_dir / "model.json", meta)
+    return onnx_path
+
+
+def write_json_atomic(path: Path, data: dict) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2) + "\n")
+    os.replace(tmp, path)

@@ -1,0 +1,59 @@
+"""ament_python package: colcon builds it on a robot, pip installs it into a virtual environment.
+
+ROS 2 itself (rclpy and the message packages) is deliberately not in
+install_requires: on a robot it comes from the ROS installation and must not be
+shadowed by wheels. Off-robot, the ``ros`` extra installs ROS 2 Kilted's PyPI
+wheels.
+"""
+
+from glob import glob
+
+from setuptools import find_packages, setup
+
+PACKAGE = "mm_fusion_ros"
+
+setup(
+    name=PACKAGE,
+    version="0.1.0",
+    packages=find_packages(exclude=["test"]),
+    data_files=[
+        ("share/ament_index/resource_index/packages", [f"resource/{PACKAGE}"]),
+        (f"share/{PACKAGE}", ["package.xml"]),
+        (f"share/{PACKAGE}/config", glob("config/*")),
+    ],
+    python_requires=">=3.10",
+    install_requires=[
+        "numpy",
+        "pyyaml",
+        "torch>=2.4",
+        "onnx",
+        "onnxscript",
+        "onnxruntime",
+        "tqdm",
+        "matplotlib",
+    ],
+    extras_require={
+        "ros": [
+            "ros-rclpy==9.1.2",
+            "ros-rmw-fastrtps-cpp",
+            "ros-std-msgs",
+            "ros-sensor-msgs",
+            "ros-geometry-msgs",
+            "ros-trajectory-msgs",
+            "ros-diagnostic-msgs",
+            "ros-std-srvs",
+            "ros-rosgraph-msgs",
+        ],
+        "dev": ["pytest", "librosa", "ncps", "snntorch"],
+    },
+    zip_safe=True,
+    maintainer="mm_fusion_ros maintainers",
+    maintainer_email="maintainers@mm-fusion-ros.invalid",
+    description="Real-time multi-modal sensor fusion for robots on ROS 2",
+    license="Apache-2.0",
+    entry_points={
+        "console_scripts": [
+            "mm-fusion = mm_fusion_ros.cli:main",
+        ],
+    },
+)

@@ -1,0 +1,65 @@
+import os
+
+os.environ.setdefault("ROS_AUTOMATIC_DISCOVERY_RANGE", "LOCALHOST")
+os.environ.setdefault("ROS_DOMAIN_ID", str(100 + os.getpid() % 100))
+
+# Shared fixtures for the model-level tests (these need no ROS).
+
+from pathlib import Path  # noqa: E402
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+ROBOT_YAML = REPO_ROOT / "config" / "robot.yaml"
+
+
+@pytest.fixture(scope="session")
+def robot_yaml() -> Path:
+    return ROBOT_YAML
+
+
+@pytest.fixture(scope="session")
+def default_config():
+    """The RobotConfig loaded from config/robot.yaml."""
+    from mm_fusion_ros.config import load_config
+    return load_config(ROBOT_YAML)
+
+
+def random_inputs(cfg, seed: int = 0, batch: int = 1, as_torch: bool = True) -> dict:
+    """A dict of inputs matching ``input_specs(cfg, batch)``, plausible for each sensor.
+
+    ``cfg`` is a ModelConfig. All modalities present (mask of ones), dt = 10 ms with a
+    little jitter, a small random recurrent state. Returns torch tensors unless
+    ``as_torch`` is False (then numpy arrays of the spec dtypes).
+    """
+    from mm_fusion_ros.model import input_specs
+
+    rng = np.random.default_rng(seed)
+    specs = {s.name: s for s in input_specs(cfg, batch)}
+    out: dict = {}
+    out["camera"] = rng.integers(0, 256, size=specs["camera"].shape, dtype=np.uint8)
+    n = specs["audio"].shape[1]
+    t = np.arange(n) / cfg.audio.sample_rate
+    freq = rng.uniform(100.0, 3000.0, size=(batch, 1))
+    out["audio"] = (0.3 * np.sin(2 * np.pi * freq * t) + 0.05 * rng.standard_normal((batch, n)))
+    imu = rng.standard_normal(specs["imu"].shape)
+    imu[..., 2] += 9.81
+    out["imu"] = imu
+    out["lidar"] = rng.uniform(cfg.lidar.range_min, cfg.lidar.range_max, size=specs["lidar"].shape)
+    out["mask"] = np.ones(specs["mask"].shape)
+    out["dt"] = 0.01 + 0.002 * rng.uniform(-1.0, 1.0, size=specs["dt"].shape)
+    out["state"] = 0.5 * rng.standard_normal(specs["state"].shape)
+    for name, spec in specs.items():
+        out[name] = np.ascontiguousarray(out[name], dtype=spec.dtype)
+        assert out[name].shape == spec.shape
+    if as_torch:
+        import torch
+        out = {k: torch.from_numpy(v) for k, v in out.items()}
+    return out
+
+
+@pytest.fixture(scope="session")
+def make_inputs():
+    """The ``random_inputs`` helper as a fixture: ``make_inputs(model_cfg, seed, batch)``."""
+    return random_inputs

@@ -1,0 +1,179 @@
+"""Engines: ONNX export, input checks, and parity of every available backend with torch eager."""
+
+import dataclasses
+import json
+
+import numpy as np
+import onnx
+import pytest
+import torch
+
+from mm_fusion_ros.config import MODALITIES
+from mm_fusion_ros.engine import InputError, create_engine, ensure_onnx, resolve_backend
+from mm_fusion_ros.engine.base import Engine
+from mm_fusion_ros.engine.export import FORBIDDEN_OPS, file_sha256
+from mm_fusion_ros.engine.onnxruntime_engine import OnnxRuntimeEngine
+from mm_fusion_ros.engine.stream import FusionStream
+from mm_fusion_ros.engine.torch_engine import TorchEngine
+from mm_fusion_ros.model import INPUT_NAMES, OUTPUT_NAMES, build_model, input_specs, output_specs
+from mm_fusion_ros.synthetic import SyntheticSensors
+
+PARITY_TOL = 1e-4
+PARITY_TICKS = 200
+
+
+@pytest.fixture(scope="module")
+def robot(default_config, tmp_path_factory):
+    art = tmp_path_factory.mktemp("artifacts")
+    cfg = dataclasses.replace(default_config, engine=dataclasses.replace(default_config.engine, artifact_dir=str(art)))
+    model = build_model(cfg.model, seed=3)
+    return cfg, model
+
+
+@pytest.fixture(scope="module")
+def onnx_path(robot):
+    cfg, model = robot
+    return ensure_onnx(model, cfg.engine.artifact_dir, log=lambda _: None)
+
+
+def test_export_is_a_flat_static_graph_with_metadata(robot, onnx_path):
+    cfg, model = robot
+    proto = onnx.load(str(onnx_path))
+    onnx.checker.check_model(proto, full_check=True)
+    ops = {n.op_type for n in proto.graph.node}
+    assert not ops & FORBIDDEN_OPS, f"control flow in the step: {ops & FORBIDDEN_OPS}"
+    graph_inputs = {i.name: [d.dim_value for d in i.type.tensor_type.shape.dim] for i in proto.graph.input}
+    for spec in input_specs(cfg.model):
+        assert graph_inputs[spec.name] == list(spec.shape)  # static: every dim a number
+    assert [o.name for o in proto.graph.output] == list(OUTPUT_NAMES)
+    meta = json.loads((onnx_path.parent / "model.json").read_text())
+    assert meta["onnx_sha256"] == file_sha256(onnx_path)
+    assert meta["model_config"]["encoder"]["num_spike_steps"] == 32
+    assert [i["name"] for i in meta["inputs"]] == list(INPUT_NAMES)
+
+
+def test_ensure_onnx_reuses_until_the_weights_change(robot, onnx_path):
+    cfg, model = robot
+    before = onnx_path.stat().st_mtime_ns
+    assert ensure_onnx(model, cfg.engine.artifact_dir, log=lambda _: None) == onnx_path
+    assert onnx_path.stat().st_mtime_ns == before
+    other = build_model(cfg.model, seed=4)
+    messages = []
+    ensure_onnx(other, cfg.engine.artifact_dir, log=messages.append)
+    assert messages and "exporting" in messages[0]
+    assert onnx_path.stat().st_mtime_ns != before
+    ensure_onnx(model, cfg.engine.artifact_dir, log=lambda _: None)  # leave the module's model exported
+
+
+def test_auto_backend_without_gpu_is_onnxruntime():
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA: auto picks tensorrt or compiled")
+    assert resolve_backend("auto") == "onnxruntime"
+    with pytest.raises(ValueError, match="allowed"):
+        resolve_backend("openvino")
+
+
+class _MustNotRun(Engine):
+    name = "spy"
+
+    def run(self, inputs):
+        raise AssertionError("bad input reached the engine")
+
+
+@pytest.mark.parametrize("name, bad, pattern", [
+    ("camera", lambda a: a.astype(np.float32), "dtype uint8"),
+    ("audio", lambda a: a[:, :8000], r"shape \[1, 16000\]"),
+    ("imu", lambda a: a.astype(np.float64), "dtype float32"),
+    ("state", lambda a: a[:, :3], "state"),
+])
+def test_bad_input_is_refused_before_the_engine(robot, make_inputs, name, bad, pattern):
+    cfg, _ = robot
+    engine = _MustNotRun(input_specs(cfg.model), output_specs(cfg.model))
+    inputs = make_inputs(cfg.model, as_torch=False)
+    inputs[name] = bad(inputs[name])
+    with pytest.raises(InputError, match=pattern):
+        engine.step(inputs)
+    inputs = make_inputs(cfg.model, as_torch=False)
+    del inputs["lidar"]
+    with pytest.raises(InputError, match="missing"):
+        engine.step(inputs)
+
+
+def test_onnx_model_of_another_config_is_refused_with_its_real_signature(robot, onnx_path):
+    cfg, _ = robot
+    other = dataclasses.replace(cfg.model, lidar=dataclasses.replace(cfg.model.lidar, beams=720))
+    with pytest.raises(RuntimeError, match=r"lidar\[1, 720\].*lidar\[1, 360\]"):
+        OnnxRuntimeEngine(onnx_path, input_specs(other), output_specs(other))
+
+
+def _drive(streams, cfg, ticks):
+    """Step several streams on identical inputs; a modality drops in and out."""
+    sensors = SyntheticSensors(cfg.model, seed=11)
+    rng = np.random.default_rng(5)
+    worst = {name: 0.0 for name in streams}
+    for i in range(ticks):
+        t = 2.0 + 0.01 * i
+        mask = np.ones(len(MODALITIES), np.float32)
+        mask[MODALITIES.index("camera")] = 0.0 if 40 <= i < 90 else 1.0   # camera drops out
+        mask[MODALITIES.index("lidar")] = float(i % 7 != 3)               # lidar flickers
+        dt = 0.01 + float(rng.uniform(-0.002, 0.002))
+        frame = (sensors.camera(t), sensors.audio(t), sensors.imu(t), sensors.lidar(t))
+        results = {name: s.step(*frame, mask, dt) for name, s in streams.items()}
+        ref, ref_state = results["torch"], streams["torch"].state
+        for name, r in results.items():
+            diff = max(np.abs(r.action - ref.action).max(), np.abs(r.fused_state - ref.fused_state).max(),
+                       np.abs(streams[name].state - ref_state).max())
+            worst[name] = max(worst[name], float(diff))
+    return worst
+
+
+def test_onnxruntime_matches_torch_over_200_ticks(robot, onnx_path):
+    cfg, model = robot
+    streams = {"torch": FusionStream(TorchEngine(model), cfg.model),
+               "onnxruntime": FusionStream(create_engine(cfg, model, "onnxruntime", log=lambda _: None), cfg.model)}
+    worst = _drive(streams, cfg, PARITY_TICKS)
+    assert worst["onnxruntime"] < PARITY_TOL, worst
+    assert streams["onnxruntime"].counters["ticks"] == PARITY_TICKS
+
+
+def test_compiled_engine_matches_torch_over_200_ticks(robot):
+    cfg, model = robot
+    engine = create_engine(cfg, model, "compiled", log=lambda _: None)
+    streams = {"torch": FusionStream(TorchEngine(model), cfg.model), "compiled": FusionStream(engine, cfg.model)}
+    worst = _drive(streams, cfg, PARITY_TICKS)
+    assert worst["compiled"] < PARITY_TOL, worst
+
+
+def test_tensorrt_matches_torch_and_caches_its_plan(robot, onnx_path):
+    pytest.importorskip("tensorrt", reason="TensorRT is not installable in this workplace (NVIDIA index only)")
+    if not torch.cuda.is_available():
+        pytest.skip("TensorRT needs a CUDA GPU")
+    from mm_fusion_ros.engine.tensorrt_engine import build_plan, plan_paths
+
+    cfg, model = robot
+    plan = build_plan(onnx_path, cfg.engine.artifact_dir, "fp32", log=lambda _: None)
+    built = plan.stat().st_mtime_ns
+    messages = []
+    build_plan(onnx_path, cfg.engine.artifact_dir, "fp32", log=messages.append)
+    assert plan.stat().st_mtime_ns == built and "up to date" in messages[0]
+    assert plan_paths(cfg.engine.artifact_dir, "fp32")[0] == plan
+    streams = {"torch": FusionStream(TorchEngine(model), cfg.model),
+               "tensorrt": FusionStream(create_engine(cfg, model, "tensorrt", log=lambda _: None), cfg.model)}
+    worst = _drive(streams, cfg, PARITY_TICKS)
+    assert worst["tensorrt"] < PARITY_TOL, worst
+
+
+def test_nonfinite_sensor_data_is_masked_and_counted(robot):
+    cfg, model = robot
+    stream = FusionStream(TorchEngine(model), cfg.model)
+    sensors = SyntheticSensors(cfg.model)
+    audio = sensors.audio(1.0)
+    audio[100] = np.nan
+    imu = sensors.imu(1.0)
+    imu[3, 2] = np.inf
+    result = stream.step(sensors.camera(1.0), audio, imu, sensors.lidar(1.0), np.ones(4, np.float32), 0.01)
+    assert np.isfinite(result.action).all() and np.isfinite(stream.state).all()
+    assert result.mask.tolist() == [1.0, 0.0, 0.0, 1.0]
+    assert stream.counters["nonfinite_audio"] == 1 and stream.counters["nonfinite_imu"] == 1
+    with pytest.raises(InputError, match="dt"):
+        stream.step(sensors.camera(1.0), audio, imu, sensors.lidar(1.0), np.ones(4, np.float32), 0.0)
