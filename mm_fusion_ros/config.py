@@ -264,6 +264,8 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     if tp is float:
         _check(isinstance(value, (int, float)) and not isinstance(value, bool), key,
                f"expected a number, got {value!r}")
+        # No parameter here has a meaning for inf or NaN (YAML's .inf / .nan).
+        _check(math.isfinite(value), key, f"must be a finite number, got {value!r}")
         return float(value)
     if tp is str:
         _check(isinstance(value, str), key, f"expected a string, got {value!r}")

@@ -301,11 +301,11 @@ def test_config_is_immutable(robot_yaml):
         cfg.control_rate_hz = 1.0  # type: ignore[misc]
 
 
-@pytest.mark.xfail(strict=True, raises=OverflowError,
-                   reason="BUG in mm_fusion_ros/config.py: AudioConfig/ImuConfig.window_samples call "
-                          "int(round(inf)) during validate(), so an infinite window or rate escapes as "
-                          "OverflowError instead of a ConfigError naming the key")
-@pytest.mark.parametrize("key", ["model.audio.window_s", "model.imu.window_s", "model.imu.rate_hz"])
-def test_infinite_window_is_refused_with_config_error(params, tmp_path, key):
-    set_key(params, key, float("inf"))  # YAML '.inf'
+@pytest.mark.parametrize("key", ["model.audio.window_s", "model.imu.window_s", "model.imu.rate_hz",
+                                 "model.encoder.threshold", "model.lidar.range_max", "model.audio.f_max"])
+@pytest.mark.parametrize("value", [float("inf"), float("-inf"), float("nan")], ids=["inf", "-inf", "nan"])
+def test_non_finite_number_is_refused_with_config_error(params, tmp_path, key, value):
+    # YAML's .inf / .nan. An infinite window used to escape validation as an OverflowError from
+    # int(round(inf)) in window_samples; it must be a ConfigError naming the key.
+    set_key(params, key, value)
     assert_refused(tmp_path, params, key)

@@ -67,9 +67,9 @@ def test_spike_counts_have_the_expected_extremes():
     cur = torch.tensor([[-1.0, 0.0, 0.04, 1.0, 1.0001, 3.0, 100.0]])
     with torch.no_grad():
         rate = lif(cur)
-    # Non-positive and sub-rheobase currents ((1 - beta) * thr = 0.05) never fire; exactly the
-    # threshold only reaches it (mem > thr is strict) until the leak-free second step; a huge current
-    # fires every step.
+    # Non-positive and sub-rheobase currents (below (1 - beta) * thr = 0.05) never fire; a current of
+    # exactly the threshold does not fire on the first step (mem > thr is strict) but does later;
+    # a huge current fires every step.
     assert rate[0, 0] == 0 and rate[0, 1] == 0 and rate[0, 2] == 0
     assert rate[0, -1] == 1.0
     assert 0 < rate[0, 3] < 1 and rate[0, 4] > 0

@@ -38,8 +38,10 @@ def resolve_backend(requested: str) -> str:
 
 
 def model_fingerprint(model: FusionNet) -> str:
-    """SHA-256 of the model config and weights: says whether model.onnx is still this model."""
+    """SHA-256 of the model's code, config and weights: says whether model.onnx is still this model."""
     h = hashlib.sha256(json.dumps(config_to_dict(model.cfg), sort_keys=True).encode())
+    for source in sorted((Path(__file__).resolve().parents[1] / "model").glob("*.py")):
+        h.update(source.read_bytes())
     for name, tensor in sorted(model.state_dict().items()):
         h.update(name.encode())
         h.update(tensor.detach().cpu().contiguous().numpy().tobytes())

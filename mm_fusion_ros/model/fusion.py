@@ -53,6 +53,11 @@ def key_bias(mask: torch.Tensor) -> torch.Tensor:
     return ((1.0 - mask) * MASKED).unsqueeze(1).expand(-1, mask.shape[1], -1)
 
 
+def query_rows(probs: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Attention as reported: a masked modality's own query row is zero, not its stale state's view."""
+    return probs * mask.unsqueeze(-1)
+
+
 def column_share(probs: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """How much attention each key receives from the present queries, normalised."""
     received = (probs * mask.unsqueeze(-1)).sum(dim=1)
@@ -107,7 +112,7 @@ class HybridFusion(nn.Module):
         pooled = masked_mean(mixed, mask)
         early, _, _ = self.early(tokens, mask)
         fused = torch.tanh(self.mix(torch.cat([pooled, early], dim=1)))
-        return fused, probs, column_share(probs, mask)
+        return fused, query_rows(probs, mask), column_share(probs, mask)
 
 
 class HierarchicalFusion(nn.Module):
@@ -137,7 +142,7 @@ class HierarchicalFusion(nn.Module):
         x, _ = self.pairwise(x, key_bias(mask) + self.group_bias)
         x, probs = self.global_attn(x, key_bias(mask))
         fused = torch.tanh(self.proj(masked_mean(x, mask)))
-        return fused, probs, column_share(probs, mask)
+        return fused, query_rows(probs, mask), column_share(probs, mask)
 
 
 def make_fusion(strategy: str, dim: int, modalities: int, heads: int) -> nn.Module:

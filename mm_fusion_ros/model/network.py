@@ -128,7 +128,10 @@ def load_checkpoint(path: str | Path) -> FusionNet:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {path}")
-    blob = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        blob = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises many types for a file that is not a torch file at all
+        raise ValueError(f"{path}: not an mm_fusion_ros checkpoint ({type(exc).__name__}: {exc})") from exc
     if not isinstance(blob, dict) or blob.get("format") != CHECKPOINT_FORMAT:
         raise ValueError(f"{path}: not an mm_fusion_ros checkpoint (expected format {CHECKPOINT_FORMAT})")
     model = FusionNet(model_config_from_dict(blob["model_config"]))

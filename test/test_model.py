@@ -1,0 +1,422 @@
+"""The whole FusionNet streaming step: shapes, ranges, masking, explicit state, checkpoints."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+import torch
+
+from mm_fusion_ros.config import MODALITIES, ModelConfig
+from mm_fusion_ros.model import (INPUT_NAMES, OUTPUT_NAMES, FusionNet, build_model, config_mismatch, input_specs,
+                                 load_checkpoint, output_specs, save_checkpoint)
+
+STRATEGIES = ("early", "late", "hybrid", "hierarchical")
+ATTENTION_STRATEGIES = ("hybrid", "hierarchical")
+
+
+def with_strategy(cfg: ModelConfig, strategy: str) -> ModelConfig:
+    return dataclasses.replace(cfg, fusion=dataclasses.replace(cfg.fusion, strategy=strategy))
+
+
+@pytest.fixture(scope="module")
+def models(default_config) -> dict[str, FusionNet]:
+    return {s: build_model(with_strategy(default_config.model, s), seed=0) for s in STRATEGIES}
+
+
+def run(model: FusionNet, inputs: dict) -> dict[str, torch.Tensor]:
+    with torch.inference_mode():
+        outs = model(*[inputs[name] for name in INPUT_NAMES])
+    assert len(outs) == len(OUTPUT_NAMES)
+    return dict(zip(OUTPUT_NAMES, outs))
+
+
+def assert_valid_outputs(model: FusionNet, outs: dict, batch: int) -> None:
+    cfg = model.cfg
+    for spec in output_specs(cfg, batch):
+        t = outs[spec.name]
+        assert tuple(t.shape) == spec.shape, spec.name
+        assert str(t.dtype).removeprefix("torch.") == spec.dtype, spec.name
+        assert torch.isfinite(t).all(), spec.name
+    lower = torch.tensor(cfg.action.lower)
+    upper = torch.tensor(cfg.action.upper)
+    assert torch.all(outs["action"] >= lower) and torch.all(outs["action"] <= upper)
+
+
+def extreme_inputs(cfg: ModelConfig, batch: int, make_inputs) -> list[dict]:
+    base = make_inputs(cfg, 11, batch)
+    n = cfg.audio.window_samples
+    t = torch.arange(n) / cfg.audio.sample_rate
+    square = torch.sign(torch.sin(2 * np.pi * 1000.0 * t)).expand(batch, n).contiguous()
+    square[square == 0] = 1.0
+    cases = []
+    loud = dict(base)
+    loud["camera"] = torch.full_like(base["camera"], 255)
+    loud["audio"] = square
+    loud["imu"] = torch.full_like(base["imu"], 1.0e4) * torch.tensor([1, -1, 1, -1, 1, -1.0])
+    loud["lidar"] = torch.full_like(base["lidar"], cfg.lidar.range_max)
+    loud["dt"] = torch.full_like(base["dt"], 10.0)
+    loud["state"] = torch.full_like(base["state"], 50.0)
+    cases.append(loud)
+    dark = dict(base)
+    dark["camera"] = torch.zeros_like(base["camera"])
+    dark["audio"] = torch.zeros_like(base["audio"])
+    dark["imu"] = torch.full_like(base["imu"], -1.0e4)
+    dark["lidar"] = torch.full_like(base["lidar"], float("inf"))
+    dark["dt"] = torch.zeros_like(base["dt"])
+    dark["state"] = torch.full_like(base["state"], -50.0)
+    cases.append(dark)
+    return cases
+
+
+# ---------------------------------------------------------------- shapes and ranges
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_forward_shapes_ranges_and_finiteness(models, strategy, make_inputs):
+    model = models[strategy]
+    assert model.cfg.fusion.strategy == strategy
+    for batch in (1, 3):
+        inputs = make_inputs(model.cfg, 0, batch)
+        for spec in input_specs(model.cfg, batch):
+            assert tuple(inputs[spec.name].shape) == spec.shape
+        assert_valid_outputs(model, run(model, inputs), batch)
+        for case in extreme_inputs(model.cfg, batch, make_inputs):
+            assert_valid_outputs(model, run(model, case), batch)
+
+
+def test_input_and_output_specs_follow_config(default_config):
+    cfg = default_config.model
+    specs = {s.name: s for s in input_specs(cfg, 2)}
+    assert tuple(specs) == INPUT_NAMES
+    assert specs["camera"].shape == (2, 96, 96, 3) and specs["camera"].dtype == "uint8"
+    assert specs["audio"].shape == (2, 16000)
+    assert specs["imu"].shape == (2, 40, 6)
+    assert specs["lidar"].shape == (2, 360)
+    assert specs["mask"].shape == (2, 4) and specs["dt"].shape == (2, 1)
+    assert specs["state"].shape == (2, 4, cfg.encoder.hidden)
+    out = {s.name: s for s in output_specs(cfg, 2)}
+    assert tuple(out) == OUTPUT_NAMES
+    assert out["action"].shape == (2, 7)
+    assert out["fused_state"].shape == (2, cfg.fused_state_dim)
+    assert out["attention"].shape == (2, 4, 4) and out["contribution"].shape == (2, 4)
+
+
+@pytest.mark.parametrize("strategy", ["early", "hierarchical"])
+def test_action_is_scaled_into_configured_per_dof_limits(default_config, strategy, make_inputs):
+    lower = (-2.0, -1.0, 0.0, 0.5, -0.1, 10.0, -30.0)
+    upper = (-1.5, 1.0, 0.25, 3.0, 0.1, 12.0, 30.0)
+    base = with_strategy(default_config.model, strategy)
+    cfg = dataclasses.replace(base, action=dataclasses.replace(base.action, lower=lower, upper=upper))
+    model = build_model(cfg, seed=4)
+    for inputs in [make_inputs(cfg, 1, 4)] + extreme_inputs(cfg, 2, make_inputs):
+        outs = run(model, inputs)
+        assert_valid_outputs(model, outs, inputs["mask"].shape[0])
+    # The squashing is affine in the head's tanh: same network with the default limits gives
+    # action_default in [-1, 1]; the custom one must be its affine image.
+    ref_model = build_model(base, seed=4)
+    inputs = make_inputs(cfg, 0, 4)
+    a_custom = run(model, inputs)["action"]
+    a_default = run(ref_model, inputs)["action"]
+    lo, hi = torch.tensor(lower), torch.tensor(upper)
+    torch.testing.assert_close(a_custom, lo + (hi - lo) * (a_default + 1.0) / 2.0, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_batch_rows_are_independent(models, strategy, make_inputs):
+    model = models[strategy]
+    inputs = make_inputs(model.cfg, 5, 3)
+    inputs["mask"][1] = torch.tensor([1.0, 0.0, 1.0, 0.0])
+    full = run(model, inputs)
+    for i in range(3):
+        single = run(model, {k: v[i:i + 1] for k, v in inputs.items()})
+        for name in OUTPUT_NAMES:
+            torch.testing.assert_close(single[name], full[name][i:i + 1], rtol=1e-5, atol=1e-5)
+
+
+# ---------------------------------------------------------------- masking
+
+
+def _alternative(name: str, cfg: ModelConfig, inputs: dict, make_inputs) -> torch.Tensor:
+    """Very different data for one modality (so an unmasked modality certainly moves the output)."""
+    other = make_inputs(cfg, 99, inputs["mask"].shape[0])[name]
+    if name == "camera":
+        return 255 - inputs["camera"]
+    if name == "audio":
+        return torch.flip(other, dims=[1]) * 3.0
+    if name == "imu":
+        return other * 20.0
+    if name == "lidar":
+        return torch.flip(other, dims=[1]) * 0.1 + cfg.lidar.range_min
+    raise AssertionError(name)
+
+
+def _outputs_equal(a: dict, b: dict, names=("action", "fused_state", "attention", "contribution")) -> None:
+    for name in names:
+        torch.testing.assert_close(a[name], b[name], rtol=0, atol=1e-6, msg=lambda m, n=name: f"{n}: {m}")
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+@pytest.mark.parametrize("m", range(len(MODALITIES)), ids=MODALITIES)
+def test_masked_modality_data_cannot_reach_outputs(models, strategy, m, make_inputs):
+    model = models[strategy]
+    name = MODALITIES[m]
+    inputs = make_inputs(model.cfg, 1, 2)
+    inputs["mask"][:, m] = 0.0
+    base = run(model, inputs)
+    assert torch.equal(base["new_state"][:, m], inputs["state"][:, m])  # a masked modality holds its state
+
+    changed = dict(inputs)
+    changed[name] = _alternative(name, model.cfg, inputs, make_inputs)
+    outs = run(model, changed)
+    _outputs_equal(base, outs)
+    assert torch.equal(outs["new_state"], base["new_state"])
+
+    if name != "camera":  # uint8 cannot be NaN; a dead float sensor can
+        poisoned = dict(inputs)
+        poisoned[name] = torch.full_like(inputs[name], float("nan"))
+        outs = run(model, poisoned)
+        _outputs_equal(base, outs)
+        assert torch.equal(outs["new_state"], base["new_state"])
+
+    # Control: the same change with the modality present moves the action.
+    present = dict(inputs)
+    present["mask"] = torch.ones_like(inputs["mask"])
+    present_changed = dict(present)
+    present_changed[name] = changed[name]
+    a, b = run(model, present)["action"], run(model, present_changed)["action"]
+    assert (a - b).abs().max() > 1e-5, f"changing present {name} did not change the action"
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+@pytest.mark.parametrize("m", range(len(MODALITIES)), ids=MODALITIES)
+def test_masked_modality_state_slot_cannot_reach_outputs(models, strategy, m, make_inputs):
+    """The held state of a masked modality is passed through, and does not drive any fused output,
+    attention included (also the masked modality's own query row: its stale state must not show)."""
+    model = models[strategy]
+    inputs = make_inputs(model.cfg, 2, 2)
+    inputs["mask"][:, m] = 0.0
+    base = run(model, inputs)
+    changed = dict(inputs)
+    changed["state"] = inputs["state"].clone()
+    changed["state"][:, m] = -3.0 * inputs["state"][:, m] + 1.0
+    outs = run(model, changed)
+    assert torch.equal(outs["new_state"][:, m], changed["state"][:, m])
+    others = [i for i in range(len(MODALITIES)) if i != m]
+    assert torch.equal(outs["new_state"][:, others], base["new_state"][:, others])
+    _outputs_equal(base, outs)
+    # Attention *to* the masked modality is zero from every present query.
+    assert torch.all(outs["attention"][:, others, m] <= 1e-6)
+
+    # Control: with the modality present, its state slot matters.
+    present = {**inputs, "mask": torch.ones_like(inputs["mask"])}
+    present_changed = {**changed, "mask": torch.ones_like(inputs["mask"])}
+    assert (run(model, present)["action"] - run(model, present_changed)["action"]).abs().max() > 1e-5
+
+
+@pytest.mark.parametrize("strategy", ATTENTION_STRATEGIES)
+def test_attention_rows_of_present_queries_are_distributions_over_present_keys(models, strategy, make_inputs):
+    model = models[strategy]
+    masks = torch.tensor([[1, 1, 1, 1], [1, 0, 1, 0], [0, 1, 1, 1], [0, 0, 0, 1]], dtype=torch.float32)
+    inputs = make_inputs(model.cfg, 7, len(masks))
+    inputs["mask"] = masks
+    att = run(model, inputs)["attention"]
+    assert torch.all(att >= 0)
+    for b, mask in enumerate(masks):
+        present = mask.nonzero().flatten()
+        absent = (mask == 0).nonzero().flatten()
+        rows = att[b, present]
+        torch.testing.assert_close(rows.sum(dim=-1), torch.ones(len(present)), rtol=0, atol=1e-5)
+        assert torch.all(rows[:, absent] <= 1e-6)
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_all_modalities_masked_gives_finite_outputs(models, strategy, make_inputs):
+    model = models[strategy]
+    inputs = make_inputs(model.cfg, 3, 2)
+    inputs["mask"] = torch.zeros_like(inputs["mask"])
+    outs = run(model, inputs)
+    assert_valid_outputs(model, outs, 2)
+    assert torch.equal(outs["new_state"], inputs["state"])
+    assert torch.all(outs["contribution"] == 0)
+    # Nothing present: the outputs do not depend on any modality's data or state.
+    other = make_inputs(model.cfg, 4, 2)
+    other["mask"] = inputs["mask"]
+    other["dt"] = inputs["dt"]
+    _outputs_equal(outs, run(model, other), ("action", "fused_state", "contribution"))
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_contribution_is_a_distribution_over_present_modalities(models, strategy, make_inputs):
+    model = models[strategy]
+    masks = torch.tensor([[1, 1, 1, 1], [1, 0, 1, 0], [0, 1, 1, 1], [0, 0, 0, 1], [1, 1, 0, 0], [0, 1, 0, 0]],
+                         dtype=torch.float32)
+    inputs = make_inputs(model.cfg, 6, len(masks))
+    inputs["mask"] = masks
+    contrib = run(model, inputs)["contribution"]
+    assert torch.all(contrib >= 0)
+    assert torch.all(contrib[masks == 0] == 0)
+    torch.testing.assert_close(contrib.sum(dim=1), torch.ones(len(masks)), rtol=0, atol=1e-5)
+    # A single present modality carries everything.
+    torch.testing.assert_close(contrib[3], torch.tensor([0.0, 0.0, 0.0, 1.0]), rtol=0, atol=1e-5)
+
+
+# ---------------------------------------------------------------- lidar robustness
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_invalid_lidar_returns_are_all_the_same_to_the_model(models, strategy, make_inputs):
+    model = models[strategy]
+    cfg = model.cfg.lidar
+    inputs = make_inputs(model.cfg, 8, 2)
+    invalid = torch.zeros(cfg.beams, dtype=torch.bool)
+    invalid[::3] = True
+    invalid[100:160] = True
+    variants = {}
+    for label, value in {"inf": float("inf"), "-inf": float("-inf"), "nan": float("nan"),
+                         "below_min": 0.0, "just_below_min": cfg.range_min * 0.99,
+                         "above_max": cfg.range_max * 1.5, "negative": -1.0}.items():
+        lidar = inputs["lidar"].clone()
+        lidar[:, invalid] = value
+        variants[label] = run(model, {**inputs, "lidar": lidar})
+    # A mixture of different invalid values beam by beam, too.
+    lidar = inputs["lidar"].clone()
+    idx = invalid.nonzero().flatten()
+    pool = torch.tensor([float("inf"), float("nan"), 0.0, cfg.range_max + 1.0])
+    lidar[:, idx] = pool[torch.arange(len(idx)) % len(pool)]
+    variants["mixed"] = run(model, {**inputs, "lidar": lidar})
+
+    reference = variants.pop("inf")
+    assert_valid_outputs(model, reference, 2)
+    for label, outs in variants.items():
+        for name in OUTPUT_NAMES:
+            assert torch.equal(outs[name], reference[name]), f"{label}: {name} differs"
+    # Control: the valid returns still matter.
+    lidar = inputs["lidar"].clone()
+    lidar[:, invalid] = float("inf")
+    lidar[:, ~invalid] = cfg.range_min + 0.5 * (lidar[:, ~invalid] - cfg.range_min)
+    closer = run(model, {**inputs, "lidar": lidar})
+    assert not torch.equal(closer["new_state"][:, MODALITIES.index("lidar")],
+                           reference["new_state"][:, MODALITIES.index("lidar")])
+
+
+def test_range_limits_are_inclusive(default_config, make_inputs):
+    """Returns exactly at range_min / range_max are valid, so they differ from an invalid return."""
+    model = build_model(default_config.model)
+    inputs = make_inputs(model.cfg, 9, 1)
+    li = MODALITIES.index("lidar")
+    out = {}
+    for label, value in {"min": model.cfg.lidar.range_min, "max": model.cfg.lidar.range_max,
+                         "inf": float("inf")}.items():
+        lidar = torch.full_like(inputs["lidar"], value)
+        out[label] = run(model, {**inputs, "lidar": lidar})["new_state"][:, li]
+    assert not torch.equal(out["min"], out["inf"])
+    assert not torch.equal(out["max"], out["inf"])
+
+
+# ---------------------------------------------------------------- explicit state
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_model_keeps_no_hidden_state(models, strategy, make_inputs):
+    model = models[strategy]
+    before = {k: v.clone() for k, v in list(model.named_buffers()) + list(model.named_parameters())}
+    inputs = make_inputs(model.cfg, 10, 2)
+    first = run(model, inputs)
+    state = inputs["state"]
+    for i in range(10):
+        step = make_inputs(model.cfg, 20 + i, 2)
+        step["state"] = state
+        state = run(model, step)["new_state"]
+    after = dict(list(model.named_buffers()) + list(model.named_parameters()))
+    assert before.keys() == after.keys()
+    for k in before:
+        assert torch.equal(before[k], after[k]), f"{k} changed across forward calls"
+    again = run(model, inputs)
+    for name in OUTPUT_NAMES:
+        assert torch.equal(first[name], again[name]), name
+    # The recurrent state lives in the output: feeding it back is what changes the next step.
+    step2 = {**inputs, "state": first["new_state"]}
+    assert not torch.equal(run(model, step2)["new_state"], first["new_state"])
+
+
+def test_initial_state_matches_spec(models):
+    model = models["hybrid"]
+    spec = {s.name: s for s in input_specs(model.cfg, 3)}["state"]
+    s0 = model.initial_state(3)
+    assert tuple(s0.shape) == spec.shape and torch.all(s0 == 0)
+
+
+# ---------------------------------------------------------------- checkpoints and seeds
+
+
+@pytest.mark.parametrize("strategy", ["late", "hierarchical"])
+def test_checkpoint_round_trip(default_config, tmp_path, strategy, make_inputs):
+    cfg = with_strategy(default_config.model, strategy)
+    cfg = dataclasses.replace(cfg, encoder=dataclasses.replace(cfg.encoder, cfc_mode="no_gate"))
+    model = build_model(cfg, seed=3)
+    path = tmp_path / "sub" / "model.ckpt"
+    save_checkpoint(model, path)
+    assert path.is_file() and not path.with_name(path.name + ".tmp").exists()
+    loaded = load_checkpoint(path)
+    assert isinstance(loaded, FusionNet) and not loaded.training
+    assert loaded.cfg == cfg
+    assert config_mismatch(loaded.cfg, cfg) == []
+    inputs = make_inputs(cfg, 12, 2)
+    inputs["mask"][1, 2] = 0.0
+    a, b = run(model, inputs), run(loaded, inputs)
+    for name in OUTPUT_NAMES:
+        assert torch.equal(a[name], b[name]), name
+    # A freshly seeded model with another seed is different, so the equality above is meaningful.
+    other = run(build_model(cfg, seed=4), inputs)
+    assert not torch.equal(other["action"], a["action"])
+
+
+@pytest.mark.parametrize("payload", [{"state_dict": {}}, {"format": "something/else", "state_dict": {}}, [1, 2, 3]])
+def test_loading_a_torch_file_that_is_not_a_checkpoint_raises_value_error(tmp_path, payload):
+    path = tmp_path / "not_a_checkpoint.pt"
+    torch.save(payload, path)
+    with pytest.raises(ValueError, match=str(path).replace(".", r"\.")):
+        load_checkpoint(path)
+
+
+@pytest.mark.parametrize("content", [b"hello, not a checkpoint\n", b"", b"PK\x03\x04 truncated zip"],
+                         ids=["text", "empty", "bad_zip"])
+def test_loading_a_non_torch_file_raises_value_error(tmp_path, content):
+    # Used to escape as KeyError / EOFError / UnpicklingError from torch.load, without the path.
+    path = tmp_path / "garbage.ckpt"
+    path.write_bytes(content)
+    with pytest.raises(ValueError, match=str(path).replace(".", r"\.")):
+        load_checkpoint(path)
+
+
+def test_loading_a_missing_checkpoint_raises(tmp_path):
+    with pytest.raises(FileNotFoundError, match="missing"):
+        load_checkpoint(tmp_path / "missing.ckpt")
+
+
+def test_config_mismatch_lists_the_differing_keys(default_config):
+    a = default_config.model
+    b = dataclasses.replace(with_strategy(a, "late"), lidar=dataclasses.replace(a.lidar, beams=720),
+                            fused_state_dim=16)
+    diff = config_mismatch(a, b)
+    keys = sorted(d.split(":")[0] for d in diff)
+    assert keys == ["model.fused_state_dim", "model.fusion.strategy", "model.lidar.beams"]
+    assert any("'hybrid'" in d and "'late'" in d for d in diff)
+    assert config_mismatch(a, a) == []
+    c = dataclasses.replace(a, action=dataclasses.replace(a.action, upper=(2.0,) * 7))
+    assert [d.split(":")[0] for d in config_mismatch(a, c)] == ["model.action.upper"]
+
+
+def test_seed_determines_the_weights(default_config):
+    cfg = default_config.model
+    w0 = build_model(cfg, seed=0).state_dict()
+    w0_again = build_model(cfg, seed=0).state_dict()
+    w1 = build_model(cfg, seed=1).state_dict()
+    assert w0.keys() == w1.keys()
+    assert all(torch.equal(w0[k], w0_again[k]) for k in w0)
+    random_weights = [k for k in w0 if k.endswith("weight") and w0[k].numel() > 1 and w0[k].std() > 0]
+    assert len(random_weights) > 10
+    differing = [k for k in random_weights if not torch.equal(w0[k], w1[k])]
+    assert differing == random_weights
