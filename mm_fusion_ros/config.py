@@ -32,6 +32,11 @@ def _check(cond: bool, key: str, msg: str) -> None:
         raise ConfigError(f"{key}: {msg}")
 
 
+def _check_channels(channels: tuple[int, ...], key: str) -> None:
+    _check(len(channels) >= 1 and all(c > 0 for c in channels), key,
+           f"must be a non-empty list of positive ints, got {list(channels)}")
+
+
 @dataclass(frozen=True)
 class CameraConfig:
     height: int = 96
@@ -42,8 +47,7 @@ class CameraConfig:
     def validate(self, key: str) -> None:
         _check(8 <= self.height <= 4096, f"{key}.height", f"must be in [8, 4096], got {self.height}")
         _check(8 <= self.width <= 4096, f"{key}.width", f"must be in [8, 4096], got {self.width}")
-        _check(len(self.channels) >= 1 and all(c > 0 for c in self.channels),
-               f"{key}.channels", f"must be a non-empty list of positive ints, got {list(self.channels)}")
+        _check_channels(self.channels, f"{key}.channels")
 
 
 @dataclass(frozen=True)
@@ -81,8 +85,7 @@ class AudioConfig:
         _check(0.0 <= self.f_min < self.f_max, f"{key}.f_min", f"must satisfy 0 <= f_min < f_max, got {self.f_min}")
         _check(self.f_max <= self.sample_rate / 2, f"{key}.f_max",
                f"must not exceed Nyquist ({self.sample_rate / 2} Hz), got {self.f_max}")
-        _check(len(self.channels) >= 1 and all(c > 0 for c in self.channels),
-               f"{key}.channels", f"must be a non-empty list of positive ints, got {list(self.channels)}")
+        _check_channels(self.channels, f"{key}.channels")
 
 
 @dataclass(frozen=True)
@@ -100,8 +103,7 @@ class ImuConfig:
         _check(self.window_s > 0, f"{key}.window_s", f"must be positive, got {self.window_s}")
         _check(self.window_samples >= 4, f"{key}.window_s",
                f"window holds {self.window_samples} samples at {self.rate_hz} Hz; at least 4 are needed")
-        _check(len(self.channels) >= 1 and all(c > 0 for c in self.channels),
-               f"{key}.channels", f"must be a non-empty list of positive ints, got {list(self.channels)}")
+        _check_channels(self.channels, f"{key}.channels")
 
 
 @dataclass(frozen=True)
@@ -115,8 +117,7 @@ class LidarConfig:
         _check(self.beams >= 8, f"{key}.beams", f"must be at least 8, got {self.beams}")
         _check(0.0 <= self.range_min < self.range_max, f"{key}.range_min",
                f"must satisfy 0 <= range_min < range_max, got {self.range_min} / {self.range_max}")
-        _check(len(self.channels) >= 1 and all(c > 0 for c in self.channels),
-               f"{key}.channels", f"must be a non-empty list of positive ints, got {list(self.channels)}")
+        _check_channels(self.channels, f"{key}.channels")
 
 
 @dataclass(frozen=True)
