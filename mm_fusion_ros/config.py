@@ -217,6 +217,151 @@ class EngineConfig:
                f"must be >= 0 (0 lets the runtime choose), got {self.intra_op_threads}")
 
 
+# ---------------------------------------------------------------- the live loop (inputs, safety, outputs)
+
+QOS_CHOICES = ("reliable", "best_effort")
+
+
+def _check_input(key: str, topic: str, max_age: float, depth: int) -> None:
+    _check(topic.startswith("/") and " " not in topic, f"{key}.topic",
+           f"must be an absolute topic name like '/camera/image_raw', got {topic!r}")
+    _check(max_age > 0, f"{key}.max_age", f"must be positive seconds, got {max_age}")
+    _check(1 <= depth <= 10000, f"{key}.depth", f"must be in [1, 10000], got {depth}")
+
+
+@dataclass(frozen=True)
+class CameraInput:
+    topic: str = "/camera/image_raw"
+    type: Literal["image", "compressed_image"] = "image"   # sensor_msgs/Image | sensor_msgs/CompressedImage
+    max_age: float = 0.1          # s; a newer frame is expected every 33 ms at 30 Hz
+    qos: Literal["reliable", "best_effort"] = "reliable"
+    depth: int = 10
+
+    def validate(self, key: str) -> None:
+        _check_input(key, self.topic, self.max_age, self.depth)
+
+
+@dataclass(frozen=True)
+class AudioInput:
+    topic: str = "/audio/audio_stamped"
+    # audio_common_msgs/AudioDataStamped (+ AudioInfo on info_topic) | audio_common_msgs/AudioStamped |
+    # the fallback on standard messages: sensor_msgs/Image, one row of 16SC1/32FC1 PCM (see README).
+    type: Literal["audio_data_stamped", "audio_stamped", "image_pcm"] = "audio_data_stamped"
+    info_topic: str = "/audio/audio_info"
+    # Rate and format of streams whose messages do not carry them (AudioDataStamped before an
+    # AudioInfo arrives, and image_pcm).
+    source_rate: int = 16000
+    source_format: Literal["S16LE", "F32LE"] = "S16LE"
+    max_age: float = 0.1
+    qos: Literal["reliable", "best_effort"] = "reliable"
+    depth: int = 100
+
+    def validate(self, key: str) -> None:
+        _check_input(key, self.topic, self.max_age, self.depth)
+        _check(self.info_topic.startswith("/"), f"{key}.info_topic",
+               f"must be an absolute topic name, got {self.info_topic!r}")
+        _check(1000 <= self.source_rate <= 384000, f"{key}.source_rate",
+               f"must be in [1000, 384000] Hz, got {self.source_rate}")
+
+
+@dataclass(frozen=True)
+class ImuInput:
+    topic: str = "/imu/data"
+    max_age: float = 0.05
+    qos: Literal["reliable", "best_effort"] = "reliable"
+    depth: int = 200
+
+    def validate(self, key: str) -> None:
+        _check_input(key, self.topic, self.max_age, self.depth)
+
+
+@dataclass(frozen=True)
+class LidarInput:
+    topic: str = "/scan"
+    type: Literal["laser_scan", "point_cloud2"] = "laser_scan"
+    max_age: float = 0.25         # s; scans come at 10 Hz
+    qos: Literal["reliable", "best_effort"] = "reliable"
+    depth: int = 10
+
+    def validate(self, key: str) -> None:
+        _check_input(key, self.topic, self.max_age, self.depth)
+
+
+@dataclass(frozen=True)
+class InputsConfig:
+    """Where each sensor comes from, and how old its newest data may be before it is masked."""
+
+    camera: CameraInput = field(default_factory=CameraInput)
+    audio: AudioInput = field(default_factory=AudioInput)
+    imu: ImuInput = field(default_factory=ImuInput)
+    lidar: LidarInput = field(default_factory=LidarInput)
+    # Modalities without which the action is not trusted: the watchdog holds the output while any is stale.
+    required: tuple[str, ...] = ("camera", "imu", "lidar")
+    buffer_s: float = 2.0         # s of history kept per modality (bounded memory)
+    max_future_s: float = 0.5     # s; stamps further ahead of the clock are dropped as bad
+    camera_cache: int = 4         # decoded+resized frames kept, so a frame used by 3 ticks is decoded once
+
+    def validate(self, key: str, audio_window_s: float, imu_window_s: float) -> None:
+        for name in MODALITIES:
+            getattr(self, name).validate(f"{key}.{name}")
+        for i, name in enumerate(self.required):
+            _check(name in MODALITIES, f"{key}.required[{i}]", f"must be one of {list(MODALITIES)}, got {name!r}")
+        _check(len(set(self.required)) == len(self.required), f"{key}.required",
+               f"lists a modality twice: {list(self.required)}")
+        longest = max(audio_window_s, imu_window_s)
+        _check(self.buffer_s > longest, f"{key}.buffer_s",
+               f"must exceed the longest model window ({longest} s), got {self.buffer_s}")
+        _check(self.max_future_s > 0, f"{key}.max_future_s", f"must be positive, got {self.max_future_s}")
+        _check(1 <= self.camera_cache <= 64, f"{key}.camera_cache", f"must be in [1, 64], got {self.camera_cache}")
+
+
+@dataclass(frozen=True)
+class SafetyConfig:
+    """What stands between the network and the arm."""
+
+    # Largest change of each action value from one tick to the next (like LeRobot's
+    # max_relative_target), in the action's units; one value for all DOF or one per DOF.
+    max_delta: tuple[float, ...] = (0.05,)
+    on_stale: Literal["zero", "hold_last"] = "zero"   # watchdog output while a required input is stale
+    start_enabled: bool = False   # disabled = dry run: computed and previewed, not commanded
+
+    def validate(self, key: str, dof: int) -> None:
+        _check(len(self.max_delta) in (1, dof), f"{key}.max_delta",
+               f"needs one value or one per DOF ({dof}), got {len(self.max_delta)}")
+        _check(all(math.isfinite(v) and v > 0 for v in self.max_delta), f"{key}.max_delta",
+               f"values must be positive and finite, got {list(self.max_delta)}")
+
+    def max_delta_per_dof(self, dof: int) -> tuple[float, ...]:
+        return self.max_delta * dof if len(self.max_delta) == 1 else self.max_delta
+
+
+@dataclass(frozen=True)
+class OutputsConfig:
+    action_topic: str = "/mm_fusion/action"                 # std_msgs/Float64MultiArray (forward_command_controller)
+    joint_command_topic: str = "/mm_fusion/joint_command"   # sensor_msgs/JointState
+    fused_state_topic: str = "/mm_fusion/fused_state"       # std_msgs/Float32MultiArray
+    preview_topic: str = "/mm_fusion/preview"               # the action while disabled (dry run)
+    estop_topic: str = "/mm_fusion/estop"                   # std_msgs/Bool; true latches zero output
+    enable_service: str = "/mm_fusion/enable"               # std_srvs/SetBool
+    # MoveIt Servo: the first six DOF as a TwistStamped (linear xyz, angular xyz) and the 7th as a gripper value.
+    twist_enabled: bool = False
+    twist_topic: str = "/servo_node/delta_twist_cmds"
+    twist_frame_id: str = "base_link"
+    gripper_topic: str = "/mm_fusion/gripper"
+    diagnostics_period_s: float = 1.0
+    log_period_s: float = 5.0
+
+    def validate(self, key: str) -> None:
+        for name in ("action_topic", "joint_command_topic", "fused_state_topic", "preview_topic", "estop_topic",
+                     "enable_service", "twist_topic", "gripper_topic"):
+            value = getattr(self, name)
+            _check(value.startswith("/") and " " not in value, f"{key}.{name}",
+                   f"must be an absolute name like '/mm_fusion/action', got {value!r}")
+        _check(self.diagnostics_period_s > 0, f"{key}.diagnostics_period_s",
+               f"must be positive, got {self.diagnostics_period_s}")
+        _check(self.log_period_s > 0, f"{key}.log_period_s", f"must be positive, got {self.log_period_s}")
+
+
 @dataclass(frozen=True)
 class RobotConfig:
     """The fusion node's whole parameter set (``fusion_node.ros__parameters``)."""
@@ -228,6 +373,9 @@ class RobotConfig:
     seed: int = 0
     model: ModelConfig = field(default_factory=ModelConfig)
     engine: EngineConfig = field(default_factory=EngineConfig)
+    inputs: InputsConfig = field(default_factory=InputsConfig)
+    safety: SafetyConfig = field(default_factory=SafetyConfig)
+    outputs: OutputsConfig = field(default_factory=OutputsConfig)
     use_sim_time: bool = False
 
     def validate(self) -> None:
@@ -235,6 +383,9 @@ class RobotConfig:
                f"must be in (0, 2000] Hz, got {self.control_rate_hz}")
         self.model.validate("model")
         self.engine.validate("engine")
+        self.inputs.validate("inputs", self.model.audio.window_s, self.model.imu.window_s)
+        self.safety.validate("safety", self.model.action.dof)
+        self.outputs.validate("outputs")
 
 
 # ---------------------------------------------------------------- building from dicts
