@@ -14,6 +14,10 @@ export ROS_DOMAIN_ID ?= 42
 setup: $(STAMP)
 
 $(STAMP): setup.py package.xml
+	# PortAudio for sounddevice (microphone_node). Debian package; needs root, as on CI.
+	@if ! ldconfig -p | grep -q libportaudio.so.2; then \
+	  if [ "$$(id -u)" = 0 ]; then apt-get update -qq && apt-get install -y -qq libportaudio2; \
+	  else echo "libportaudio2 is missing: sudo apt-get install libportaudio2" >&2; exit 1; fi; fi
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	# torch first and pinned: this version is on the machine's disk; any other downloads GBs.

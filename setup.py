@@ -20,6 +20,7 @@ setup(
         ("share/ament_index/resource_index/packages", [f"resource/{PACKAGE}"]),
         (f"share/{PACKAGE}", ["package.xml"]),
         (f"share/{PACKAGE}/config", glob("config/*")),
+        (f"share/{PACKAGE}/launch", glob("launch/*.launch.py")),
     ],
     python_requires=">=3.10",
     install_requires=[
@@ -31,6 +32,10 @@ setup(
         "onnxruntime",
         "tqdm",
         "matplotlib",
+        "scipy",                     # polyphase audio resampling
+        "opencv-python-headless",    # image decode/resize, VideoCapture for camera_node
+        "sounddevice",               # PortAudio capture for microphone_node (Debian: libportaudio2)
+        "rosbags",                   # rosbag2 read/write without a ROS installation
     ],
     extras_require={
         "ros": [
