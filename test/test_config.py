@@ -309,3 +309,65 @@ def test_non_finite_number_is_refused_with_config_error(params, tmp_path, key, v
     # int(round(inf)) in window_samples; it must be a ConfigError naming the key.
     set_key(params, key, value)
     assert_refused(tmp_path, params, key)
+
+
+# ---------------------------------------------------------------- live loop sections (inputs, safety, outputs)
+
+
+def test_live_loop_defaults_from_the_issue(robot_yaml):
+    cfg = load_config(robot_yaml)
+    assert cfg.inputs.camera.topic == "/camera/image_raw"
+    assert cfg.inputs.audio.topic == "/audio/audio_stamped"
+    assert cfg.inputs.lidar.topic == "/scan"
+    assert cfg.inputs.imu.topic == "/imu/data"
+    assert cfg.outputs.action_topic == "/mm_fusion/action"
+    assert cfg.outputs.estop_topic == "/mm_fusion/estop"
+    assert cfg.outputs.enable_service == "/mm_fusion/enable"
+    assert cfg.safety.start_enabled is False          # a node starts as a dry run
+    assert cfg.safety.max_delta_per_dof(7) == (0.05,) * 7
+    assert set(cfg.inputs.required) <= {"camera", "audio", "imu", "lidar"}
+
+
+@pytest.mark.parametrize("key, value", [
+    ("inputs.camera.max_age", 0.0),
+    ("inputs.imu.max_age", -0.1),
+    ("inputs.lidar.depth", 0),
+    ("inputs.camera.topic", "camera/image_raw"),       # relative names resolve per namespace: refuse
+    ("inputs.audio.source_rate", 100),
+    ("inputs.buffer_s", 0.5),                          # shorter than the 1 s audio window
+    ("inputs.max_future_s", 0.0),
+    ("inputs.camera_cache", 0),
+    ("safety.max_delta", [0.1, 0.1]),                  # neither one value nor one per DOF
+    ("safety.max_delta", [0.0]),
+    ("safety.max_delta", []),
+    ("outputs.action_topic", "mm_fusion/action"),
+    ("outputs.diagnostics_period_s", 0.0),
+])
+def test_impossible_live_loop_value_is_refused(params, tmp_path, key, value):
+    set_key(params, key, value)
+    assert_refused(tmp_path, params, key)
+
+
+@pytest.mark.parametrize("key, value, allowed", [
+    ("inputs.camera.type", "image_raw", "compressed_image"),
+    ("inputs.lidar.type", "pointcloud", "point_cloud2"),
+    ("inputs.audio.type", "wav", "audio_data_stamped"),
+    ("inputs.imu.qos", "sensor_data", "best_effort"),
+    ("safety.on_stale", "brake", "hold_last"),
+])
+def test_unknown_live_loop_choice_lists_allowed_values(params, tmp_path, key, value, allowed):
+    set_key(params, key, value)
+    assert_refused(tmp_path, params, key, allowed)
+
+
+def test_required_modality_must_be_known_and_listed_once(params, tmp_path):
+    set_key(params, "inputs.required", ["camera", "sonar"])
+    assert_refused(tmp_path, params, "inputs.required[1]", "sonar")
+    set_key(params, "inputs.required", ["imu", "imu"])
+    assert_refused(tmp_path, params, "inputs.required", "twice")
+
+
+def test_per_dof_max_delta_is_accepted(params):
+    set_key(params, "safety.max_delta", [0.01, 0.02, 0.03, 0.04, 0.05, 0.06, 0.07])
+    cfg = config_from_dict(params)
+    assert cfg.safety.max_delta_per_dof(7)[6] == 0.07
