@@ -1,13 +1,14 @@
 """Cadence of a fixed-rate loop: achieved rate, tick-time percentiles, budget overruns.
 
 Keeps a bounded window of recent ticks so a report describes the last few
-seconds, not the whole run, plus totals since start.
+seconds, not the whole run, plus totals since start (what a bag replay's
+summary reports).
 """
 
 from __future__ import annotations
 
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -24,6 +25,11 @@ class CadenceReport:
     stage_mean_ms: dict[str, float]
     total_ticks: int
     total_over_budget: int
+    # Since start, not just the window.
+    total_achieved_hz: float = 0.0
+    total_mean_ms: float = 0.0
+    total_max_ms: float = 0.0
+    total_stage_mean_ms: dict[str, float] = field(default_factory=dict)
 
     def line(self) -> str:
         stages = " ".join(f"{k}={v:.3f}" for k, v in self.stage_mean_ms.items())
@@ -42,6 +48,11 @@ class CadenceMonitor:
         self._window = window
         self.total_ticks = 0
         self.total_over_budget = 0
+        self._first_start: float | None = None
+        self._last_start = 0.0
+        self._total_s = 0.0
+        self._total_max_s = 0.0
+        self._stage_total_s: dict[str, list[float]] = {}  # name -> [seconds, ticks]
 
     def record(self, start_s: float, duration_s: float, stages: dict[str, float] | None = None) -> None:
         """One tick that started at ``start_s`` (loop clock) and took ``duration_s`` to compute."""
@@ -49,10 +60,19 @@ class CadenceMonitor:
         self._durations.append(duration_s)
         for name, seconds in (stages or {}).items():
             self._stages.setdefault(name, deque(maxlen=self._window)).append(seconds)
+            total = self._stage_total_s.setdefault(name, [0.0, 0])
+            total[0] += seconds
+            total[1] += 1
         self.total_ticks += 1
         self.total_over_budget += duration_s > self.budget_s
+        if self._first_start is None:
+            self._first_start = start_s
+        self._last_start = start_s
+        self._total_s += duration_s
+        self._total_max_s = max(self._total_max_s, duration_s)
 
     def report(self) -> CadenceReport:
+        n = max(self.total_ticks, 1)
         durations = np.asarray(self._durations, dtype=np.float64) * 1e3
         starts = np.asarray(self._starts, dtype=np.float64)
         span = starts[-1] - starts[0] if len(starts) > 1 else 0.0
@@ -64,4 +84,11 @@ class CadenceMonitor:
             max_ms=float(durations.max()) if len(durations) else 0.0,
             over_budget_share=float((durations > self.budget_s * 1e3).mean()) if len(durations) else 0.0,
             stage_mean_ms={k: float(np.mean(v)) * 1e3 for k, v in self._stages.items()},
-            total_ticks=self.total_ticks, total_over_budget=self.total_over_budget)
+            total_ticks=self.total_ticks, total_over_budget=self.total_over_budget,
+            total_achieved_hz=self._total_rate(), total_mean_ms=self._total_s / n * 1e3,
+            total_max_ms=self._total_max_s * 1e3,
+            total_stage_mean_ms={k: s / c * 1e3 for k, (s, c) in self._stage_total_s.items()})
+
+    def _total_rate(self) -> float:
+        span = self._last_start - (self._first_start or 0.0)
+        return (self.total_ticks - 1) / span if self.total_ticks > 1 and span > 0 else 0.0

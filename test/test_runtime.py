@@ -1,0 +1,328 @@
+"""Runtime: the ROS-free tick loop with the torch engine and synthetic sensors on a fake clock."""
+
+import dataclasses
+import json
+import threading
+
+import numpy as np
+import pytest
+import torch
+
+from mm_fusion_ros.config import MODALITIES, RobotConfig
+from mm_fusion_ros.engine import Engine, create_engine
+from mm_fusion_ros.runtime import ERROR, OK, WARN, Runtime, load_model
+from mm_fusion_ros.samples import AudioSample, CameraSample, ImuSample, LidarSample
+from mm_fusion_ros.synthetic import SyntheticSensors
+
+PERIOD = 0.01
+T0 = 100.0
+RATES = {"camera": 30.0, "audio": 50.0, "imu": 200.0, "lidar": 10.0}  # audio: 20 ms chunks
+
+
+def make_config(**safety) -> RobotConfig:
+    cfg = RobotConfig()
+    cfg = dataclasses.replace(cfg, engine=dataclasses.replace(cfg.engine, backend="torch"),
+                              safety=dataclasses.replace(cfg.safety, **safety))
+    cfg.validate()
+    return cfg
+
+
+class RecordingEngine(Engine):
+    """The shared torch engine, remembering the dt and state each step was given; can be made to fail."""
+
+    name = "recording"
+
+    def __init__(self, inner: Engine):
+        super().__init__(inner.input_specs, inner.output_specs)
+        self.inner = inner
+        self.dts: list[float] = []
+        self.states: list[np.ndarray] = []
+        self.fail: str | None = None   # "raise" or "nan"
+
+    def run(self, inputs):
+        self.dts.append(float(inputs["dt"][0, 0]))
+        self.states.append(inputs["state"].copy())
+        if self.fail == "raise":
+            raise RuntimeError("device lost")
+        out = self.inner.run(inputs)
+        if self.fail == "nan":
+            out["action"][:] = np.nan
+        return out
+
+
+@pytest.fixture(scope="module")
+def torch_engine():
+    torch.set_num_threads(1)  # the test machine's cores are shared
+    cfg = make_config()
+    return create_engine(cfg, load_model(cfg), "torch", log=lambda _: None)
+
+
+def make_runtime(torch_engine, **safety) -> tuple[Runtime, RecordingEngine, list[str]]:
+    logs: list[str] = []
+    engine = RecordingEngine(torch_engine)
+    return Runtime(make_config(**safety), engine=engine, log=logs.append), engine, logs
+
+
+class Sensors:
+    """Synthetic sensors at their own rates, stamped at capture and delivered when complete."""
+
+    def __init__(self, runtime: Runtime, start: float):
+        self.runtime = runtime
+        self.synthetic = SyntheticSensors(runtime.cfg.model, seed=1)
+        self.next = dict.fromkeys(MODALITIES, start)
+        self.stopped: set[str] = set()
+        self.last_stamp: dict[str, float] = {}
+
+    def sample(self, name: str, stamp: float):
+        s, cam = self.synthetic, self.runtime.cfg.model.camera
+        if name == "camera":
+            frame = s.camera(stamp)
+            return CameraSample(stamp, "rgb8", cam.width, cam.height, cam.width * 3, frame.reshape(-1))
+        if name == "audio":
+            rate = self.runtime.cfg.model.audio.sample_rate
+            n = int(round(rate / RATES["audio"]))
+            # s.audio(t_end) gives the n samples ending at t_end: the last one is captured at stamp + (n-1)/rate
+            return AudioSample(stamp, rate, s.audio(stamp + (n - 1) / rate, n=n))
+        if name == "imu":
+            row = s.imu(stamp, n=1)[0]
+            return ImuSample(stamp, row[:3].copy(), row[3:].copy())
+        return LidarSample(stamp, s.lidar(stamp))
+
+    def until(self, now: float) -> None:
+        """Deliver every sample whose capture (for audio: the whole chunk) is complete by ``now``."""
+        for name in MODALITIES:
+            span = 1.0 / RATES[name] if name == "audio" else 0.0
+            while self.next[name] + span <= now + 1e-9:
+                stamp = self.next[name]
+                self.next[name] = T0 + (round((stamp - T0) * RATES[name]) + 1) / RATES[name]
+                if name not in self.stopped:
+                    assert self.runtime.add(self.sample(name, stamp), now)
+                    self.last_stamp[name] = stamp
+
+
+def run(runtime: Runtime, sensors: Sensors, ticks: int, start: float) -> list:
+    results = []
+    for i in range(ticks):
+        t = start + i * PERIOD
+        sensors.until(t)
+        results.append(runtime.tick(t))
+    return results
+
+
+def warm(torch_engine, **safety):
+    """A runtime whose buffers hold 1.1 s of every sensor before the first tick at T0."""
+    runtime, engine, logs = make_runtime(torch_engine, **safety)
+    sensors = Sensors(runtime, T0 - 1.1)
+    return runtime, engine, logs, sensors
+
+
+def test_one_second_at_100hz_gives_finite_actions_within_limits(torch_engine):
+    runtime, _, _, sensors = warm(torch_engine, start_enabled=True)
+    results = run(runtime, sensors, 100, T0)
+    lower, upper = np.array(runtime.cfg.model.action.lower), np.array(runtime.cfg.model.action.upper)
+    for r in results:
+        assert r.raw_action.shape == (7,) and r.raw_action.dtype == np.float32
+        assert np.isfinite(r.raw_action).all()
+        assert np.all(r.safety.command >= lower) and np.all(r.safety.command <= upper)
+        assert r.safety.commanded and not r.safety.held
+        np.testing.assert_array_equal(r.mask, np.ones(4, np.float32))
+        assert set(r.stage_s) == {"align", "preprocess", "infer", "safety"}
+        assert r.attention.shape == (4, 4) and r.contribution.shape == (4,)
+    # the rate limiter ramped up from rest: no tick changed any DOF by more than max_delta
+    commands = np.array([np.zeros(7)] + [r.safety.command for r in results])
+    assert np.abs(np.diff(commands, axis=0)).max() <= 0.05 + 1e-12
+    assert runtime.counters["ticks"] == 100
+
+
+def test_a_stopped_required_sensor_is_masked_and_held_within_max_age_plus_one_tick(torch_engine):
+    runtime, _, _, sensors = warm(torch_engine, start_enabled=True)
+    run(runtime, sensors, 20, T0)
+    sensors.stopped.add("lidar")
+    results = run(runtime, sensors, 50, T0 + 20 * PERIOD)
+    last_scan = sensors.last_stamp["lidar"]
+    max_age = runtime.cfg.inputs.lidar.max_age
+    first_held = next(r for r in results if r.safety.held)
+    assert first_held.safety.stale == ("lidar",)
+    assert first_held.mask[MODALITIES.index("lidar")] == 0.0
+    np.testing.assert_array_equal(first_held.safety.command, np.zeros(7))
+    assert first_held.safety.commanded  # the controller is told to stop
+    assert max_age < first_held.t - last_scan <= max_age + PERIOD + 1e-9
+    # every tick before it still used the last scan; every tick after it is held
+    before = [r for r in results if r.t < first_held.t]
+    assert all(not r.safety.held and r.mask[MODALITIES.index("lidar")] == 1.0 for r in before)
+    assert all(r.safety.held for r in results if r.t >= first_held.t)
+    statuses = {s.name: s for s in runtime.report()}
+    assert statuses["mm_fusion: safety"].level == ERROR
+    assert "lidar" in statuses["mm_fusion: safety"].message
+    assert statuses["mm_fusion: inputs"].level == WARN and "lidar" in statuses["mm_fusion: inputs"].message
+
+
+def test_a_stopped_optional_sensor_is_masked_but_not_held(torch_engine):
+    runtime, _, _, sensors = warm(torch_engine, start_enabled=True)
+    sensors.stopped.add("audio")
+    results = run(runtime, sensors, 10, T0)
+    assert all(r.mask[MODALITIES.index("audio")] == 0.0 and not r.safety.held for r in results)
+
+
+def test_a_backwards_clock_jump_resets_state_buffers_and_rate_limiter(torch_engine):
+    runtime, engine, logs, sensors = warm(torch_engine, start_enabled=True)
+    run(runtime, sensors, 30, T0)
+    assert np.abs(runtime.stream.state).max() > 0
+    jump = T0 + 5 * PERIOD
+    result = runtime.tick(jump)
+    assert result.observation.reset
+    assert np.all(engine.states[-1] == 0.0)  # the step after the jump started from a zero state
+    assert result.dt == pytest.approx(PERIOD)
+    assert runtime.counters["resets"] == 1 and runtime.aligner.counters["resets"] == 1
+    assert runtime.stream.counters["state_resets"] == 1 and runtime.safety.counters["resets"] == 1
+    assert any("clock jumped back" in line for line in logs)
+    assert result.mask.sum() == 0  # the buffers were emptied with the past
+    # a fresh stream after the jump feeds the model again
+    sensors2 = Sensors(runtime, jump - 1.1)
+    sensors2.until(jump + PERIOD)
+    after = runtime.tick(jump + PERIOD)
+    np.testing.assert_array_equal(after.mask, np.ones(4, np.float32))
+    assert runtime.counters["resets"] == 1
+
+
+def test_dt_follows_the_real_spacing_of_ticks_and_is_clamped(torch_engine):
+    runtime, engine, _ = make_runtime(torch_engine)
+    times = T0 + np.cumsum([0.0, 0.008, 0.012, 0.01, 0.0002, 0.5, 0.01])
+    dts = [runtime.tick(float(t)).dt for t in times]
+    expected = [0.01, 0.008, 0.012, 0.01, 0.001, 0.1, 0.01]  # first tick: one period; clamps at 0.1 / 10 periods
+    np.testing.assert_allclose(dts, expected, rtol=1e-9)
+    np.testing.assert_allclose(engine.dts, expected, rtol=1e-6)  # float32 on the way in
+    assert runtime.counters["dt_clamped_low"] == 1 and runtime.counters["dt_clamped_high"] == 1
+
+
+def test_estop_and_enable_through_the_runtime(torch_engine):
+    runtime, _, logs, sensors = warm(torch_engine, start_enabled=True)
+    run(runtime, sensors, 10, T0)
+    runtime.estop(True)
+    runtime.estop(True)  # the topic repeats; logged once
+    r = run(runtime, sensors, 1, T0 + 10 * PERIOD)[0]
+    assert r.safety.estopped and r.safety.commanded
+    np.testing.assert_array_equal(r.safety.command, np.zeros(7))
+    assert runtime.set_enabled(True) == (False, "e-stop is still asserted")
+    runtime.estop(False)
+    assert run(runtime, sensors, 1, T0 + 11 * PERIOD)[0].safety.estopped
+    statuses = {s.name: s for s in runtime.report()}
+    assert statuses["mm_fusion: safety"].level == ERROR and "e-stop" in statuses["mm_fusion: safety"].message
+    assert runtime.set_enabled(True)[0]
+    r = run(runtime, sensors, 1, T0 + 12 * PERIOD)[0]
+    assert not r.safety.estopped and np.abs(r.safety.command).max() <= 0.05 + 1e-12
+    assert sum("e-stop asserted" in line for line in logs) == 1
+
+
+@pytest.mark.parametrize("failure", ["raise", "nan"])
+def test_a_failed_inference_commands_rest_and_keeps_ticking(torch_engine, failure):
+    runtime, engine, logs, sensors = warm(torch_engine, start_enabled=True)
+    run(runtime, sensors, 5, T0)
+    engine.fail = failure
+    failed = run(runtime, sensors, 3, T0 + 5 * PERIOD)
+    for r in failed:
+        assert r.safety.held and r.safety.commanded
+        np.testing.assert_array_equal(r.safety.command, np.zeros(7))
+    safety = {s.name: s for s in runtime.report()}["mm_fusion: safety"]
+    assert safety.level == ERROR and "non-finite action" in safety.message
+    assert runtime.safety.counters["nonfinite_action"] == 3
+    if failure == "raise":
+        assert runtime.counters["infer_errors"] == 3
+        assert sum("inference failed" in line and "device lost" in line for line in logs) == 1
+    engine.fail = None
+    recovered = run(runtime, sensors, 1, T0 + 8 * PERIOD)[0]
+    assert not recovered.safety.held and np.abs(recovered.safety.command).max() <= 0.05 + 1e-12
+
+
+def test_report_levels(torch_engine):
+    runtime, _, _, sensors = warm(torch_engine, start_enabled=True)
+    statuses = runtime.report()
+    assert [s.level for s in statuses][0] == WARN  # nothing ticked yet
+    wall = 5000.0
+    for r in run(runtime, sensors, 100, T0):
+        # compute time fixed so the levels do not depend on this machine's load
+        runtime.record(dataclasses.replace(r, compute_s=0.002), publish_s=0.0001, wall_start=wall)
+        wall += PERIOD
+    runtime.count_bad("camera.bad_encoding")
+    cadence, inputs, safety = runtime.report()
+    assert (cadence.level, inputs.level, safety.level) == (OK, WARN, OK)
+    assert cadence.values["achieved_hz"] == "100.0" and cadence.values["stage.publish_ms"] == "0.100"
+    assert "camera.bad_encoding 1" in inputs.message and inputs.values["drops.camera.bad_encoding"] == "1"
+    assert inputs.values["imu.mask_rate"] == "0.000"
+    # the next window: no new drops, all fresh
+    for r in run(runtime, sensors, 10, T0 + 1.0):
+        runtime.record(dataclasses.replace(r, compute_s=0.002), publish_s=0.0001, wall_start=wall)
+        wall += PERIOD
+    cadence, inputs, safety = runtime.report()
+    assert (cadence.level, inputs.level, safety.level) == (OK, OK, OK)
+    # too slow: 80 Hz achieved, and ticks over the 10 ms budget
+    for i, r in enumerate(run(runtime, sensors, 100, T0 + 1.1)):
+        runtime.record(dataclasses.replace(r, compute_s=0.02 if i % 10 == 0 else 0.002), 0.0001, wall)
+        wall += 1 / 80
+    cadence = runtime.report()[0]
+    assert cadence.level == WARN
+    assert "achieved" in cadence.message and "over the 10.0 ms budget" in cadence.message
+
+
+def test_tick_status_names_the_stamps_used_and_is_deterministic(torch_engine):
+    statuses = []
+    for _ in range(2):
+        runtime, _, _, sensors = warm(torch_engine)
+        results = run(runtime, sensors, 5, T0)
+        statuses.append([runtime.tick_status(r) for r in results])
+    assert statuses[0] == statuses[1]
+    last = statuses[0][-1]
+    assert last.level == OK and last.values["t"] == f"{T0 + 4 * PERIOD:.9f}"
+    # the newest camera frame at or before the tick: 30 Hz frames on a grid from T0 - 1.1
+    assert float(last.values["camera.stamp"]) == pytest.approx(T0 + 1 / 30, abs=1e-9)
+    assert float(last.values["lidar.stamp"]) == pytest.approx(T0, abs=1e-9)
+    assert last.values["commanded"] == "False"  # starts disabled
+
+
+def test_summary_is_json_and_counts_the_run(torch_engine):
+    runtime, _, _, sensors = warm(torch_engine, start_enabled=True)
+    sensors.stopped.add("audio")
+    results = run(runtime, sensors, 40, T0)
+    runtime.count_bad("imu.non_finite")
+    runtime.count_bad("imu.non_finite")
+    summary = json.loads(json.dumps(runtime.summary(), allow_nan=False))
+    assert summary["ticks"] == 40
+    audio_masked = sum(r.mask[MODALITIES.index("audio")] == 0 for r in results)
+    assert summary["mask_rate"]["audio"] == pytest.approx(audio_masked / 40)
+    assert summary["mask_rate"]["imu"] == 0.0
+    assert summary["drops"]["imu.non_finite"] == 2
+    assert summary["accepted"]["imu"] == runtime.aligner.counters["imu.accepted"]
+    commands = np.array([r.safety.command for r in results])
+    np.testing.assert_allclose(summary["action"]["command"]["max"], commands.max(axis=0))
+    np.testing.assert_allclose(summary["action"]["raw"]["mean"],
+                               np.mean([r.raw_action for r in results], axis=0), rtol=1e-6)
+    assert summary["age_s"]["imu"]["max"] <= runtime.cfg.inputs.imu.max_age
+
+
+def test_samples_and_bad_counts_from_other_threads(torch_engine):
+    runtime, _, _, sensors = warm(torch_engine)
+    sensors.stopped.add("imu")
+    run(runtime, sensors, 1, T0 - 0.5)
+    synthetic = SyntheticSensors(runtime.cfg.model, seed=2)
+
+    def imu_thread():
+        for i in range(400):
+            stamp = T0 - 0.5 + i / 200
+            row = synthetic.imu(stamp, n=1)[0]
+            runtime.add(ImuSample(stamp, row[:3].copy(), row[3:].copy()), stamp)
+            runtime.count_bad("imu.bad_frame")
+
+    writer = threading.Thread(target=imu_thread)
+    writer.start()
+    for i in range(40):
+        runtime.tick(T0 - 0.5 + (i + 1) * 0.05)
+    writer.join()
+    assert runtime.aligner.counters["imu.accepted"] == 400
+    assert runtime.summary()["drops"]["imu.bad_frame"] == 400
+
+
+def test_runtime_builds_its_engine_and_logs_the_backend():
+    logs: list[str] = []
+    runtime = Runtime(make_config(), log=logs.append)
+    assert any("inference backend: torch" in line for line in logs)
+    assert np.isfinite(runtime.tick(T0).raw_action).all()
