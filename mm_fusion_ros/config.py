@@ -73,7 +73,7 @@ class AudioConfig:
     def validate(self, key: str) -> None:
         _check(self.sample_rate > 0, f"{key}.sample_rate", f"must be positive, got {self.sample_rate}")
         _check(self.window_s > 0, f"{key}.window_s", f"must be positive, got {self.window_s}")
-        # The STFT runs as four quarter-length polyphase convolutions (see LogMelSpectrogram).
+        # The STFT is a two-stage polyphase transform (see LogMelSpectrogram); these bounds keep its blocks whole.
         _check(self.n_fft >= 16 and self.n_fft % 8 == 0, f"{key}.n_fft",
                f"must be a multiple of 8 and at least 16, got {self.n_fft}")
         _check(0 < self.hop <= self.n_fft and self.hop % 4 == 0, f"{key}.hop",
@@ -371,6 +371,8 @@ class RobotConfig:
     # initialised weights from ``seed`` (useful for plumbing tests, never for a real arm).
     checkpoint: str = ""
     seed: int = 0
+    # The ROS 2 distribution whose message definitions bags are read and written with (rosbags type store).
+    ros_distro: Literal["humble", "iron", "jazzy", "kilted"] = "kilted"
     model: ModelConfig = field(default_factory=ModelConfig)
     engine: EngineConfig = field(default_factory=EngineConfig)
     inputs: InputsConfig = field(default_factory=InputsConfig)

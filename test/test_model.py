@@ -420,3 +420,26 @@ def test_seed_determines_the_weights(default_config):
     assert len(random_weights) > 10
     differing = [k for k in random_weights if not torch.equal(w0[k], w1[k])]
     assert differing == random_weights
+
+
+def test_hybrid_step_does_no_work_it_throws_away(models, make_inputs, monkeypatch):
+    """Eager runs every op it is given while the exported graph drops unused ones, so a discarded
+    computation would handicap the torch baseline: hybrid fusion must use the early path's fused
+    vector only, and match what the full early path would give."""
+    from mm_fusion_ros.model.fusion import EarlyFusion
+
+    model = models["hybrid"]
+    inputs = make_inputs(model.cfg, 5)
+    expected = run(model, inputs)
+    tokens = torch.randn(1, len(MODALITIES), model.cfg.encoder.hidden)
+    mask = torch.tensor([[1.0, 0.0, 1.0, 1.0]])
+    with torch.inference_mode():
+        assert torch.equal(model.fusion.early.fuse(tokens, mask), model.fusion.early(tokens, mask)[0])
+
+    def forbidden(self, tokens, mask):
+        raise AssertionError("hybrid fusion computed the early path's attention and contribution")
+
+    monkeypatch.setattr(EarlyFusion, "forward", forbidden)
+    again = run(model, inputs)
+    for name in OUTPUT_NAMES:
+        assert torch.equal(again[name], expected[name]), name

@@ -7,11 +7,13 @@ and its spikes are counted.
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import snntorch
 import torch
 
-from mm_fusion_ros.model.spiking import LeakyIntegrateFire
+from mm_fusion_ros.model.spiking import (LeakyIntegrateFire, counts_from_onsets, onsets_hold_near_each_onset,
+                                         spike_onsets, unrolled_counts)
 
 BETA, THRESHOLD, STEPS = 0.95, 1.0, 32
 
@@ -140,3 +142,66 @@ def test_eval_path_exports_with_torch_export():
         exported = torch.export.export(lif, (x,))
         y = -x.flip(-1) + 1.0
         assert torch.equal(exported.module()(y), lif(y))
+
+
+# ---------------------------------------------------------------- the onset form of the eval path
+
+def test_reference_recurrence_is_snntorch():
+    """``unrolled_counts`` (numpy, float32) is the recurrence the onsets are found with: same counts as
+    snnTorch's Leaky on the standard currents, for every tested configuration."""
+    for beta, threshold, steps in [(BETA, THRESHOLD, STEPS), (0.8, 0.5, 17), (1.0, 1.0, 8)]:
+        cur = currents(seed=11) * threshold
+        ref = snntorch_counts(cur, beta, threshold, steps).numpy()
+        assert np.array_equal(unrolled_counts(cur.numpy(), beta, threshold, steps), ref)
+
+
+@pytest.mark.parametrize("beta, threshold, steps", [(BETA, THRESHOLD, STEPS), (0.8, 0.5, 17), (1.0, 1.0, 8)])
+def test_onsets_give_the_unrolled_count_for_every_float32_current(beta, threshold, steps):
+    """Exhaustive between the first and the last onset (about 35 M currents for the default): the
+    count from the onsets equals the count of the unrolled steps for every float32 value there.
+    Below the first onset and above the last the recurrence never / always fires (the membrane is
+    monotone in the current while the spike train is the same); a sweep checks those ranges too."""
+    lif = LeakyIntegrateFire(beta, threshold, steps)
+    onsets = lif.onsets.numpy()
+    assert lif.exact_onsets and np.all(np.diff(onsets) > 0)
+    lo, hi = onsets[:1].view(np.int32)[0], onsets[-1:].view(np.int32)[0] + 2
+    for start in range(int(lo), int(hi), 1 << 22):
+        x = np.arange(start, min(start + (1 << 22), int(hi)), dtype=np.int32).view(np.float32)
+        got = counts_from_onsets(x, onsets)
+        want = unrolled_counts(x, beta, threshold, steps)
+        bad = np.nonzero(got != want)[0]
+        assert bad.size == 0, f"current {x[bad[0]]!r}: onsets say {got[bad[0]]}, the steps {want[bad[0]]}"
+    outside = np.concatenate([np.geomspace(1e-30, float(onsets[0]), 20000, dtype=np.float32),
+                              np.geomspace(float(onsets[-1]) * 1.0001, 3e38, 20000, dtype=np.float32),
+                              -np.geomspace(1e-30, 3e38, 2000, dtype=np.float32),
+                              np.array([0.0, -0.0, np.inf, -np.inf, np.nan], dtype=np.float32)])
+    assert np.array_equal(counts_from_onsets(outside, onsets), unrolled_counts(outside, beta, threshold, steps))
+
+
+def test_eval_path_equals_the_unrolled_steps_in_torch():
+    lif = LeakyIntegrateFire(BETA, THRESHOLD, STEPS).eval()
+    bits = lif.onsets.numpy().view(np.int32).astype(np.int64)[:, None] + np.arange(-3, 4)
+    cur = torch.from_numpy(bits.astype(np.int32).view(np.float32).reshape(1, -1))
+    with torch.no_grad():
+        assert torch.equal(lif(cur), lif.unrolled(cur))
+    assert torch.equal(lif(cur) * STEPS, snntorch_counts(cur))
+
+
+def test_layer_falls_back_to_the_unrolled_steps_where_the_onsets_do_not_hold(monkeypatch):
+    import mm_fusion_ros.model.spiking as spiking
+
+    monkeypatch.setattr(spiking, "onsets_hold_near_each_onset", lambda *a, **k: False)
+    lif = LeakyIntegrateFire(BETA, THRESHOLD, STEPS).eval()
+    assert not lif.exact_onsets
+    calls = []
+    monkeypatch.setattr(lif, "unrolled", lambda x: calls.append(x) or torch.zeros_like(x))
+    lif(currents())
+    assert calls
+
+
+def test_onset_check_catches_a_wrong_onset():
+    onsets = spike_onsets(BETA, THRESHOLD, STEPS)
+    assert onsets_hold_near_each_onset(onsets, BETA, THRESHOLD)
+    moved = onsets.copy()
+    moved[5] = np.nextafter(moved[5], np.float32(10.0))  # one ulp too high: that current fires 6 times
+    assert not onsets_hold_near_each_onset(moved, BETA, THRESHOLD)

@@ -73,7 +73,7 @@ def create_engine(cfg: RobotConfig, model: FusionNet, backend: str | None = None
     specs_in, specs_out = input_specs(model.cfg), output_specs(model.cfg)
     if name == "torch":
         from .torch_engine import TorchEngine
-        engine: Engine = TorchEngine(model)
+        engine: Engine = TorchEngine(model, threads=cfg.engine.intra_op_threads)
     elif name == "compiled":
         from .compiled_engine import CompiledEngine
         engine = CompiledEngine(model)

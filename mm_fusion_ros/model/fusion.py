@@ -72,6 +72,10 @@ class EarlyFusion(nn.Module):
         self.modalities = modalities
         self.proj = nn.Linear(dim * modalities, dim)
 
+    def fuse(self, tokens: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Only the fused vector: what the hybrid strategy uses of this path."""
+        return torch.tanh(self.proj((tokens * mask.unsqueeze(-1)).flatten(1)))
+
     def forward(self, tokens, mask):
         masked = tokens * mask.unsqueeze(-1)
         fused = torch.tanh(self.proj(masked.flatten(1)))
@@ -110,7 +114,9 @@ class HybridFusion(nn.Module):
     def forward(self, tokens, mask):
         mixed, probs = self.attn(tokens + self.embed, key_bias(mask))
         pooled = masked_mean(mixed, mask)
-        early, _, _ = self.early(tokens, mask)
+        # Not self.early(...): its contribution would be computed and thrown away on every tick,
+        # work the exported graph prunes but eager would still do (an unfair handicap for eager).
+        early = self.early.fuse(tokens, mask)
         fused = torch.tanh(self.mix(torch.cat([pooled, early], dim=1)))
         return fused, query_rows(probs, mask), column_share(probs, mask)
 

@@ -100,7 +100,7 @@ class FusionNet(nn.Module):
 
     def forward(self, camera, audio, imu, lidar, mask, dt, state):
         currents = torch.stack([self.camera(camera), self.audio(audio), self.imu(imu), self.lidar(lidar)], dim=1)
-        rates = self.lif(currents)  # all four modalities' LIF layers in one unrolled loop
+        rates = self.lif(currents)  # all four modalities' LIF layers at once
         updated = self.cells(rates, state, dt)
         # A masked modality keeps its previous state: stale or missing data must not
         # drive the recurrent memory, and the cell resumes where it was when data returns.
