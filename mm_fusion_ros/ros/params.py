@@ -1,0 +1,361 @@
+"""Every node's parameters in one place: typed dataclasses, declared on the node, read back validated.
+
+``config/robot.yaml`` is the single source of defaults (one block per node);
+the dataclass defaults mirror it, and ``declare_config`` declares one ROS
+parameter per leaf field with ``declare_parameter`` (dotted names, e.g.
+``inputs.camera.topic``), so ``--params-file config/robot.yaml`` and ``-p``
+overrides work as everywhere in ROS 2. The values are read back into the frozen
+dataclass and validated by ``mm_fusion_ros.config``; a wrong type, an
+impossible value or an unknown key (a typo in the YAML) is a ``ConfigError``
+naming the key, and ``node_main`` turns it into one fatal log line and exit
+status 2 instead of a node running on a half-understood configuration.
+
+Parameters are read once at start, so they are declared read-only: a later
+``ros2 param set`` is refused instead of being silently ignored. ``dynamic_typing``
+lets YAML write ``100`` for a float; the config layer checks the types.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import math
+import signal
+import sys
+import threading
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Callable, Literal, TypeVar
+
+# _build is config.py's dataclass builder: one set of type checks and error messages for every node.
+from ..config import ConfigError, RobotConfig, _build, config_from_dict
+
+T = TypeVar("T")
+
+# Parameters rclpy itself declares or interprets; never "unknown".
+_ROS_OWNED = ("use_sim_time", "start_type_description_service")
+_ROS_OWNED_PREFIXES = ("qos_overrides.",)
+
+QosName = Literal["reliable", "best_effort"]
+AudioType = Literal["audio_data_stamped", "audio_stamped", "image_pcm"]
+
+
+def _check(cond: bool, key: str, msg: str) -> None:
+    if not cond:
+        raise ConfigError(f"{key}: {msg}")
+
+
+def _check_topic(topic: str, key: str) -> None:
+    _check(topic.startswith("/") and " " not in topic, key, f"must be an absolute topic name, got {topic!r}")
+
+
+# ---------------------------------------------------------------- sensor node configurations
+
+@dataclass(frozen=True)
+class CameraNodeConfig:
+    """camera_node: an OpenCV VideoCapture source published as sensor_msgs/Image."""
+
+    source: str = "0"             # device index ("0"), video file path, or URL / GStreamer pipeline
+    topic: str = "/camera/image_raw"
+    frame_id: str = "camera"
+    encoding: Literal["rgb8", "bgr8"] = "rgb8"
+    fps: float = 0.0              # 0: the file's own frame rate (a device paces itself)
+    width: int = 0                # 0: the source's size; otherwise frames are resized (a device is asked first)
+    height: int = 0
+    loop: bool = True             # a video file starts again at its end
+    qos: QosName = "reliable"
+    depth: int = 10
+    # Publish only once this many subscribers have matched (tests and benchmarks count every message).
+    wait_for_subscribers: int = 0
+
+    def validate(self, key: str = "") -> None:
+        p = f"{key}." if key else ""
+        _check(self.source != "", f"{p}source", "must name a device index, a file or a URL")
+        _check_topic(self.topic, f"{p}topic")
+        _check(math.isfinite(self.fps) and 0 <= self.fps <= 1000, f"{p}fps", f"must be in [0, 1000], got {self.fps}")
+        _check((self.width == 0) == (self.height == 0), f"{p}width",
+               f"width and height are both 0 (source size) or both set, got {self.width}x{self.height}")
+        _check(0 <= self.width <= 8192 and 0 <= self.height <= 8192, f"{p}width",
+               f"must be in [0, 8192], got {self.width}x{self.height}")
+        _check(1 <= self.depth <= 1000, f"{p}depth", f"must be in [1, 1000], got {self.depth}")
+        _check(self.wait_for_subscribers >= 0, f"{p}wait_for_subscribers", "must be >= 0")
+
+
+@dataclass(frozen=True)
+class MicrophoneNodeConfig:
+    """microphone_node: PortAudio capture (sounddevice) or a WAV file, in fixed chunks."""
+
+    source: str = "default"       # "default", a PortAudio device index or name, or a path ending in .wav
+    topic: str = "/audio/audio_stamped"
+    type: AudioType = "audio_data_stamped"   # falls back to image_pcm where audio_common_msgs is missing
+    info_topic: str = "/audio/audio_info"
+    frame_id: str = "microphone"
+    sample_rate: int = 16000      # capture rate (a WAV file brings its own)
+    channels: int = 1
+    sample_format: Literal["S16LE", "F32LE"] = "S16LE"
+    chunk_s: float = 0.02         # one message per 20 ms of audio
+    loop: bool = True             # a WAV file starts again at its end
+    qos: QosName = "reliable"
+    depth: int = 100
+    wait_for_subscribers: int = 0
+
+    def validate(self, key: str = "") -> None:
+        p = f"{key}." if key else ""
+        _check(self.source != "", f"{p}source", "must be 'default', a device or a .wav path")
+        _check_topic(self.topic, f"{p}topic")
+        _check_topic(self.info_topic, f"{p}info_topic")
+        _check(1000 <= self.sample_rate <= 384000, f"{p}sample_rate",
+               f"must be in [1000, 384000] Hz, got {self.sample_rate}")
+        _check(1 <= self.channels <= 32, f"{p}channels", f"must be in [1, 32], got {self.channels}")
+        _check(0.001 <= self.chunk_s <= 1.0, f"{p}chunk_s", f"must be in [0.001, 1] s, got {self.chunk_s}")
+        _check(1 <= self.depth <= 10000, f"{p}depth", f"must be in [1, 10000], got {self.depth}")
+        _check(self.wait_for_subscribers >= 0, f"{p}wait_for_subscribers", "must be >= 0")
+
+
+@dataclass(frozen=True)
+class SimLidar:
+    enabled: bool = True
+    topic: str = "/scan"
+    frame_id: str = "laser"
+    rate_hz: float = 10.0
+    beams: int = 360
+    range_min: float = 0.05
+    range_max: float = 30.0
+    stop_after_s: float = 0.0     # > 0: the stream stops after this long (a dead driver, for watchdog tests)
+
+
+@dataclass(frozen=True)
+class SimImu:
+    enabled: bool = True
+    topic: str = "/imu/data"
+    frame_id: str = "imu_link"
+    rate_hz: float = 200.0
+    stop_after_s: float = 0.0
+
+
+@dataclass(frozen=True)
+class SensorSimConfig:
+    """sensor_sim_node: synthetic LaserScan and Imu streams from mm_fusion_ros.synthetic."""
+
+    seed: int = 0
+    lidar: SimLidar = field(default_factory=SimLidar)
+    imu: SimImu = field(default_factory=SimImu)
+    qos: QosName = "reliable"
+    depth: int = 10
+    wait_for_subscribers: int = 0
+
+    def validate(self, key: str = "") -> None:
+        p = f"{key}." if key else ""
+        for name in ("lidar", "imu"):
+            stream = getattr(self, name)
+            _check_topic(stream.topic, f"{p}{name}.topic")
+            _check(math.isfinite(stream.rate_hz) and 0 < stream.rate_hz <= 2000, f"{p}{name}.rate_hz",
+                   f"must be in (0, 2000] Hz, got {stream.rate_hz}")
+            _check(stream.stop_after_s >= 0, f"{p}{name}.stop_after_s", f"must be >= 0, got {stream.stop_after_s}")
+        _check(8 <= self.lidar.beams <= 100000, f"{p}lidar.beams", f"must be in [8, 100000], got {self.lidar.beams}")
+        _check(0 <= self.lidar.range_min < self.lidar.range_max, f"{p}lidar.range_min",
+               f"must satisfy 0 <= range_min < range_max, got {self.lidar.range_min} / {self.lidar.range_max}")
+        _check(1 <= self.depth <= 10000, f"{p}depth", f"must be in [1, 10000], got {self.depth}")
+        _check(self.wait_for_subscribers >= 0, f"{p}wait_for_subscribers", "must be >= 0")
+
+
+# Executable (= node name) -> the dataclass holding its parameters.
+NODE_CONFIGS: dict[str, type] = {
+    "fusion_node": RobotConfig,
+    "camera_node": CameraNodeConfig,
+    "microphone_node": MicrophoneNodeConfig,
+    "sensor_sim_node": SensorSimConfig,
+}
+
+
+# ---------------------------------------------------------------- dataclass <-> flat parameter names
+
+def _ros_value(value: Any) -> Any:
+    return list(value) if isinstance(value, tuple) else value
+
+
+def parameter_defaults(cls: type) -> dict[str, Any]:
+    """Dotted parameter name -> default value (lists for tuples), for every leaf field of ``cls``."""
+    out: dict[str, Any] = {}
+
+    def walk(obj: Any, prefix: str) -> None:
+        for f in dataclasses.fields(obj):
+            value = getattr(obj, f.name)
+            name = f"{prefix}{f.name}"
+            if dataclasses.is_dataclass(value):
+                walk(value, f"{name}.")
+            else:
+                out[name] = _ros_value(value)
+
+    walk(cls(), "")
+    return out
+
+
+def declared_names(executable: str) -> set[str]:
+    """Every parameter the node behind ``executable`` declares (including rclpy's use_sim_time)."""
+    if executable not in NODE_CONFIGS:
+        raise KeyError(f"unknown node executable {executable!r}; known: {sorted(NODE_CONFIGS)}")
+    return set(parameter_defaults(NODE_CONFIGS[executable])) | {"use_sim_time"}
+
+
+def nest(flat: dict[str, Any]) -> dict[str, Any]:
+    """``{"a.b": 1}`` -> ``{"a": {"b": 1}}``."""
+    out: dict[str, Any] = {}
+    for name, value in flat.items():
+        node = out
+        *parents, leaf = name.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = value
+    return out
+
+
+def build_config(cls: type[T], flat: dict[str, Any]) -> T:
+    """Validated ``cls`` from dotted parameter values; ConfigError names the bad key."""
+    if cls is RobotConfig:
+        return typing.cast(T, config_from_dict(nest(flat)))
+    cfg = _build(cls, nest(flat), "")
+    cfg.validate()
+    return cfg
+
+
+def _plain(value: Any) -> Any:
+    # Array parameters can come back as array.array; the config layer expects lists.
+    if hasattr(value, "tolist") and not isinstance(value, (str, bytes)):
+        return value.tolist()
+    return list(value) if isinstance(value, tuple) else value
+
+
+def declare_config(node: Any, cls: type[T]) -> T:
+    """Declare every field of ``cls`` on ``node`` (defaults from the dataclass) and return the values.
+
+    Raises ConfigError for unknown parameter names given to this node, wrong types and impossible values.
+    """
+    from rcl_interfaces.msg import ParameterDescriptor
+
+    defaults = parameter_defaults(cls)
+    unknown = sorted(name for name in _overrides(node)
+                     if name not in defaults and name not in _ROS_OWNED
+                     and not name.startswith(_ROS_OWNED_PREFIXES))
+    if unknown:
+        hints = []
+        for name in unknown:
+            close = difflib.get_close_matches(name, defaults, n=1)
+            hints.append(f"{name} (did you mean {close[0]}?)" if close else name)
+        raise ConfigError(f"unknown parameter(s) for {node.get_name()}: {', '.join(hints)}")
+    values: dict[str, Any] = {}
+    for name, default in defaults.items():
+        if node.has_parameter(name):  # use_sim_time: rclpy declared it already
+            values[name] = _plain(node.get_parameter(name).value)
+            continue
+        descriptor = ParameterDescriptor(name=name, dynamic_typing=True, read_only=True,
+                                         description=f"default: {default!r}")
+        values[name] = _plain(node.declare_parameter(name, default, descriptor).value)
+    return build_config(cls, values)
+
+
+def _overrides(node: Any) -> list[str]:
+    # rclpy keeps the --params-file / -p values for this node here; there is no public accessor.
+    return list(getattr(node, "_parameter_overrides", {}) or {})
+
+
+# ---------------------------------------------------------------- message types chosen by parameters
+
+def audio_message_types(kind: str) -> tuple[str, Any, Any]:
+    """(kind actually used, message type, info type or None); image_pcm when audio_common_msgs is missing."""
+    from sensor_msgs.msg import Image
+
+    try:
+        if kind == "audio_data_stamped":
+            from audio_common_msgs.msg import AudioDataStamped, AudioInfo
+            return kind, AudioDataStamped, AudioInfo
+        if kind == "audio_stamped":
+            from audio_common_msgs.msg import AudioStamped
+            return kind, AudioStamped, None
+    except ImportError:
+        return "image_pcm", Image, None
+    return "image_pcm", Image, None
+
+
+# ---------------------------------------------------------------- running a node
+
+def spin_until_stopped(executor: Any, stop: threading.Event, poll_s: float = 0.1) -> None:
+    """Spin until ``stop`` is set or the context shuts down; a callback in progress always completes."""
+    from rclpy.executors import ExternalShutdownException, ShutdownException
+
+    try:
+        while not stop.is_set() and executor.context.ok():
+            executor.spin_once(timeout_sec=poll_s)
+    except (ExternalShutdownException, ShutdownException):
+        pass
+
+
+class Spinner:
+    """One executor for one node, spun until ``stopping`` is set; ``close`` waits for the spin to end."""
+
+    def __init__(self, node: Any):
+        self.node = node
+        self.stopping = threading.Event()
+        self._done = threading.Event()
+        self.executor: Any = None
+
+    def spin(self) -> None:
+        from rclpy.executors import SingleThreadedExecutor
+
+        self.executor = SingleThreadedExecutor(context=self.node.context)
+        self.executor.add_node(self.node)
+        try:
+            spin_until_stopped(self.executor, self.stopping)
+        finally:
+            self._done.set()
+
+    def close(self) -> None:
+        self.stopping.set()
+        if self.executor is not None:
+            self._done.wait(timeout=2.0)
+            self.executor.shutdown(timeout_sec=1.0)
+
+
+def node_main(name: str, make_node: Callable[[], Any], args: list[str] | None = None) -> int:
+    """init, build the node, spin until SIGINT/SIGTERM, clean up; 2 for a bad config, 1 for a failed start.
+
+    ``make_node`` returns one of the node classes here: ``spin()``, ``close()`` and a ``stopping`` event.
+    SIGINT and SIGTERM only set ``stopping``: the callback that is running finishes (a message is never
+    half published or half counted), then the node closes and prints its statistics. A second signal
+    interrupts at once.
+    """
+    import rclpy
+    from rclpy.signals import SignalHandlerOptions
+
+    logger = rclpy.logging.get_logger(name)
+    node = None
+    try:
+        rclpy.init(args=args, signal_handler_options=SignalHandlerOptions.NO)
+        try:
+            node = make_node()
+        except ConfigError as exc:
+            logger.fatal(f"bad config: {exc}")
+            return 2
+        except Exception as exc:  # a node that cannot start says why in one line, then exits non-zero
+            logger.fatal(f"failed to start: {type(exc).__name__}: {exc}")
+            return 1
+
+        def request_stop(signum: int, frame: Any) -> None:
+            if node.stopping.is_set():
+                raise KeyboardInterrupt
+            node.stopping.set()
+
+        signal.signal(signal.SIGINT, request_stop)
+        signal.signal(signal.SIGTERM, request_stop)
+        node.spin()
+        return 0
+    except KeyboardInterrupt:  # before the node existed (a long start-up), or a second signal
+        return 0
+    finally:
+        if node is not None:
+            try:
+                node.close()
+            except KeyboardInterrupt:
+                pass
+        rclpy.try_shutdown()
+        sys.stdout.flush()
