@@ -9,7 +9,7 @@ STAMP := $(VENV)/.installed
 export ROS_AUTOMATIC_DISCOVERY_RANGE := LOCALHOST
 export ROS_DOMAIN_ID ?= 42
 
-.PHONY: setup demo test bench clean
+.PHONY: setup demo test bench bench-live clean
 
 setup: $(STAMP)
 
@@ -25,14 +25,20 @@ $(STAMP): setup.py package.xml
 	$(PY) -m pip install -q -e '.[ros,dev]'
 	touch $(STAMP)
 
+# The live pipeline: camera_node (a generated video), microphone_node (a generated WAV), sensor_sim_node
+# (LiDAR + IMU) -> fusion_node, each its own process, for 20 s; cadence report, then a summary.
 demo: $(STAMP)
-	$(VENV)/bin/mm-fusion demo --config config/robot.yaml --duration 10 --plot artifacts/demo.png
+	$(VENV)/bin/mm-fusion live --config config/robot.yaml --duration 20 --workdir artifacts/live
 
 test: $(STAMP)
 	$(PY) -m pytest -q test
 
 bench: $(STAMP)
 	$(VENV)/bin/mm-fusion bench-engine --config config/robot.yaml --backends torch,onnxruntime --plot artifacts/bench_engine.png
+
+# The live loop for 5 minutes: ticks over budget, p99 tick time, camera transport, lost messages.
+bench-live: $(STAMP)
+	$(PY) bench/live_loop.py --config config/robot.yaml --duration 300 --out artifacts/bench_live.json --plot artifacts/bench_live.png
 
 clean:
 	rm -rf $(VENV) artifacts build install log *.egg-info

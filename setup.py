@@ -19,7 +19,9 @@ setup(
     data_files=[
         ("share/ament_index/resource_index/packages", [f"resource/{PACKAGE}"]),
         (f"share/{PACKAGE}", ["package.xml"]),
-        (f"share/{PACKAGE}/config", glob("config/*")),
+        (f"share/{PACKAGE}/config", [p for p in glob("config/*") if not p.endswith("/msg")]),
+        (f"share/{PACKAGE}/config/msg/audio_common_msgs", glob("config/msg/audio_common_msgs/*.*")),
+        (f"share/{PACKAGE}/config/msg/audio_common_msgs/mgonzs13", glob("config/msg/audio_common_msgs/mgonzs13/*")),
         (f"share/{PACKAGE}/launch", glob("launch/*.launch.py")),
     ],
     python_requires=">=3.10",
@@ -59,6 +61,11 @@ setup(
     entry_points={
         "console_scripts": [
             "mm-fusion = mm_fusion_ros.cli:main",
+            "fusion_node = mm_fusion_ros.ros.fusion_node:main",
+            "camera_node = mm_fusion_ros.ros.camera_node:main",
+            "microphone_node = mm_fusion_ros.ros.microphone_node:main",
+            "sensor_sim_node = mm_fusion_ros.ros.sensor_sim_node:main",
+            "bag_player = mm_fusion_ros.ros.bag_player:main",
         ],
     },
 )

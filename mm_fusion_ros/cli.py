@@ -44,17 +44,10 @@ def _quiet_exporter_logs() -> None:
 
 
 def load_model(cfg: RobotConfig):
-    """The network for ``cfg``: the checkpoint if one is configured, else seeded random weights."""
-    from .model import build_model, config_mismatch, load_checkpoint
+    """``mm_fusion_ros.runtime.load_model``, imported late so that ``--help`` does not load torch."""
+    from .runtime import load_model as runtime_load_model
 
-    if not cfg.checkpoint:
-        return build_model(cfg.model, seed=cfg.seed)
-    model = load_checkpoint(cfg.checkpoint)
-    diff = config_mismatch(model.cfg, cfg.model)
-    if diff:
-        raise ConfigError(f"checkpoint {cfg.checkpoint} was trained with a different model config: "
-                          + "; ".join(diff))
-    return model
+    return runtime_load_model(cfg)
 
 
 # ---------------------------------------------------------------- export / build-engine
@@ -329,6 +322,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--backend", help="override engine.backend")
     p.add_argument("--plot", help="write actions and modality contributions over time to this PNG")
     p.set_defaults(func=cmd_demo)
+
+    from .replay import add_replay_commands  # make-bag, replay (bag replay, issue #4)
+    add_replay_commands(add)
+    from .live_demo import add_live_command  # live: the ROS 2 pipeline in separate processes (issue #3)
+    add_live_command(add)
     return parser
 
 
