@@ -39,6 +39,7 @@ from .bag.reader import BagError, BagMessage, BagReader, DecodeError
 from .bag.typestore import DEFAULT_DISTRO, DISTROS, distro_of, make_typestore
 from .bag.writer import BagWriter
 from .config import MODALITIES, NODE_NAME, RobotConfig
+from .memory import keep_freed_memory
 from .samples import BadSample
 
 OUTPUT_TYPES = {
@@ -229,6 +230,7 @@ def replay(bag: str | Path, cfg: RobotConfig, opts: ReplayOptions, runtime: obje
     """Replay ``bag`` through a Runtime for ``cfg`` and write the output bag and its summary."""
     from tqdm import tqdm
 
+    keep_freed_memory()   # every camera message read is a ~900 KiB buffer: see mm_fusion_ros.memory
     distro = opts.distro or distro_of(cfg)
     if Path(opts.out).resolve() == Path(bag).resolve():
         raise ReplayError(f"--out {opts.out} is the bag being replayed; choose another path")

@@ -29,6 +29,7 @@ from typing import Any, Callable, Literal, TypeVar
 
 # _build is config.py's dataclass builder: one set of type checks and error messages for every node.
 from ..config import ConfigError, RobotConfig, _build, config_from_dict
+from ..memory import keep_freed_memory
 
 T = TypeVar("T")
 
@@ -327,6 +328,7 @@ def node_main(name: str, make_node: Callable[[], Any], args: list[str] | None = 
     import rclpy
     from rclpy.signals import SignalHandlerOptions
 
+    keep_freed_memory()   # before the first frame buffer: see mm_fusion_ros.memory
     logger = rclpy.logging.get_logger(name)
     node = None
     try:
