@@ -6,8 +6,9 @@ safety, cadence) is the ROS-free ``Runtime`` that bag replay and training share.
 
 Threads. Inference must never stall message intake, so the node runs two
 single-threaded executors on two threads instead of rclpy's
-MultiThreadedExecutor (which hands every callback to a Python thread pool; see
-the README for the measured difference):
+MultiThreadedExecutor (which hands every callback to whichever thread of a
+Python pool is free, so intake and control queue for the GIL in no order; see
+the README):
 
 * intake (a small companion node, ``<name>_intake``): the sensor, e-stop and
   enable callbacks. They only convert and append to the runtime's buffers.
