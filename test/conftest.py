@@ -2,6 +2,11 @@ import os
 
 os.environ.setdefault("ROS_AUTOMATIC_DISCOVERY_RANGE", "LOCALHOST")
 os.environ.setdefault("ROS_DOMAIN_ID", str(100 + os.getpid() % 100))
+# The shipped Fast DDS profile (whole camera frames over shared memory, UDP on loopback only), as the
+# launch file and mm_fusion_ros.procs use it: in-process tests run on the transport the product ships.
+os.environ.setdefault("FASTDDS_DEFAULT_PROFILES_FILE",
+                      os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "config",
+                                   "fastdds_shm.xml"))
 
 # Shared fixtures for the model-level tests (these need no ROS).
 

@@ -477,6 +477,87 @@ def test_microphone_node_plays_a_wav_file_in_contiguous_20ms_chunks(context, tmp
         listener.destroy_node()
 
 
+class _FakeInputStream:
+    """sounddevice.InputStream stand-in: delivers 20 ms blocks with PortAudio's timing fields.
+
+    There is no sound card here, so this plays what PortAudio hands the callback: the ADC time of
+    each block's first sample and the stream's current time, and one block with an overflow flag.
+    """
+
+    latency_s = 0.012
+
+    def __init__(self, samplerate, channels, device, callback, dtype, blocksize):
+        self.rate, self.channels, self.callback, self.dtype, self.blocksize = samplerate, channels, callback, dtype, \
+            blocksize
+        self.opened = {"device": device, "dtype": dtype, "blocksize": blocksize}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self):
+        from types import SimpleNamespace
+        k, start = 0, time.monotonic()
+        # Paced on an absolute schedule, as a sound card's clock delivers blocks (no drift).
+        while not self._stop.wait(max(0.0, start + (k + 1) * self.blocksize / self.rate - time.monotonic())):
+            block = np.full((self.blocksize, self.channels), k % 100, dtype=self.dtype)
+            # PortAudio's stream clock (not the ROS clock): the block's first sample was taken at
+            # k * period; the callback runs a full block plus ``latency_s`` later, or later still when
+            # the thread was late, and currentTime says so.
+            current = 1000.0 + time.monotonic() - start + self.latency_s
+            info = SimpleNamespace(inputBufferAdcTime=1000.0 + k * self.blocksize / self.rate, currentTime=current)
+            self.callback(block, self.blocksize, info, SimpleNamespace(input_overflow=(k == 3)))
+            k += 1
+
+    def start(self):
+        self._thread.start()
+
+    def stop(self):
+        self._stop.set()
+
+    def close(self):
+        self._stop.set()
+
+
+def test_microphone_node_stamps_sound_card_blocks_at_their_adc_time(context, monkeypatch):
+    import sys
+    import types
+
+    from mm_fusion_ros.ros.microphone_node import MicrophoneNode
+    streams: list = []
+
+    def input_stream(**kwargs):
+        streams.append(_FakeInputStream(**kwargs))
+        return streams[-1]
+
+    monkeypatch.setitem(sys.modules, "sounddevice", types.SimpleNamespace(InputStream=input_stream))
+    chunks: list = []
+    received: list = []
+
+    def on_chunk(msg):
+        chunks.append(msg)
+        received.append(now_s(listener))
+
+    listener = rclpy.create_node("mic_listener", context=context)
+    listener.create_subscription(Image, "/audio/audio_stamped", on_chunk, 100)
+    mic = MicrophoneNode(context=context, cli_args=args(source="default", type="image_pcm", wait_for_subscribers=1))
+    spinner = Spinner(context, listener)
+    threading.Thread(target=mic.spin, daemon=True).start()
+    try:
+        assert wait_until(lambda: len(chunks) >= 10)
+        assert streams[0].opened == {"device": None, "dtype": "int16", "blocksize": 320}
+        samples = [convert.audio_from_image_pcm(m, 16000) for m in chunks]
+        assert [int(round(s.samples[0] * 32768)) for s in samples[:10]] == list(range(10))   # every block, in order
+        assert np.allclose(np.diff([s.stamp for s in samples[:10]]), 0.02, atol=1e-6)   # back to back
+        # Stamped at capture: the ADC time of the first sample, a block and ``latency_s`` before the
+        # callback ran, not the time of the callback.
+        ages = np.array(received[:10]) - np.array([s.stamp for s in samples[:10]])
+        assert np.median(ages) >= 0.02 + _FakeInputStream.latency_s - 0.002
+        assert mic.overflows == 1
+    finally:
+        spinner.stop()
+        mic.close()
+        listener.destroy_node()
+
+
 def test_sensor_sim_node_publishes_valid_scans_and_imu_and_stops_a_stream(context):
     from mm_fusion_ros.ros.sensor_sim_node import SensorSimNode
     cfg = load_config(ROBOT_YAML)
