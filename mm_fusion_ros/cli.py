@@ -198,12 +198,8 @@ def _plot_latency(latencies: dict[str, list[float]], path: str) -> None:
 
 
 def _save_figure(fig, path: str) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.stem + ".tmp" + path.suffix)
-    fig.savefig(tmp, dpi=110)
-    os.replace(tmp, path)
-    _log(f"wrote {path}")
+    from .plots import save_figure
+    save_figure(fig, path, _log)
 
 
 # ---------------------------------------------------------------- demo

@@ -189,6 +189,7 @@ class ReplayOptions:
     rate_limit: float | None = None    # None: as fast as possible; x: at most x times real time
     progress: bool | None = None       # None: when stderr is a terminal
     distro: str | None = None          # None: the config's
+    plot: Path | None = None           # a PNG of commands, modality contributions and masks, compute time
 
 
 @dataclass
@@ -248,6 +249,7 @@ def replay(bag: str | Path, cfg: RobotConfig, opts: ReplayOptions, runtime: obje
         show = sys.stderr.isatty() if opts.progress is None else opts.progress
         total = sum(reader.topics[t].count for t in decoder.handlers)
         ticks = 0
+        history: list[tuple] | None = [] if opts.plot else None
         wall0 = time.perf_counter()
 
         def pace(t_ns: int) -> None:
@@ -264,6 +266,8 @@ def replay(bag: str | Path, cfg: RobotConfig, opts: ReplayOptions, runtime: obje
             publish_start = time.perf_counter()
             outputs.write(t_ns, result, runtime.tick_status(result))
             runtime.record(result, time.perf_counter() - publish_start, tick_start)
+            if history is not None:
+                history.append((t_ns, result.safety.command, result.contribution, result.mask, result.compute_s))
             ticks += 1
 
         ts_out = make_typestore(distro)
@@ -298,7 +302,19 @@ def replay(bag: str | Path, cfg: RobotConfig, opts: ReplayOptions, runtime: obje
         }
     summary_path = summary_path_for(out)
     _write_json(summary_path, summary)
+    if history:
+        _plot(history, cfg, opts.plot, f"replay of {Path(bag).name}: {ticks} ticks", log)
     return ReplayResult(out, summary_path, ticks, bag_s, wall, summary)
+
+
+def _plot(history: list[tuple], cfg: RobotConfig, path: Path, title: str, log: Callable[[str], None]) -> None:
+    from .plots import plot_replay
+
+    t_ns, command, contribution, mask, compute_s = zip(*history)
+    t = (np.asarray(t_ns, np.int64) - t_ns[0]) / 1e9
+    plot_replay(t, np.asarray(command, np.float64), np.asarray(contribution, np.float64),
+                np.asarray(mask, np.float64), np.asarray(compute_s) * 1e3, list(cfg.model.action.names),
+                list(MODALITIES), path, title, log)
 
 
 def _feed(reader: BagReader, decoder: InputDecoder, runtime: object, msg: BagMessage) -> None:
@@ -434,7 +450,8 @@ def cmd_replay(args, cfg: RobotConfig) -> int:
     out = Path(args.out)
     try:
         result = replay(args.bag, cfg, ReplayOptions(out=out, storage=args.storage, rate_limit=args.rate_limit,
-                                                     progress=None, distro=args.ros_distro))
+                                                     progress=None, distro=args.ros_distro,
+                                                     plot=Path(args.plot) if args.plot else None))
     except (BagError, ReplayError) as exc:
         _err(str(exc))
         return 2
@@ -497,4 +514,6 @@ def add_replay_commands(add: Callable[[str, str], argparse.ArgumentParser]) -> N
     p.add_argument("--tolerance", type=float, default=1e-6, help="largest allowed |difference| (default: %(default)s)")
     p.add_argument("--backend", help="override engine.backend")
     p.add_argument("--ros-distro", choices=sorted(DISTROS), help="message definitions (default: the config's)")
+    p.add_argument("--plot", metavar="PNG", help="plot commands, modality contributions and masks, and compute "
+                                                "time per tick over bag time to this file")
     p.set_defaults(func=cmd_replay)

@@ -271,3 +271,11 @@ def test_cli_make_bag_then_replay(robot_yaml, tmp_path, capsys):
     assert "50 ticks" in capsys.readouterr().out
     counts = Counter(topic for topic, _, _ in _messages(tmp_path / "out"))
     assert counts["/mm_fusion/action"] == 50
+
+
+def test_cli_replay_plots_commands_masks_and_compute_time(bags, robot_yaml, tmp_path):
+    png = tmp_path / "plots" / "replay.png"
+    assert cli_main(["replay", str(bags["clean"]), "--out", str(tmp_path / "out"), "--config", str(robot_yaml),
+                     "--backend", "torch", "--plot", str(png)]) == 0
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert not list(png.parent.glob("*.tmp*"))   # written under a temporary name, then renamed
