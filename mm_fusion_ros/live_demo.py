@@ -31,6 +31,7 @@ import numpy as np
 
 from . import procs
 from .config import MODALITIES, ModelConfig, RobotConfig
+from .files import write_json_atomic
 
 FUSION = "fusion_node"
 SENSOR_NODES = ("camera_node", "microphone_node", "sensor_sim_node")
@@ -458,8 +459,7 @@ def cmd_live(args: Any, cfg: RobotConfig) -> int:
         print("mm-fusion: --duration must be positive")
         return 2
     summary = run_live(args.config, args.duration, args.workdir)
-    out = Path(args.workdir) / "live_demo.json"
-    out.write_text(json.dumps(summary, indent=2))
+    out = write_json_atomic(Path(args.workdir) / "live_demo.json", summary)
     print(f"wrote {out}")
     ok = summary.get("fusion_exit_code") == 0 and summary.get("commands", {}).get("all_finite", False)
     return 0 if ok else 1

@@ -33,6 +33,11 @@ STATS_PREFIX = "mm_fusion_stats "
 _running: dict[int, "NodeProcess"] = {}
 
 
+def print_stats(stats: dict) -> None:
+    """A node's one statistics line at exit, which ``NodeProcess.stats`` reads back from its log."""
+    print(STATS_PREFIX + json.dumps(stats), flush=True)
+
+
 def config_file(name: str) -> Path:
     """A file shipped in config/: the source checkout's, else the installed share/mm_fusion_ros/config."""
     candidates = [Path(__file__).resolve().parents[1] / "config" / name,

@@ -23,9 +23,7 @@ is 1 past tolerance (a CI regression gate after changing a model or a parameter)
 from __future__ import annotations
 
 import argparse
-import json
 import math
-import os
 import sys
 import time
 from dataclasses import dataclass, field
@@ -39,6 +37,7 @@ from .bag.reader import BagError, BagMessage, BagReader, DecodeError
 from .bag.typestore import DEFAULT_DISTRO, DISTROS, distro_of, make_typestore
 from .bag.writer import BagWriter
 from .config import MODALITIES, NODE_NAME, RobotConfig
+from .files import write_json_atomic
 from .memory import keep_freed_memory
 from .samples import BadSample
 
@@ -50,17 +49,6 @@ OUTPUT_TYPES = {
     "diagnostics": "diagnostic_msgs/msg/DiagnosticArray",
 }
 DIAGNOSTICS_TOPIC = "/diagnostics"
-# (modality, inputs.<modality>.type) -> the message type fusion_node subscribes with
-_CONFIGURED_TYPES = {
-    ("camera", "image"): "sensor_msgs/msg/Image",
-    ("camera", "compressed_image"): "sensor_msgs/msg/CompressedImage",
-    ("audio", "audio_data_stamped"): "audio_common_msgs/msg/AudioDataStamped",
-    ("audio", "audio_stamped"): "audio_common_msgs/msg/AudioStamped",
-    ("audio", "image_pcm"): "sensor_msgs/msg/Image",
-    ("imu", ""): "sensor_msgs/msg/Imu",
-    ("lidar", "laser_scan"): "sensor_msgs/msg/LaserScan",
-    ("lidar", "point_cloud2"): "sensor_msgs/msg/PointCloud2",
-}
 
 
 class ReplayError(ValueError):
@@ -77,12 +65,6 @@ def _log(msg: str) -> None:
 
 def summary_path_for(out: Path) -> Path:
     return out.parent / f"{out.name}.summary.json"
-
-
-def _write_json(path: Path, data: dict) -> None:
-    tmp = path.parent / f".{path.name}.partial-{os.getpid()}"
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=True, default=str) + "\n")
-    os.replace(tmp, path)
 
 
 # ---------------------------------------------------------------- messages -> samples
@@ -122,7 +104,7 @@ class InputDecoder:
             if handler is None:
                 raise ReplayError(f"topic {section.topic} ({name}) holds {msgtype}, which is not a {name} "
                                   "message type")
-            configured = _CONFIGURED_TYPES.get((name, getattr(section, "type", "")))
+            configured = M.INPUT_MSGTYPES.get((name, getattr(section, "type", "")))
             if configured != msgtype:
                 log(f"replay: {section.topic} holds {msgtype} where inputs.{name}.type says {configured}; "
                     "decoding what the bag holds")
@@ -301,7 +283,7 @@ def replay(bag: str | Path, cfg: RobotConfig, opts: ReplayOptions, runtime: obje
             "unknown_types": dict(reader.unknown_types), "bag_problems": list(reader.problems),
         }
     summary_path = summary_path_for(out)
-    _write_json(summary_path, summary)
+    write_json_atomic(summary_path, summary, sort_keys=True)
     if history:
         _plot(history, cfg, opts.plot, f"replay of {Path(bag).name}: {ticks} ticks", log)
     return ReplayResult(out, summary_path, ticks, bag_s, wall, summary)

@@ -43,15 +43,8 @@ FRAME_IDS = {"camera": "camera_optical_frame", "audio": "microphone", "imu": "im
 # Capture -> receive delay (s), uniform in [lo, hi], on top of what the sensor itself takes.
 LATENCY_S = {"camera": (0.012, 0.025), "audio": (0.001, 0.004), "lidar": (0.002, 0.006), "imu": (0.0005, 0.002)}
 STAMP_JITTER_S = {"camera": 0.001, "audio": 0.0, "lidar": 0.0005, "imu": 0.0001}  # audio: a sample clock
-MSGTYPES = {
-    ("camera", "image"): "sensor_msgs/msg/Image",
-    ("camera", "compressed_image"): "sensor_msgs/msg/CompressedImage",
-    ("audio", "audio_data_stamped"): "audio_common_msgs/msg/AudioDataStamped",
-    ("audio", "audio_stamped"): "audio_common_msgs/msg/AudioStamped",
-    ("audio", "image_pcm"): "sensor_msgs/msg/Image",
-    ("lidar", "laser_scan"): "sensor_msgs/msg/LaserScan",
-    ("imu", ""): "sensor_msgs/msg/Imu",
-}
+# The configured input types make-bag can write: all but PointCloud2 (its LiDAR is a LaserScan).
+MSGTYPES = {key: msgtype for key, msgtype in M.INPUT_MSGTYPES.items() if key != ("lidar", "point_cloud2")}
 AUDIO_INFO_TYPE = "audio_common_msgs/msg/AudioInfo"
 
 

@@ -13,6 +13,18 @@ from typing import Iterable, Mapping, Sequence
 import numpy as np
 from rosbags.typesys.store import Typestore
 
+# (modality, inputs.<modality>.type) -> the message type on that input's topic (fusion_node's subscription).
+INPUT_MSGTYPES = {
+    ("camera", "image"): "sensor_msgs/msg/Image",
+    ("camera", "compressed_image"): "sensor_msgs/msg/CompressedImage",
+    ("audio", "audio_data_stamped"): "audio_common_msgs/msg/AudioDataStamped",
+    ("audio", "audio_stamped"): "audio_common_msgs/msg/AudioStamped",
+    ("audio", "image_pcm"): "sensor_msgs/msg/Image",
+    ("imu", ""): "sensor_msgs/msg/Imu",
+    ("lidar", "laser_scan"): "sensor_msgs/msg/LaserScan",
+    ("lidar", "point_cloud2"): "sensor_msgs/msg/PointCloud2",
+}
+
 # ROS 2 diagnostic levels (diagnostic_msgs/DiagnosticStatus)
 DIAG_LEVELS = {"OK": 0, "WARN": 1, "ERROR": 2, "STALE": 3}
 

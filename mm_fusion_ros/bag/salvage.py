@@ -139,6 +139,17 @@ class McapSalvage:
 
     # ------------------------------------------------------------ records
 
+    def _record(self, op: int, body: memoryview, with_data: bool) -> tuple[int, int, bytes] | None:
+        """A schema or channel is registered; a message is returned; other records are skipped.
+        The same in a chunk as at the top level of the file."""
+        if op == OP_SCHEMA:
+            self._schema(body)
+        elif op == OP_CHANNEL:
+            self._channel(body)
+        elif op == OP_MESSAGE:
+            return self._message(body, with_data)
+        return None
+
     def _schema(self, body: memoryview) -> None:
         cur = _Cursor(body)
         sid = cur.u16()
@@ -190,12 +201,10 @@ class McapSalvage:
             for offset, op, body in _records(buf, len(MAGIC), end):
                 if op in (OP_FOOTER, OP_DATA_END):
                     break
-                if op == OP_SCHEMA:
-                    self._schema(body)
-                elif op == OP_CHANNEL:
-                    self._channel(body)
-                elif op == OP_MESSAGE:
-                    loose.append(self._message(body, with_messages))
+                if op in (OP_SCHEMA, OP_CHANNEL, OP_MESSAGE):
+                    message = self._record(op, body, with_messages)
+                    if message is not None:
+                        loose.append(message)
                 elif op == OP_CHUNK:
                     try:
                         inner = self._chunk_records(offset, body, problems)
@@ -207,12 +216,9 @@ class McapSalvage:
                     msgs: list[tuple[int, int, bytes]] = []
                     try:
                         for _, iop, ibody in _records(inner, 0, len(inner)):
-                            if iop == OP_SCHEMA:
-                                self._schema(ibody)
-                            elif iop == OP_CHANNEL:
-                                self._channel(ibody)
-                            elif iop == OP_MESSAGE:
-                                msgs.append(self._message(ibody, with_messages))
+                            message = self._record(iop, ibody, with_messages)
+                            if message is not None:
+                                msgs.append(message)
                     except (ValueError, struct.error, UnicodeDecodeError) as exc:
                         problems.append(f"chunk at byte {offset}: damaged ({exc}); kept the {len(msgs)} "
                                         "message(s) before the damage")

@@ -8,7 +8,6 @@ are written under temporary names and renamed when complete.
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import warnings
 from pathlib import Path
@@ -16,6 +15,7 @@ from pathlib import Path
 import torch
 
 from ..config import config_to_dict
+from ..files import write_json_atomic
 from ..model import INPUT_NAMES, OUTPUT_NAMES, FusionNet, input_specs, output_specs
 
 OPSET = 18
@@ -85,8 +85,3 @@ def export_onnx(model: FusionNet, out_dir: str | Path, extra_meta: dict | None =
     write_json_atomic(out_dir / "model.json", meta)
     return onnx_path
 
-
-def write_json_atomic(path: Path, data: dict) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2) + "\n")
-    os.replace(tmp, path)

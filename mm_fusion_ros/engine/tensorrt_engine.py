@@ -22,9 +22,10 @@ from pathlib import Path
 
 import numpy as np
 
+from ..files import write_json_atomic
 from ..model import TensorSpec
 from .base import Engine
-from .export import file_sha256, write_json_atomic
+from .export import file_sha256
 
 FP32_INPUTS = ("state", "dt")
 FP32_OUTPUTS = ("new_state",)

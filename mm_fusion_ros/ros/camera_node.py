@@ -16,7 +16,6 @@ executor on the main thread serves parameters and shutdown.
 
 from __future__ import annotations
 
-import json
 import threading
 import time
 from pathlib import Path
@@ -27,6 +26,7 @@ from rclpy.node import Node
 from sensor_msgs.msg import Image
 
 from ..bag.typestore import make_typestore
+from ..procs import print_stats
 from .convert import s_to_stamp_fields
 from .params import CameraNodeConfig, Spinner, declare_config, node_main
 from .qos import SubscriberGate, sensor_qos, wait_for_acks
@@ -148,8 +148,7 @@ class CameraNode(Node):
             self._thread.join(timeout=2.0)
         self.capture.release()
         wait_for_acks([self.publisher])
-        print("mm_fusion_stats " + json.dumps({"node": self.get_name(), "published": {"camera": self.published}}),
-              flush=True)
+        print_stats({"node": self.get_name(), "published": {"camera": self.published}})
         self.destroy_node()
 
 

@@ -35,13 +35,11 @@ for the live benchmark.
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 import threading
 import time
 from collections import Counter
-from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
@@ -49,6 +47,8 @@ from rclpy.executors import SingleThreadedExecutor
 from rclpy.node import Node
 
 from ..config import MODALITIES, RobotConfig
+from ..files import write_json_atomic
+from ..procs import print_stats
 from ..samples import BadSample
 from .params import audio_message_types, declare_config, node_main, spin_until_stopped
 from .qos import latched_qos, sensor_qos
@@ -474,12 +474,10 @@ class FusionNode(Node):
             thread.join(timeout=2.0)
         for executor in self._executors:
             executor.shutdown(timeout_sec=1.0)
-        print("mm_fusion_stats " + json.dumps(self.stats()), flush=True)
+        print_stats(self.stats())
         path = os.environ.get(STATS_ENV)
         if path:
-            tmp = Path(path).with_suffix(".tmp")
-            tmp.write_text(json.dumps(self.stats(full=True)))
-            os.replace(tmp, path)
+            write_json_atomic(path, self.stats(full=True), indent=None)
         self.runtime.engine.close()
         self._intake.destroy_node()
         self.destroy_node()

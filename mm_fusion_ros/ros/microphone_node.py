@@ -21,7 +21,6 @@ little-endian PCM), logged as an error naming the fallback.
 
 from __future__ import annotations
 
-import json
 import queue
 import threading
 import time
@@ -32,6 +31,7 @@ from typing import Any, Iterator
 import numpy as np
 from rclpy.node import Node
 
+from ..procs import print_stats
 from .convert import s_to_stamp_fields
 from .params import MicrophoneNodeConfig, Spinner, audio_message_types, declare_config, node_main
 from .qos import SubscriberGate, latched_qos, sensor_qos, wait_for_acks
@@ -264,9 +264,8 @@ class MicrophoneNode(Node):
         if self._thread.is_alive():
             self._thread.join(timeout=2.0)
         wait_for_acks([self.out.publisher])
-        print("mm_fusion_stats " + json.dumps({"node": self.get_name(), "published": {"audio": self.published},
-                                               "overflows": self.overflows, "resyncs": self.stamps.resyncs}),
-              flush=True)
+        print_stats({"node": self.get_name(), "published": {"audio": self.published},
+                     "overflows": self.overflows, "resyncs": self.stamps.resyncs})
         self.destroy_node()
 
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import array
 import dataclasses
-import json
 import math
 import time
 from typing import Any
@@ -21,6 +20,7 @@ from sensor_msgs.msg import Imu, LaserScan
 
 from ..config import LidarConfig, ModelConfig
 from ..synthetic import SyntheticSensors
+from ..procs import print_stats
 from .convert import s_to_stamp_fields
 from .params import SensorSimConfig, Spinner, declare_config, node_main
 from .qos import SubscriberGate, sensor_qos, wait_for_acks
@@ -127,7 +127,7 @@ class SensorSimNode(Node):
     def close(self) -> None:
         self._spinner.close()
         wait_for_acks([s.publisher for s in self.streams])
-        print("mm_fusion_stats " + json.dumps({"node": self.get_name(), "published": self.published()}), flush=True)
+        print_stats({"node": self.get_name(), "published": self.published()})
         self.destroy_node()
 
 
