@@ -82,25 +82,13 @@ class InputDecoder:
         self.cfg, self.log, self.c = cfg, log, convert
         inputs = cfg.inputs
         self.audio_info = None
-        self.audio_fallback = convert.AudioFormat(inputs.audio.source_rate, 1, inputs.audio.source_format)
         self.handlers: dict[str, Callable[[object], list]] = {}
-        by_type = {
-            "sensor_msgs/msg/Image": {"camera": lambda m: convert.camera_from_image(m),
-                                      "audio": lambda m: convert.audio_from_image_pcm(m, inputs.audio.source_rate)},
-            "sensor_msgs/msg/CompressedImage": {"camera": lambda m: convert.camera_from_compressed(m)},
-            "audio_common_msgs/msg/AudioDataStamped": {
-                "audio": lambda m: convert.audio_from_audio_data_stamped(m, self.audio_info, self.audio_fallback)},
-            "audio_common_msgs/msg/AudioStamped": {"audio": lambda m: convert.audio_from_audio_stamped(m)},
-            "sensor_msgs/msg/Imu": {"imu": lambda m: convert.imu_from_msg(m)},
-            "sensor_msgs/msg/LaserScan": {"lidar": lambda m: convert.lidar_from_laser_scan(m, cfg.model.lidar)},
-            "sensor_msgs/msg/PointCloud2": {"lidar": lambda m: convert.lidar_from_point_cloud2(m, cfg.model.lidar)},
-        }
         for name in MODALITIES:
             section = getattr(inputs, name)
             msgtype = topics.get(section.topic)
             if msgtype is None:
                 continue
-            handler = by_type.get(msgtype, {}).get(name)
+            handler = convert.sample_converter(name, msgtype, cfg, lambda: self.audio_info)
             if handler is None:
                 raise ReplayError(f"topic {section.topic} ({name}) holds {msgtype}, which is not a {name} "
                                   "message type")

@@ -588,3 +588,22 @@ def test_output_builders_refuse_what_must_not_reach_an_arm():
         convert.joint_state_msg(["a", "b"], [0.0, 0.0, 0.0], 1.0)
     with pytest.raises(ValueError, match="6 values"):
         convert.twist_msg([0.0] * 7, 1.0, "base_link")
+
+
+def test_sample_converter_is_configured_from_the_robot_config(default_config):
+    """fusion_node and replay convert through sample_converter: the config's audio window and source rate apply."""
+    import dataclasses
+
+    cfg = default_config
+    short = dataclasses.replace(cfg, model=dataclasses.replace(
+        cfg.model, audio=dataclasses.replace(cfg.model.audio, window_s=0.5)))
+    pcm = np.zeros(12000, "<i2")   # 0.75 s at 16 kHz: inside the default 1 s window, over a 0.5 s one
+    msg = Image()
+    msg.header.stamp.sec, msg.header.stamp.nanosec = STAMP
+    msg.height, msg.width, msg.encoding, msg.step, msg.data = 1, pcm.size, "16SC1", pcm.nbytes, pcm.tobytes()
+    sample = convert.sample_converter("audio", "sensor_msgs/msg/Image", cfg)(msg)
+    assert sample.sample_rate == cfg.inputs.audio.source_rate and sample.samples.size == pcm.size
+    with pytest.raises(BadSample, match="audio.oversize"):
+        convert.sample_converter("audio", "sensor_msgs/msg/Image", short)(msg)
+    assert convert.sample_converter("imu", "sensor_msgs/msg/Image", cfg) is None   # that type cannot carry IMU
+    assert convert.sample_converter("camera", "sensor_msgs/msg/Image", cfg) is convert.camera_from_image

@@ -42,7 +42,7 @@ import math
 import re
 from array import array
 from dataclasses import dataclass
-from typing import Any, Iterable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 import numpy as np
 
@@ -388,6 +388,33 @@ def lidar_from_point_cloud2(msg: Any, cfg: LidarConfig, *, z_min: float = -math.
 
 
 # ---------------------------------------------------------------- outputs
+
+
+def sample_converter(modality: str, msgtype: str, cfg: Any,
+                     audio_info: Callable[[], AudioFormat | None] = lambda: None) -> Callable[[Any], Any] | None:
+    """message -> sample(s) for ``modality`` carried as ROS type ``msgtype`` ("sensor_msgs/msg/Image"),
+    configured from the RobotConfig ``cfg``; None when that type cannot carry that modality.
+
+    fusion_node and bag replay both convert through here, so a message gives the same samples live
+    and offline. ``audio_info`` returns the latest AudioInfo of an AudioDataStamped stream (None
+    before one arrived: the configured source rate and format apply).
+    """
+    inputs, model = cfg.inputs, cfg.model
+    window_s = model.audio.window_s   # an audio chunk longer than the model's window is refused
+    fallback = AudioFormat(inputs.audio.source_rate, 1, inputs.audio.source_format)
+    table: dict[tuple[str, str], Callable[[Any], Any]] = {
+        ("camera", "sensor_msgs/msg/Image"): camera_from_image,
+        ("camera", "sensor_msgs/msg/CompressedImage"): camera_from_compressed,
+        ("audio", "sensor_msgs/msg/Image"):
+            lambda m: audio_from_image_pcm(m, inputs.audio.source_rate, max_s=window_s),
+        ("audio", "audio_common_msgs/msg/AudioDataStamped"):
+            lambda m: audio_from_audio_data_stamped(m, audio_info(), fallback, max_s=window_s),
+        ("audio", "audio_common_msgs/msg/AudioStamped"): lambda m: audio_from_audio_stamped(m, max_s=window_s),
+        ("imu", "sensor_msgs/msg/Imu"): imu_from_msg,
+        ("lidar", "sensor_msgs/msg/LaserScan"): lambda m: lidar_from_laser_scan(m, model.lidar),
+        ("lidar", "sensor_msgs/msg/PointCloud2"): lambda m: lidar_from_point_cloud2(m, model.lidar),
+    }
+    return table.get((modality, msgtype))
 
 
 def _finite(values: Iterable[float], what: str) -> list[float]:

@@ -122,7 +122,7 @@ class CdrDecoder:
         from rclpy.serialization import serialize_message
 
         self.msg_type = msg_type
-        self.typename = f"{msg_type.__module__.split('.')[0]}/msg/{msg_type.__name__}"
+        self.typename = typename(msg_type)
         self(serialize_message(msg_type()))   # rosbags builds a type's reader on first use (~10 ms): now
 
     def __call__(self, data: bytes) -> Any:
@@ -131,6 +131,11 @@ class CdrDecoder:
         except Exception:
             from rclpy.serialization import deserialize_message
             return deserialize_message(data, self.msg_type)
+
+
+def typename(msg_type: Any) -> str:
+    """An rclpy message class -> its ROS type name, "sensor_msgs/msg/Image"."""
+    return f"{msg_type.__module__.split('.')[0]}/msg/{msg_type.__name__}"
 
 
 def _typestore() -> Any:
@@ -186,7 +191,8 @@ class FusionNode(Node):
         inputs, intake = self.cfg.inputs, self._intake
         _typestore()   # built now: building it in the first callback would stall intake for 0.3 s
 
-        def subscribe(modality: str, msg_type: Any, convert_fn: Callable[[Any], Any], section: Any) -> None:
+        def subscribe(modality: str, msg_type: Any, section: Any) -> None:
+            convert_fn = convert.sample_converter(modality, typename(msg_type), self.cfg, lambda: self._audio_info)
             raw = msg_type.__module__.split(".")[0] == "sensor_msgs"   # rosbags reads these without copies
             if raw:
                 decode = CdrDecoder(msg_type)
@@ -196,21 +202,11 @@ class FusionNode(Node):
             intake.create_subscription(msg_type, section.topic, callback, sensor_qos(section.qos, section.depth),
                                        raw=raw)
 
-        if inputs.camera.type == "compressed_image":
-            subscribe("camera", CompressedImage, convert.camera_from_compressed, inputs.camera)
-        else:
-            subscribe("camera", Image, convert.camera_from_image, inputs.camera)
-
-        lidar_cfg = self.cfg.model.lidar
-        if inputs.lidar.type == "point_cloud2":
-            subscribe("lidar", PointCloud2, lambda m: convert.lidar_from_point_cloud2(m, lidar_cfg), inputs.lidar)
-        else:
-            subscribe("lidar", LaserScan, lambda m: convert.lidar_from_laser_scan(m, lidar_cfg), inputs.lidar)
-
-        subscribe("imu", Imu, convert.imu_from_msg, inputs.imu)
+        subscribe("camera", CompressedImage if inputs.camera.type == "compressed_image" else Image, inputs.camera)
+        subscribe("lidar", PointCloud2 if inputs.lidar.type == "point_cloud2" else LaserScan, inputs.lidar)
+        subscribe("imu", Imu, inputs.imu)
 
         audio = inputs.audio
-        window_s = self.cfg.model.audio.window_s   # a longer chunk than the model's window is refused
         kind, msg_type, info_type = audio_message_types(audio.type)
         if kind != audio.type:
             self.get_logger().error(
@@ -218,17 +214,10 @@ class FusionNode(Node):
                 f"image_pcm (sensor_msgs/Image, one row of PCM at inputs.audio.source_rate={audio.source_rate} Hz) "
                 f"on {audio.topic}")
         self.audio_type = kind
-        if kind == "audio_data_stamped":
-            fallback = convert.AudioFormat(audio.source_rate, 1, audio.source_format)
-            self._audio_info = None
-            subscribe("audio", msg_type, lambda m: convert.audio_from_audio_data_stamped(
-                m, self._audio_info, fallback, max_s=window_s), audio)
+        self._audio_info = None
+        subscribe("audio", msg_type, audio)
+        if kind == "audio_data_stamped":   # its format comes on the AudioInfo topic
             intake.create_subscription(info_type, audio.info_topic, self._on_audio_info, latched_qos())
-        elif kind == "audio_stamped":
-            subscribe("audio", msg_type, lambda m: convert.audio_from_audio_stamped(m, max_s=window_s), audio)
-        else:
-            subscribe("audio", msg_type,
-                      lambda m: convert.audio_from_image_pcm(m, audio.source_rate, max_s=window_s), audio)
 
         out = self.cfg.outputs
         intake.create_subscription(Bool, out.estop_topic, self._on_estop, 10)
