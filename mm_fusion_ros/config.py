@@ -144,12 +144,14 @@ class EncoderConfig:
 
 @dataclass(frozen=True)
 class FusionConfig:
-    strategy: Literal["early", "late", "hybrid", "hierarchical"] = "hybrid"
-    heads: int = 4
+    strategy: Literal["early", "late", "hybrid", "hierarchical", "bilinear", "adaptive"] = "hybrid"
+    heads: int = 4                # attention heads (hybrid, hierarchical)
+    rank: int = 4                 # factors per modality (bilinear)
 
     def validate(self, key: str, dim: int) -> None:
         _check(self.heads > 0 and dim % self.heads == 0, f"{key}.heads",
                f"must be a positive divisor of model.encoder.hidden={dim}, got {self.heads}")
+        _check(1 <= self.rank <= 64, f"{key}.rank", f"must be in [1, 64], got {self.rank}")
 
 
 DEFAULT_JOINTS = tuple(f"joint_{i}" for i in range(1, 8))

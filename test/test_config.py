@@ -193,6 +193,7 @@ def test_wrong_type_inside_a_list_names_the_element(params, tmp_path):
     ("model.camera.channels", []),
     ("model.fused_state_dim", 0),
     ("model.imu.window_s", 0.01),                  # 2 samples at 200 Hz
+    ("model.fusion.rank", 0),
 ])
 def test_impossible_value_is_refused(params, tmp_path, key, value):
     set_key(params, key, value)
@@ -214,7 +215,7 @@ def test_f_max_above_nyquist_is_refused(params, tmp_path):
 def test_unknown_fusion_strategy_lists_allowed_values(params, tmp_path):
     set_key(params, "model.fusion.strategy", "mid")
     msg = assert_refused(tmp_path, params, "model.fusion.strategy", "mid")
-    for allowed in ("early", "late", "hybrid", "hierarchical"):
+    for allowed in ("early", "late", "hybrid", "hierarchical", "bilinear", "adaptive"):
         assert allowed in msg
 
 

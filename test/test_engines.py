@@ -136,6 +136,23 @@ def test_onnxruntime_matches_torch_over_200_ticks(robot, onnx_path):
     assert streams["onnxruntime"].counters["ticks"] == PARITY_TICKS
 
 
+@pytest.mark.parametrize("strategy", ["early", "late", "hierarchical", "bilinear", "adaptive"])
+def test_every_fusion_strategy_exports_flat_and_matches_torch(robot, tmp_path, strategy):
+    """The default (hybrid) is covered above; each other strategy must export and run the same too."""
+    cfg, _ = robot
+    model_cfg = dataclasses.replace(cfg.model, fusion=dataclasses.replace(cfg.model.fusion, strategy=strategy))
+    cfg = dataclasses.replace(cfg, model=model_cfg,
+                              engine=dataclasses.replace(cfg.engine, artifact_dir=str(tmp_path)))
+    model = build_model(model_cfg, seed=5)
+    path = ensure_onnx(model, cfg.engine.artifact_dir, log=lambda _: None)
+    ops = {n.op_type for n in onnx.load(str(path)).graph.node}
+    assert not ops & FORBIDDEN_OPS, ops & FORBIDDEN_OPS
+    streams = {"torch": FusionStream(TorchEngine(model), model_cfg),
+               "onnxruntime": FusionStream(create_engine(cfg, model, "onnxruntime", log=lambda _: None), model_cfg)}
+    worst = _drive(streams, cfg, PARITY_TICKS)
+    assert worst["onnxruntime"] < PARITY_TOL, worst
+
+
 def test_compiled_engine_matches_torch_over_200_ticks(robot):
     cfg, model = robot
     engine = create_engine(cfg, model, "compiled", log=lambda _: None)

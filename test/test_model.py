@@ -12,7 +12,7 @@ from mm_fusion_ros.config import MODALITIES, ModelConfig
 from mm_fusion_ros.model import (INPUT_NAMES, OUTPUT_NAMES, FusionNet, build_model, config_mismatch, input_specs,
                                  load_checkpoint, output_specs, save_checkpoint)
 
-STRATEGIES = ("early", "late", "hybrid", "hierarchical")
+STRATEGIES = ("early", "late", "hybrid", "hierarchical", "bilinear", "adaptive")
 ATTENTION_STRATEGIES = ("hybrid", "hierarchical")
 
 

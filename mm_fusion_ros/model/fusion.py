@@ -151,7 +151,62 @@ class HierarchicalFusion(nn.Module):
         return fused, query_rows(probs, mask), column_share(probs, mask)
 
 
-def make_fusion(strategy: str, dim: int, modalities: int, heads: int) -> nn.Module:
+class BilinearFusion(nn.Module):
+    """Low-rank multiplicative fusion (Liu et al. 2018, "Efficient Low-rank Multimodal Fusion").
+
+    Each modality gives ``rank`` factors ``1 + A_m z_m``; their product over the
+    modalities, summed over the rank, holds every uni-, bi-, tri- and four-modal
+    interaction without the full outer-product tensor. A masked modality's
+    factor is exactly 1, the identity of the product: it is left out, not
+    replaced by a learned stand-in that a missing sensor would still steer.
+    """
+
+    def __init__(self, dim: int, modalities: int, rank: int):
+        super().__init__()
+        self.rank, self.dim = rank, dim
+        # Small factors at init keep the product of four near 1 instead of exploding or vanishing.
+        self.factors = nn.Parameter(torch.randn(modalities, dim, rank * dim) * (0.5 / dim ** 0.5))
+        self.rank_weights = nn.Parameter(torch.full((rank,), 1.0 / rank))
+        self.bias = nn.Parameter(torch.zeros(dim))
+
+    def forward(self, tokens, mask):
+        b, m, _ = tokens.shape
+        data = torch.einsum("bmd,mde->bme", tokens * mask.unsqueeze(-1), self.factors)  # (B, M, rank * D)
+        product = torch.prod(1.0 + data, dim=1).view(b, self.rank, self.dim)
+        fused = torch.tanh(torch.einsum("r,brd->bd", self.rank_weights, product) - self.rank_weights.sum()
+                           + self.bias)
+        # Contribution: size of each modality's data-dependent factor part (zero when masked).
+        contribution = share(data.norm(dim=-1), mask)
+        return fused, contribution.unsqueeze(-1) * torch.eye(m), contribution
+
+
+class AdaptiveFusion(nn.Module):
+    """Quality-gated fusion: each modality's token rates its own reliability.
+
+    A per-modality gate reads the token and gives a score in (0, 1); the scores
+    of the present modalities are renormalised into weights for a weighted sum
+    of the tokens. A degraded stream (a camera in the dark, a microphone in
+    clipping) can learn to weigh itself down, tick by tick, where late fusion's
+    weights are fixed after training.
+    """
+
+    def __init__(self, dim: int, modalities: int):
+        super().__init__()
+        self.embed = nn.Parameter(torch.zeros(1, modalities, dim))
+        self.gate_weight = nn.Parameter(torch.randn(modalities, dim) * (1.0 / dim ** 0.5))
+        self.gate_bias = nn.Parameter(torch.zeros(modalities))
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, tokens, mask):
+        m = tokens.shape[1]
+        quality = torch.sigmoid(torch.einsum("bmd,md->bm", tokens, self.gate_weight) + self.gate_bias)
+        weights = share(quality, mask)  # zero for a masked modality, so its token cannot reach the sum
+        pooled = ((tokens + self.embed) * weights.unsqueeze(-1)).sum(dim=1)
+        fused = torch.tanh(self.proj(pooled))
+        return fused, weights.unsqueeze(-1) * torch.eye(m), weights
+
+
+def make_fusion(strategy: str, dim: int, modalities: int, heads: int, rank: int = 4) -> nn.Module:
     if strategy == "early":
         return EarlyFusion(dim, modalities)
     if strategy == "late":
@@ -160,4 +215,9 @@ def make_fusion(strategy: str, dim: int, modalities: int, heads: int) -> nn.Modu
         return HybridFusion(dim, modalities, heads)
     if strategy == "hierarchical":
         return HierarchicalFusion(dim, modalities, heads)
-    raise ValueError(f"unknown fusion strategy {strategy!r}; allowed: early, late, hybrid, hierarchical")
+    if strategy == "bilinear":
+        return BilinearFusion(dim, modalities, rank)
+    if strategy == "adaptive":
+        return AdaptiveFusion(dim, modalities)
+    raise ValueError(f"unknown fusion strategy {strategy!r}; "
+                     "allowed: early, late, hybrid, hierarchical, bilinear, adaptive")

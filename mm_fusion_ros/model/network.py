@@ -91,7 +91,8 @@ class FusionNet(nn.Module):
         self.lidar = LidarEncoder(cfg.lidar, dim)
         self.lif = LeakyIntegrateFire(enc.beta, enc.threshold, enc.num_spike_steps)
         self.cells = CfCCells(len(MODALITIES), dim, dim, enc.cfc_mode, enc.backbone_units, enc.backbone_layers)
-        self.fusion = make_fusion(cfg.fusion.strategy, dim, len(MODALITIES), cfg.fusion.heads)
+        self.fusion = make_fusion(cfg.fusion.strategy, dim, len(MODALITIES), cfg.fusion.heads,
+                                  cfg.fusion.rank)
         self.action_head = ActionHead(dim, cfg.action)
         self.state_head = nn.Linear(dim, cfg.fused_state_dim)
 
