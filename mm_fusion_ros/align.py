@@ -112,12 +112,16 @@ class _AudioRing:
     and the runs of real samples are kept so a window can count its zeros.
     """
 
-    def __init__(self, rate: int, capacity: int):
+    def __init__(self, rate: int, capacity: int, hop: int):
         self.rate = rate
         self.capacity = capacity
+        self.hop = hop
         self.data = np.zeros(capacity, dtype=np.float32)
         self.head: int | None = None      # one past the newest written sample
         self.runs: deque[_Run] = deque()
+        # Lowest index written over (below the head) since take_rewritten(): the model's cached
+        # log-mel frames of older samples are only valid if nothing under them changed.
+        self.rewritten_from: int | None = None
         # The previous chunk in its own (source) time, for the order and continuity checks.
         self.last_stamp: float | None = None
         self.last_end: float | None = None
@@ -166,6 +170,8 @@ class _AudioRing:
         oldest = new_head - self.capacity
         if index < oldest:
             values, index = values[oldest - index:], oldest
+        if index < self.head:
+            self.rewritten_from = index if self.rewritten_from is None else min(self.rewritten_from, index)
         self._put(index, values)
         self.head = new_head
         if self.runs and index <= self.runs[-1].end:
@@ -180,8 +186,17 @@ class _AudioRing:
         self.last_stamp, self.last_end, self.last_src_rate = chunk.stamp, chunk.end, chunk.sample_rate
         return gap
 
+    def take_rewritten(self) -> int | None:
+        first, self.rewritten_from = self.rewritten_from, None
+        return first
+
     def window(self, t: float, n: int) -> tuple[np.ndarray, int, int] | None:
-        """(the n samples ending at the newest sample at or before t, its index, zeros in it) or None."""
+        """(the n samples ending at the newest hop-grid sample at or before t, its index, zeros in it) or None.
+
+        The window ends on the grid of sample indices k with (k + 1) % hop == 0, at most one hop
+        before the newest sample: consecutive windows then differ by whole hops, so the model's
+        log-mel frames of the previous window are this window's frames moved along.
+        """
         kt = math.floor(t * self.rate + _GRID_EPS)
         newest = None
         for run in reversed(self.runs):
@@ -189,6 +204,9 @@ class _AudioRing:
                 newest = min(kt, run.end - 1)
                 break
         if newest is None:
+            return None
+        newest = (newest + 1) // self.hop * self.hop - 1
+        if not self.runs or newest < self.runs[0].start:
             return None
         lo = newest - n + 1
         p = lo % self.capacity
@@ -264,7 +282,7 @@ class Aligner:
         self._camera = _Newest()
         self._lidar = _Newest()
         self._imu = _ImuRing(self._imu_capacity)
-        self._audio = _AudioRing(self._audio_rate, self._audio_capacity)
+        self._audio = _AudioRing(self._audio_rate, self._audio_capacity, self.cfg.model.audio.hop)
         self._decoded: OrderedDict[float, np.ndarray | None] = OrderedDict()
 
     def reset(self) -> None:
@@ -369,6 +387,7 @@ class Aligner:
             scan = self._lidar.at(t)
             imu_stamps, imu_rows = self._imu.window(t, imu_first)
             audio = self._audio.window(t, self._audio_n)
+            audio_rewritten_from = self._audio.take_rewritten()
             cached = frame is not None and frame.stamp in self._decoded
 
         ages = {name: math.inf for name in MODALITIES}
@@ -400,10 +419,11 @@ class Aligner:
 
         audio_window = np.zeros(self._audio_n, dtype=np.float32)
         gap_samples = 0   # counted for a window the model uses; a masked one is all zeros by definition
+        audio_end = None
         if audio is not None:
             values, newest, zeros = audio
             if use("audio", newest / self._audio_rate):
-                audio_window, gap_samples = values, zeros
+                audio_window, gap_samples, audio_end = values, zeros, newest
 
         imu = np.zeros((self._imu_n, 6), dtype=np.float32)
         if imu_stamps.size and use("imu", float(imu_stamps[-1])):
@@ -419,6 +439,7 @@ class Aligner:
         total = time.perf_counter() - start
         return Observation(t=t, dt=dt, camera=camera, audio=audio_window, imu=imu, lidar=lidar, mask=mask,
                            ages=ages, stamps=stamps, audio_gap_samples=int(gap_samples), reset=was_reset,
+                           audio_end=audio_end, audio_rewritten_from=audio_rewritten_from,
                            notes=notes, timings={"align": total - preprocess, "preprocess": preprocess})
 
     def _decoded_frame(self, frame: CameraSample, cached: bool) -> np.ndarray | None:

@@ -92,7 +92,8 @@ def _bench_inputs(cfg: RobotConfig, ticks: int, seed: int = 0) -> list[dict[str,
         out.append({"camera": sensors.camera(t)[None], "audio": sensors.audio(t)[None],
                     "imu": sensors.imu(t)[None], "lidar": sensors.lidar(t)[None],
                     "mask": np.ones((1, len(MODALITIES)), np.float32),
-                    "dt": np.array([[period]], np.float32)})
+                    "dt": np.array([[period]], np.float32),
+                    "audio_frames": np.zeros((1, cfg.model.audio.n_mels, cfg.model.audio.n_frames), np.float32)})
     return out
 
 
@@ -220,6 +221,7 @@ def cmd_demo(args, cfg: RobotConfig) -> int:
     sensors = SyntheticSensors(cfg.model, cfg.seed)
     monitor = CadenceMonitor(cfg.control_rate_hz)
     period = 1.0 / cfg.control_rate_hz
+    rate, hop = cfg.model.audio.sample_rate, cfg.model.audio.hop
     history = {"t": [], "action": [], "contribution": []}
     print(f"demo: synthetic camera/audio/imu/lidar at {cfg.control_rate_hz:.0f} Hz for {args.duration:.0f} s "
           f"(fusion={cfg.model.fusion.strategy})")
@@ -239,9 +241,13 @@ def cmd_demo(args, cfg: RobotConfig) -> int:
         if 0.4 * args.duration < t < 0.6 * args.duration:
             mask[MODALITIES.index("camera")] = 0.0
         t0 = time.perf_counter()
-        camera, audio, imu, lidar = sensors.camera(t), sensors.audio(t), sensors.imu(t), sensors.lidar(t)
+        # The audio window ends on the hop grid, as the aligner's do, so the model's log-mel
+        # frames carry over from tick to tick.
+        audio_end = (int(t * rate) + 1) // hop * hop - 1
+        camera, audio = sensors.camera(t), sensors.audio(audio_end / rate)
+        imu, lidar = sensors.imu(t), sensors.lidar(t)
         t1 = time.perf_counter()
-        result = stream.step(camera, audio, imu, lidar, mask, max(tick - last_tick, 1e-4))
+        result = stream.step(camera, audio, imu, lidar, mask, max(tick - last_tick, 1e-4), audio_end)
         t2 = time.perf_counter()
         monitor.record(tick, t2 - t1, {"sensors": t1 - t0, "infer": t2 - t1})
         history["t"].append(t)

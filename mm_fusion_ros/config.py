@@ -60,6 +60,7 @@ class AudioConfig:
     f_min: float = 0.0
     f_max: float = 8000.0
     channels: tuple[int, ...] = (8, 16)
+    stream_frames: int = 8        # newest log-mel frames computed per tick; older ones come from the cache
 
     @property
     def window_samples(self) -> int:
@@ -86,6 +87,8 @@ class AudioConfig:
         _check(self.f_max <= self.sample_rate / 2, f"{key}.f_max",
                f"must not exceed Nyquist ({self.sample_rate / 2} Hz), got {self.f_max}")
         _check_channels(self.channels, f"{key}.channels")
+        _check(1 <= self.stream_frames <= self.n_frames, f"{key}.stream_frames",
+               f"must be in [1, {self.n_frames}] (the frames of one window), got {self.stream_frames}")
 
 
 @dataclass(frozen=True)

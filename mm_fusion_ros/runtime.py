@@ -209,7 +209,8 @@ class Runtime:
             self.log(f"clock jumped back to t={t:.6f} s: input buffers, recurrent state and rate limiter reset")
         t0 = time.perf_counter()
         try:
-            step = self.stream.step(obs.camera, obs.audio, obs.imu, obs.lidar, obs.mask, dt)
+            step = self.stream.step(obs.camera, obs.audio, obs.imu, obs.lidar, obs.mask, dt,
+                                    obs.audio_end, obs.audio_rewritten_from)
         except Exception as exc:  # noqa: BLE001 - a dead control loop would leave the arm on its last command
             step = self._failed_step(obs, exc)
         t1 = time.perf_counter()

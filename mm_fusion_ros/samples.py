@@ -86,6 +86,8 @@ class Observation:
     ages: dict[str, float]   # modality -> age of its newest data at t (inf if never seen)
     stamps: dict[str, float] # modality -> stamp of the data used (nan if masked)
     audio_gap_samples: int = 0          # zeros filled into the audio window this tick
+    audio_end: int | None = None        # model-rate sample index of the audio window's last sample (None: masked)
+    audio_rewritten_from: int | None = None  # lowest audio sample index written over since the last tick
     reset: bool = False                 # the clock jumped backwards: buffers and state were reset
     notes: dict[str, int] = field(default_factory=dict)  # per-tick extra counters
     # Seconds spent building this observation: "align" (buffer look-ups, windows) and

@@ -34,14 +34,30 @@ class SyntheticSensors:
         return np.clip(frame + noise, 0, 255).astype(np.uint8)
 
     def audio(self, t_end: float, n: int | None = None, rate: int | None = None) -> np.ndarray:
-        """``n`` samples at ``rate`` ending at ``t_end``."""
+        """``n`` samples at ``rate`` ending at ``t_end``.
+
+        Sample k (at time k / rate) is the same in every window that holds it, noise
+        included, as a real stream's would be: overlapping windows of consecutive ticks
+        must differ only by the samples that moved in and out.
+        """
         rate = rate or self.cfg.audio.sample_rate
         n = n or self.cfg.audio.window_samples
-        ts = t_end - np.arange(n)[::-1] / rate
+        index = int(round(t_end * rate)) - np.arange(n, dtype=np.int64)[::-1]
+        ts = index / rate
         hum = 0.2 * np.sin(2 * np.pi * 120 * ts) + 0.05 * np.sin(2 * np.pi * 240 * ts + 0.3)
         chirp = 0.1 * np.sin(2 * np.pi * (400 + 200 * np.sin(0.3 * ts)) * ts) * (np.sin(0.5 * ts) > 0)
-        noise = self._rng(t_end, 2).normal(0, 0.01, n)
+        noise = 0.01 * np.sqrt(12.0) * (self._index_uniform(index, rate) - 0.5)  # std 0.01
         return (hum + chirp + noise).astype(np.float32)
+
+    def _index_uniform(self, index: np.ndarray, salt: int) -> np.ndarray:
+        """Uniform [0, 1) noise as a pure function of (seed, salt, sample index): splitmix64's mixer."""
+        with np.errstate(over="ignore"):
+            x = (index.astype(np.uint64) + np.uint64((self.seed * 1_000_003 + salt) % 2**63)) \
+                * np.uint64(0x9E3779B97F4A7C15)
+            x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+            x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+            x ^= x >> np.uint64(31)
+        return (x >> np.uint64(11)).astype(np.float64) / float(2**53)
 
     def imu(self, t_end: float, n: int | None = None, rate: float | None = None) -> np.ndarray:
         rate = rate or self.cfg.imu.rate_hz

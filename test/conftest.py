@@ -55,6 +55,7 @@ def random_inputs(cfg, seed: int = 0, batch: int = 1, as_torch: bool = True) -> 
     out["mask"] = np.ones(specs["mask"].shape)
     out["dt"] = 0.01 + 0.002 * rng.uniform(-1.0, 1.0, size=specs["dt"].shape)
     out["state"] = 0.5 * rng.standard_normal(specs["state"].shape)
+    out["audio_frames"] = 0.5 + 0.4 * rng.standard_normal(specs["audio_frames"].shape)  # (dB + 40) / 40 scale
     for name, spec in specs.items():
         out[name] = np.ascontiguousarray(out[name], dtype=spec.dtype)
         assert out[name].shape == spec.shape

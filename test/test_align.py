@@ -112,15 +112,58 @@ def test_corrupt_compressed_frame_is_counted_once_and_masked(al):
 
 # ---------------------------------------------------------------- audio
 
-def test_audio_window_ends_at_the_newest_sample_at_or_before_t(al):
+def on_hop_grid(index: int, hop: int = 160) -> int:
+    """The last sample index at or before ``index`` that ends a hop: (k + 1) % hop == 0."""
+    return (index + 1) // hop * hop - 1
+
+
+def test_audio_window_ends_on_the_hop_grid_at_or_before_t(al):
     first = round(T0 * RATE) - 2 * RATE
     add_audio(al, first, chunks=220)     # 2.2 s: runs 0.2 s past the tick
     t = T0 + 0.0123456
     obs = al.tick(t, 0.01)
-    newest = math.floor(t * RATE)
+    newest = on_hop_grid(math.floor(t * RATE))
+    assert math.floor(t * RATE) - newest < 160
     np.testing.assert_array_equal(obs.audio, ramp(np.arange(newest - RATE + 1, newest + 1)))
     assert obs.mask[AUD] == 1.0 and obs.audio_gap_samples == 0
+    assert obs.audio_end == newest and obs.audio_rewritten_from is None
     assert obs.stamps["audio"] == newest / RATE and obs.ages["audio"] == pytest.approx(t - newest / RATE)
+
+
+def test_consecutive_audio_windows_move_by_whole_hops(al):
+    """Whatever the tick times and chunk sizes, window ends differ by whole hops, so the
+    model's log-mel frames of one tick are the next tick's frames moved along."""
+    start = round(T0 * RATE) - RATE
+    add_audio(al, start - RATE, chunks=100)     # one full window before the odd chunks start
+    rng = np.random.default_rng(3)
+    ends, k, t = [], start, T0
+    while t < T0 + 0.5:
+        n = int(rng.integers(50, 700))             # odd chunk sizes, as a 44.1 kHz driver's resampled ones
+        al.add(AudioSample(k / RATE, RATE, ramp(np.arange(k, k + n))), (k + n) / RATE + 0.003)
+        k += n
+        t = (k - 1) / RATE + float(rng.uniform(0.0, 0.004))
+        obs = al.tick(t, 0.01)
+        if obs.mask[AUD]:
+            ends.append(obs.audio_end)
+            np.testing.assert_array_equal(obs.audio, ramp(np.arange(obs.audio_end - RATE + 1, obs.audio_end + 1)))
+    assert len(ends) > 20 and all((e + 1) % 160 == 0 for e in ends)
+    assert len(set(np.diff(ends))) > 2   # the windows did move by different numbers of hops
+
+
+def test_audio_ring_reports_samples_written_over_once():
+    from mm_fusion_ros.align import _AudioRing
+
+    ring = _AudioRing(RATE, 4 * RATE, 160)
+    first = AudioSample(0.0, RATE, np.ones(800, np.float32))
+    ring.write(1000, first.samples, False, first)
+    assert ring.take_rewritten() is None
+    # A resampler's recomputed lead reaches back over samples already written.
+    lead = AudioSample(0.1, RATE, np.full(500, 2.0, np.float32))
+    ring.write(1700, lead.samples, True, lead)
+    assert ring.take_rewritten() == 1700
+    assert ring.take_rewritten() is None      # reported once, for the tick that follows
+    ring.write(2200, lead.samples, True, lead)  # only new samples: nothing rewritten
+    assert ring.take_rewritten() is None
 
 
 def test_audio_gap_is_zero_filled_and_counted(al):
@@ -353,7 +396,7 @@ def test_adding_from_another_thread_while_ticking(al, cfg):
     last = al.tick(end + 1e-6, 0.01)
     grid = end + 1e-6 - np.arange(39, -1, -1) / 200.0
     np.testing.assert_allclose(last.imu[:, 0], np.minimum(grid, end) - T0, atol=1e-5)
-    newest = math.floor((end + 1e-6) * RATE)      # audio runs on to T0 + 5 s; the tick stops at its t
+    newest = on_hop_grid(math.floor((end + 1e-6) * RATE))  # audio runs on to T0 + 5 s; the tick stops at its t
     np.testing.assert_array_equal(last.audio, ramp(np.arange(newest - RATE + 1, newest + 1)))
 
 

@@ -1,11 +1,22 @@
 """Stepping an engine through time: the recurrent state, and sensor data hygiene.
 
-``FusionStream`` owns the recurrent state between ticks (engines are
-stateless), and it is where NaN/Inf in sensor data is stopped: a camera frame
-cannot hold NaN (uint8), audio or IMU windows with non-finite samples are
-zeroed and that modality is masked for the tick, and the event is counted.
-LiDAR is different: inf/NaN are normal "no return" beams, masked per beam
-inside the model. Live node, bag replay and the demo all step through here.
+``FusionStream`` owns the state between ticks (engines are stateless): the
+CfC hidden vectors, and the log-mel frames of the audio window, of which the
+step computes only the newest ``model.audio.stream_frames``. It is also where
+NaN/Inf in sensor data is stopped: a camera frame cannot hold NaN (uint8),
+audio or IMU windows with non-finite samples are zeroed and that modality is
+masked for the tick, and the event is counted. LiDAR is different: inf/NaN are
+normal "no return" beams, masked per beam inside the model. Live node, bag
+replay and the demo all step through here.
+
+The audio frame cache is exact, not an approximation: before a step it holds
+the frames of the tick's window, moved along by the hops the window advanced
+since the previous tick. Where that cannot be known (the caller passed no
+window position, the window moved by more than ``stream_frames`` hops or by
+part of a hop, samples older than the recomputed span were rewritten, audio
+was missing on the previous tick, a reset), the whole window's frames are
+computed here first (``LogMelFrames`` in torch; about a third of a millisecond)
+and counted as ``audio_frame_resyncs``.
 """
 
 from __future__ import annotations
@@ -17,6 +28,8 @@ import numpy as np
 
 from ..config import MODALITIES, ModelConfig
 from .base import Engine, InputError
+
+_AUDIO = MODALITIES.index("audio")
 
 # Modalities whose windows must be finite; a non-finite value masks the modality for the tick.
 _MUST_BE_FINITE = {"audio": 1, "imu": 2}
@@ -37,15 +50,53 @@ class FusionStream:
         self.cfg = cfg
         self.counters: Counter[str] = Counter()
         self.state = np.zeros((1, len(MODALITIES), cfg.encoder.hidden), dtype=np.float32)
+        self.audio_frames = np.zeros((1, cfg.audio.n_mels, cfg.audio.n_frames), dtype=np.float32)
+        self._audio_end: int | None = None  # sample index the cached frames' window ended at
+        self._whole_window = None           # LogMelFrames, built on the first resync
 
     def reset(self) -> None:
         """Forget the recurrent state (a clock jump backwards, a restarted bag)."""
         self.state[:] = 0.0
+        self._audio_end = None
         self.counters["state_resets"] += 1
 
+    def _cached_frames_valid(self, audio_end: int | None, rewritten_from: int | None) -> bool:
+        """Move the cache along to the window ending at ``audio_end``; False if it cannot be."""
+        a = self.cfg.audio
+        if audio_end is None or self._audio_end is None:
+            return False
+        shift, part = divmod(audio_end - self._audio_end, a.hop)
+        new = min(a.stream_frames, a.n_frames)
+        if part or not 0 <= shift <= new:
+            return False
+        # Cached frames keep positions < n_frames - new; they read samples up to audio_end - new * hop.
+        if rewritten_from is not None and rewritten_from <= audio_end - new * a.hop:
+            return False
+        if shift:
+            self.audio_frames[:, :, :-shift] = self.audio_frames[:, :, shift:].copy()
+        return True
+
+    def _recompute_frames(self, audio: np.ndarray) -> None:
+        import torch
+
+        from ..model.preprocess import LogMelFrames
+
+        if self._whole_window is None:
+            self._whole_window = LogMelFrames(self.cfg.audio).eval()
+        with torch.inference_mode():
+            frames = self._whole_window(torch.from_numpy(np.ascontiguousarray(audio, dtype=np.float32)[None]))
+        self.audio_frames = frames.numpy().astype(np.float32, copy=True)
+        self.counters["audio_frame_resyncs"] += 1
+
     def step(self, camera: np.ndarray, audio: np.ndarray, imu: np.ndarray, lidar: np.ndarray,
-             mask: np.ndarray, dt: float) -> StepResult:
-        """One tick. Arrays are unbatched: camera (H, W, 3) uint8, audio (N,), imu (T, 6), lidar (beams,)."""
+             mask: np.ndarray, dt: float, audio_end: int | None = None,
+             audio_rewritten_from: int | None = None) -> StepResult:
+        """One tick. Arrays are unbatched: camera (H, W, 3) uint8, audio (N,), imu (T, 6), lidar (beams,).
+
+        ``audio_end`` is the absolute index (at the model rate) of the audio window's last sample
+        and ``audio_rewritten_from`` the lowest sample index written over since the previous tick
+        (None: nothing); without ``audio_end`` every tick recomputes the whole window's frames.
+        """
         if not np.isfinite(dt) or dt <= 0.0:
             raise InputError(f"dt must be a positive finite number of seconds, got {dt}")
         mask = np.asarray(mask, dtype=np.float32).reshape(1, len(MODALITIES)).copy()
@@ -56,11 +107,22 @@ class FusionStream:
                 windows[name] = np.where(np.isfinite(window), window, 0.0).astype(window.dtype)
                 mask[0, index] = 0.0
                 self.counters[f"nonfinite_{name}"] += 1
+        audio_used = mask[0, _AUDIO] > 0.5
+        if audio_used and not self._cached_frames_valid(audio_end, audio_rewritten_from):
+            self._recompute_frames(windows["audio"])
         inputs = {
             "camera": camera[None], "audio": windows["audio"][None], "imu": windows["imu"][None],
             "lidar": lidar[None], "mask": mask, "dt": np.array([[dt]], dtype=np.float32), "state": self.state,
+            "audio_frames": self.audio_frames,
         }
+        # The cache was moved in place: until this step's frames are back (an engine may raise),
+        # it matches no window.
+        self._audio_end = None
         out = self.engine.step(inputs)
+        # A masked tick's frames are of a zeroed or stale window: the next audio tick starts over.
+        if audio_used and np.isfinite(out["new_audio_frames"]).all():
+            self.audio_frames = np.ascontiguousarray(out["new_audio_frames"], dtype=np.float32)
+            self._audio_end = audio_end
         if np.isfinite(out["new_state"]).all():
             self.state = np.ascontiguousarray(out["new_state"], dtype=np.float32)
         else:  # never feed a poisoned state back; start clean instead

@@ -2,12 +2,14 @@
 
 ``FusionNet.forward`` is a pure function of tensors::
 
-    (camera, audio, imu, lidar, mask, dt, state)
-        -> (action, fused_state, new_state, attention, contribution)
+    (camera, audio, imu, lidar, mask, dt, state, audio_frames)
+        -> (action, fused_state, new_state, attention, contribution, new_audio_frames)
 
-The recurrent state (one CfC hidden vector per modality) is an explicit input
-and output; nothing is kept in module buffers between calls, so an exported
-ONNX/TensorRT engine is stateless and the runtime owns the state.
+The state between ticks is explicit input and output: ``state`` is one CfC
+hidden vector per modality, ``audio_frames`` the log-mel frames of the audio
+window (a cache of arithmetic, see ``AudioEncoder``: the step computes only the
+newest frames). Nothing is kept in module buffers between calls, so an
+exported ONNX/TensorRT engine is stateless and the runtime owns the state.
 """
 
 from __future__ import annotations
@@ -25,8 +27,8 @@ from .liquid import CfCCells
 from .preprocess import AudioEncoder, CameraEncoder, ImuEncoder, LidarEncoder
 from .spiking import LeakyIntegrateFire
 
-INPUT_NAMES = ("camera", "audio", "imu", "lidar", "mask", "dt", "state")
-OUTPUT_NAMES = ("action", "fused_state", "new_state", "attention", "contribution")
+INPUT_NAMES = ("camera", "audio", "imu", "lidar", "mask", "dt", "state", "audio_frames")
+OUTPUT_NAMES = ("action", "fused_state", "new_state", "attention", "contribution", "new_audio_frames")
 CHECKPOINT_FORMAT = "mm_fusion_ros.checkpoint/1"
 
 
@@ -50,6 +52,7 @@ def input_specs(cfg: ModelConfig, batch: int = 1) -> tuple[TensorSpec, ...]:
         TensorSpec("mask", (batch, m), "float32"),
         TensorSpec("dt", (batch, 1), "float32"),
         TensorSpec("state", (batch, m, cfg.encoder.hidden), "float32"),
+        TensorSpec("audio_frames", (batch, cfg.audio.n_mels, cfg.audio.n_frames), "float32"),
     )
 
 
@@ -61,6 +64,7 @@ def output_specs(cfg: ModelConfig, batch: int = 1) -> tuple[TensorSpec, ...]:
         TensorSpec("new_state", (batch, m, cfg.encoder.hidden), "float32"),
         TensorSpec("attention", (batch, m, m), "float32"),
         TensorSpec("contribution", (batch, m), "float32"),
+        TensorSpec("new_audio_frames", (batch, cfg.audio.n_mels, cfg.audio.n_frames), "float32"),
     )
 
 
@@ -99,15 +103,20 @@ class FusionNet(nn.Module):
     def initial_state(self, batch: int = 1) -> torch.Tensor:
         return torch.zeros(batch, len(MODALITIES), self.cfg.encoder.hidden)
 
-    def forward(self, camera, audio, imu, lidar, mask, dt, state):
-        currents = torch.stack([self.camera(camera), self.audio(audio), self.imu(imu), self.lidar(lidar)], dim=1)
+    def initial_audio_frames(self, batch: int = 1) -> torch.Tensor:
+        a = self.cfg.audio
+        return torch.zeros(batch, a.n_mels, a.n_frames)
+
+    def forward(self, camera, audio, imu, lidar, mask, dt, state, audio_frames):
+        audio_token, frames = self.audio(audio, audio_frames)
+        currents = torch.stack([self.camera(camera), audio_token, self.imu(imu), self.lidar(lidar)], dim=1)
         rates = self.lif(currents)  # all four modalities' LIF layers at once
         updated = self.cells(rates, state, dt)
         # A masked modality keeps its previous state: stale or missing data must not
         # drive the recurrent memory, and the cell resumes where it was when data returns.
         new_state = torch.where(mask.unsqueeze(-1) > 0.5, updated, state)
         fused, attention, contribution = self.fusion(new_state, mask)
-        return self.action_head(fused), self.state_head(fused), new_state, attention, contribution
+        return self.action_head(fused), self.state_head(fused), new_state, attention, contribution, frames
 
 
 def build_model(cfg: ModelConfig, seed: int = 0) -> FusionNet:

@@ -165,8 +165,7 @@ class LogMelSpectrogram(nn.Module):
         radix = stft_radix(n_fft, cfg.hop)
         taps = n_fft // radix
         n_bins = taps // 2 + 1  # j = 0 .. M/2 per polyphase component
-        self.radix, self.n_bins, self.hop = radix, n_bins, cfg.hop
-        self.skip = (cfg.window_samples - n_fft) % cfg.hop
+        self.radix, self.n_bins, self.hop, self.n_fft = radix, n_bins, cfg.hop, n_fft
 
         window = 0.5 - 0.5 * np.cos(2.0 * np.pi * np.arange(n_fft) / n_fft)  # periodic Hann, as librosa
         n = radix * np.arange(taps)[None, :, None] + np.arange(radix)[:, None, None]  # (r, m, 1)
@@ -206,7 +205,7 @@ class LogMelSpectrogram(nn.Module):
 
     def mel_power(self, samples: torch.Tensor) -> torch.Tensor:
         """Mel-band power, mel-major (B, n_mels, frames): the layout the matrix products leave."""
-        x = samples[:, self.skip:]
+        x = samples[:, (samples.shape[1] - self.n_fft) % self.hop:]  # frames end at the newest sample
         b = x.shape[0]
         x = x.reshape(b, -1, self.radix).transpose(1, 2)  # (B, R, N/R): polyphase components
         spec = nn.functional.conv1d(x, self.basis, stride=self.hop // self.radix, groups=self.radix)
@@ -224,10 +223,43 @@ class LogMelSpectrogram(nn.Module):
         return (10.0 * torch.log10(torch.clamp(self.mel_power(samples), min=AMIN))).transpose(1, 2)
 
 
-class AudioEncoder(nn.Module):
-    def __init__(self, cfg: AudioConfig, out_dim: int):
+class LogMelFrames(nn.Module):
+    """Raw samples (B, N) -> the audio encoder's input frames (B, n_mels, frames), mel-major.
+
+    The log-mel scaled as (dB + 40) / 40, roughly [-1.5, 2] for microphone
+    levels. No learned parameters: the runtime builds one from the config alone
+    to recompute a whole window's frames when its cache cannot be shifted.
+    """
+
+    def __init__(self, cfg: AudioConfig):
         super().__init__()
         self.logmel = LogMelSpectrogram(cfg)
+
+    def forward(self, samples: torch.Tensor) -> torch.Tensor:
+        power = torch.clamp(self.logmel.mel_power(samples), min=AMIN)
+        return torch.log(power) * (10.0 / (40.0 * math.log(10.0))) + 1.0  # natural log, one scale
+
+
+class AudioEncoder(nn.Module):
+    """Streaming: (samples (B, N), cached frames (B, n_mels, F)) -> (token, this window's frames).
+
+    Consecutive control ticks see windows that overlap by all but a few hops,
+    so recomputing all F frames every tick would redo the same arithmetic F - 1
+    times out of F (the STFT is about half of the whole step's cost on a CPU).
+    The step computes only the newest ``stream_frames`` frames from the end of
+    the window and takes the older ones from ``cached``, which the runtime
+    (``FusionStream``) keeps: the previous tick's frames moved by the number of
+    hops the window advanced, or the whole window recomputed when it moved by
+    more, jumped off the hop grid or had older samples rewritten. The result
+    is the same as the log-mel of the whole window (``test/test_streaming_audio.py``).
+    """
+
+    def __init__(self, cfg: AudioConfig, out_dim: int):
+        super().__init__()
+        self.frames = LogMelFrames(cfg)
+        self.n_frames = cfg.n_frames
+        self.new_frames = min(cfg.stream_frames, cfg.n_frames)
+        self.tail = (self.new_frames - 1) * cfg.hop + cfg.n_fft  # the samples the newest frames read
         layers: list[nn.Module] = []
         cin = 1
         for cout in cfg.channels:
@@ -236,12 +268,14 @@ class AudioEncoder(nn.Module):
         self.features = nn.Sequential(*layers)
         self.proj = nn.Linear(cin, out_dim)
 
-    def forward(self, samples: torch.Tensor) -> torch.Tensor:
-        # (dB + 40) / 40, roughly [-1.5, 2] for microphone levels, from the natural log in one scale.
-        power = torch.clamp(self.logmel.mel_power(samples), min=AMIN)
-        x = (torch.log(power) * (10.0 / (40.0 * math.log(10.0))) + 1.0).unsqueeze(1)
+    def forward(self, samples: torch.Tensor, cached: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        newest = self.frames(samples[:, samples.shape[1] - self.tail:])
+        if self.new_frames < self.n_frames:
+            frames = torch.cat([cached[:, :, :self.n_frames - self.new_frames], newest], dim=2)
+        else:
+            frames = newest
         # The conv stack sees the spectrogram mel-major (B, 1, n_mels, frames), as it comes.
-        return self.proj(self.features(x).mean(dim=(2, 3)))
+        return self.proj(self.features(frames.unsqueeze(1)).mean(dim=(2, 3))), frames
 
 
 # ---------------------------------------------------------------- IMU and LiDAR
