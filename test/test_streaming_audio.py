@@ -196,3 +196,52 @@ def test_a_failed_step_leaves_no_half_moved_cache(default_config):
         np.testing.assert_allclose(streaming.audio_frames, reference.audio_frames, rtol=0, atol=1e-5)
         np.testing.assert_allclose(a.action, b.action, rtol=0, atol=1e-5)
     assert streaming.counters["audio_frame_resyncs"] == 2   # the first tick, and the one after the failure
+
+
+class _WholeWindow(FusionStream):
+    """The reference: a FusionStream that is never told where the window ends."""
+
+    def step(self, *args, audio_end=None, audio_rewritten_from=None):
+        return super().step(*args[:6])
+
+
+@pytest.mark.parametrize("source_rate, chunk", [(16000, 320), (48000, 1024), (44100, 1024)])
+def test_runtime_on_resampled_microphones_keeps_the_cache_and_the_same_actions(default_config, source_rate, chunk):
+    """End to end through the aligner: a 48 or 44.1 kHz driver's chunks are resampled to the
+    model rate, the resampler rewrites the newest few samples of the previous chunk, and the
+    windows end wherever the chunks do. The streaming runtime matches one that recomputes the
+    whole window every tick, and resyncs only on its first audio tick."""
+    from mm_fusion_ros.runtime import Runtime
+    from mm_fusion_ros.samples import AudioSample, ImuSample, LidarSample
+
+    cfg = dataclasses.replace(default_config, engine=dataclasses.replace(default_config.engine, backend="torch"))
+    model = build_model(cfg.model, seed=8)
+    streaming = Runtime(cfg, engine=TorchEngine(model), log=lambda _: None)
+    reference = Runtime(cfg, engine=TorchEngine(model), log=lambda _: None)
+    reference.stream = _WholeWindow(reference.engine, cfg.model)
+    sensors = SyntheticSensors(cfg.model, seed=9)
+    t0, period = 50.0, 1.0 / cfg.control_rate_hz
+    recording = signal(3 * source_rate, seed=4)  # 3 s at the source rate
+    next_chunk, worst, rewrites = 0, 0.0, 0
+    for i in range(200):
+        t = t0 + 1.0 + i * period
+        while (next_chunk + chunk) / source_rate + t0 <= t - 0.002:   # delivered 2 ms after capture ends
+            stamp = t0 + next_chunk / source_rate
+            data = recording[next_chunk:next_chunk + chunk]
+            for rt in (streaming, reference):
+                assert rt.add(AudioSample(stamp, source_rate, data), t)
+            next_chunk += chunk
+        for rt in (streaming, reference):
+            rt.add(ImuSample(t - 0.003, *np.split(sensors.imu(t - 0.003, n=1)[0], 2)), t)
+            if i % 10 == 0:
+                rt.add(LidarSample(t - 0.01, sensors.lidar(t - 0.01)), t)
+        a, b = streaming.tick(t), reference.tick(t)
+        rewrites += a.observation.audio_rewritten_from is not None
+        assert a.mask[AUDIO] == 1.0 or i == 0
+        worst = max(worst, float(np.abs(a.raw_action - b.raw_action).max()),
+                    float(np.abs(streaming.stream.state - reference.stream.state).max()))
+    assert worst < 1e-5
+    assert streaming.stream.counters["audio_frame_resyncs"] == 1
+    assert reference.stream.counters["audio_frame_resyncs"] >= 199
+    if source_rate != 16000:
+        assert rewrites > 0   # the resampler did reach back, and the cache still held
