@@ -26,7 +26,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
+import torch
+
 from ..config import MODALITIES, ModelConfig
+from ..model.preprocess import LogMelFrames
 from .base import Engine, InputError
 
 _AUDIO = MODALITIES.index("audio")
@@ -52,7 +55,11 @@ class FusionStream:
         self.state = np.zeros((1, len(MODALITIES), cfg.encoder.hidden), dtype=np.float32)
         self.audio_frames = np.zeros((1, cfg.audio.n_mels, cfg.audio.n_frames), dtype=np.float32)
         self._audio_end: int | None = None  # sample index the cached frames' window ended at
-        self._whole_window = None           # LogMelFrames, built on the first resync
+        # Built and run once here: the first call costs about 70 ms (filter bank, torch warm-up),
+        # which would otherwise land on the first control tick that hears audio.
+        self._whole_window = LogMelFrames(cfg.audio).eval()
+        self._recompute_frames(np.zeros(cfg.audio.window_samples, np.float32))
+        self.counters.clear()
 
     def reset(self) -> None:
         """Forget the recurrent state (a clock jump backwards, a restarted bag)."""
@@ -77,12 +84,6 @@ class FusionStream:
         return True
 
     def _recompute_frames(self, audio: np.ndarray) -> None:
-        import torch
-
-        from ..model.preprocess import LogMelFrames
-
-        if self._whole_window is None:
-            self._whole_window = LogMelFrames(self.cfg.audio).eval()
         with torch.inference_mode():
             frames = self._whole_window(torch.from_numpy(np.ascontiguousarray(audio, dtype=np.float32)[None]))
         self.audio_frames = frames.numpy().astype(np.float32, copy=True)
