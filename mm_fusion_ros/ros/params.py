@@ -52,6 +52,12 @@ def _check_topic(topic: str, key: str) -> None:
 
 # ---------------------------------------------------------------- sensor node configurations
 
+def _check_publisher(depth: int, wait_for_subscribers: int, p: str, max_depth: int) -> None:
+    """The publishing settings every sensor node has: queue depth and subscribers to wait for."""
+    _check(1 <= depth <= max_depth, f"{p}depth", f"must be in [1, {max_depth}], got {depth}")
+    _check(wait_for_subscribers >= 0, f"{p}wait_for_subscribers", "must be >= 0")
+
+
 @dataclass(frozen=True)
 class CameraNodeConfig:
     """camera_node: an OpenCV VideoCapture source published as sensor_msgs/Image."""
@@ -78,8 +84,7 @@ class CameraNodeConfig:
                f"width and height are both 0 (source size) or both set, got {self.width}x{self.height}")
         _check(0 <= self.width <= 8192 and 0 <= self.height <= 8192, f"{p}width",
                f"must be in [0, 8192], got {self.width}x{self.height}")
-        _check(1 <= self.depth <= 1000, f"{p}depth", f"must be in [1, 1000], got {self.depth}")
-        _check(self.wait_for_subscribers >= 0, f"{p}wait_for_subscribers", "must be >= 0")
+        _check_publisher(self.depth, self.wait_for_subscribers, p, max_depth=1000)
 
 
 @dataclass(frozen=True)
@@ -109,8 +114,7 @@ class MicrophoneNodeConfig:
                f"must be in [1000, 384000] Hz, got {self.sample_rate}")
         _check(1 <= self.channels <= 32, f"{p}channels", f"must be in [1, 32], got {self.channels}")
         _check(0.001 <= self.chunk_s <= 1.0, f"{p}chunk_s", f"must be in [0.001, 1] s, got {self.chunk_s}")
-        _check(1 <= self.depth <= 10000, f"{p}depth", f"must be in [1, 10000], got {self.depth}")
-        _check(self.wait_for_subscribers >= 0, f"{p}wait_for_subscribers", "must be >= 0")
+        _check_publisher(self.depth, self.wait_for_subscribers, p, max_depth=10000)
 
 
 @dataclass(frozen=True)
@@ -156,8 +160,7 @@ class SensorSimConfig:
         _check(8 <= self.lidar.beams <= 100000, f"{p}lidar.beams", f"must be in [8, 100000], got {self.lidar.beams}")
         _check(0 <= self.lidar.range_min < self.lidar.range_max, f"{p}lidar.range_min",
                f"must satisfy 0 <= range_min < range_max, got {self.lidar.range_min} / {self.lidar.range_max}")
-        _check(1 <= self.depth <= 10000, f"{p}depth", f"must be in [1, 10000], got {self.depth}")
-        _check(self.wait_for_subscribers >= 0, f"{p}wait_for_subscribers", "must be >= 0")
+        _check_publisher(self.depth, self.wait_for_subscribers, p, max_depth=10000)
 
 
 # Executable (= node name) -> the dataclass holding its parameters.
