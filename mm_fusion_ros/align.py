@@ -97,6 +97,12 @@ class _ImuRing:
         return stamps[lo:hi].copy(), self.rows[end - self.count + lo:end - self.count + hi].copy()
 
 
+def hop_grid_end(index: int, hop: int) -> int:
+    """The last sample index at or before ``index`` that ends a hop ((k + 1) % hop == 0): where audio
+    windows end, so that consecutive windows differ by whole hops."""
+    return (index + 1) // hop * hop - 1
+
+
 @dataclass
 class _Run:
     """A run of written audio samples [start, end) in absolute model-rate sample indices."""
@@ -205,8 +211,8 @@ class _AudioRing:
                 break
         if newest is None:
             return None
-        newest = (newest + 1) // self.hop * self.hop - 1
-        if not self.runs or newest < self.runs[0].start:
+        newest = hop_grid_end(newest, self.hop)
+        if newest < self.runs[0].start:
             return None
         lo = newest - n + 1
         p = lo % self.capacity

@@ -206,6 +206,7 @@ def _save_figure(fig, path: str) -> None:
 # ---------------------------------------------------------------- demo
 
 def cmd_demo(args, cfg: RobotConfig) -> int:
+    from .align import hop_grid_end
     from .cadence import CadenceMonitor
     from .engine import create_engine
     from .engine.stream import FusionStream
@@ -243,7 +244,7 @@ def cmd_demo(args, cfg: RobotConfig) -> int:
         t0 = time.perf_counter()
         # The audio window ends on the hop grid, as the aligner's do, so the model's log-mel
         # frames carry over from tick to tick.
-        audio_end = (int(t * rate) + 1) // hop * hop - 1
+        audio_end = hop_grid_end(int(t * rate), hop)
         camera, audio = sensors.camera(t), sensors.audio(audio_end / rate)
         imu, lidar = sensors.imu(t), sensors.lidar(t)
         t1 = time.perf_counter()

@@ -103,10 +103,6 @@ class FusionNet(nn.Module):
     def initial_state(self, batch: int = 1) -> torch.Tensor:
         return torch.zeros(batch, len(MODALITIES), self.cfg.encoder.hidden)
 
-    def initial_audio_frames(self, batch: int = 1) -> torch.Tensor:
-        a = self.cfg.audio
-        return torch.zeros(batch, a.n_mels, a.n_frames)
-
     def forward(self, camera, audio, imu, lidar, mask, dt, state, audio_frames):
         audio_token, frames = self.audio(audio, audio_frames)
         currents = torch.stack([self.camera(camera), audio_token, self.imu(imu), self.lidar(lidar)], dim=1)
