@@ -14,10 +14,14 @@ export ROS_DOMAIN_ID ?= 42
 setup: $(STAMP)
 
 $(STAMP): setup.py package.xml
-	# PortAudio for sounddevice (microphone_node). Debian package; needs root, as on CI.
-	@if ! ldconfig -p | grep -q libportaudio.so.2; then \
-	  if [ "$$(id -u)" = 0 ]; then apt-get update -qq && apt-get install -y -qq libportaudio2; \
-	  else echo "libportaudio2 is missing: sudo apt-get install libportaudio2" >&2; exit 1; fi; fi
+	# PortAudio for sounddevice (microphone_node) and OSMesa for the simulated cell's offscreen
+	# rendering (MUJOCO_GL=osmesa). Debian packages; needs root, as on CI.
+	@missing=""; \
+	ldconfig -p | grep -q libportaudio.so.2 || missing="$$missing libportaudio2"; \
+	ldconfig -p | grep -q libOSMesa.so || missing="$$missing libosmesa6"; \
+	if [ -n "$$missing" ]; then \
+	  if [ "$$(id -u)" = 0 ]; then apt-get update -qq && apt-get install -y -qq $$missing; \
+	  else echo "missing Debian packages:$$missing (sudo apt-get install$$missing)" >&2; exit 1; fi; fi
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	# torch first and pinned: this version is on the machine's disk; any other downloads GBs.

@@ -38,6 +38,7 @@ setup(
         "opencv-python-headless",    # image decode/resize, VideoCapture for camera_node
         "sounddevice",               # PortAudio capture for microphone_node (Debian: libportaudio2)
         "rosbags",                   # rosbag2 read/write without a ROS installation
+        "mujoco>=4.0,<5",            # the simulated cell (Debian: libosmesa6 for offscreen rendering)
     ],
     extras_require={
         "ros": [

@@ -1,0 +1,139 @@
+"""The scripted expert: privileged simulator state in, joint velocities out, through damped least squares.
+
+It knows what no policy may (which button the cue named, where the buttons are,
+the detent's state, where the intruder is) and behaves as a careful operator
+would teach the task:
+
+1. listen: hold still until the first cue has played (a policy can know the target no sooner);
+2. approach: move the tool 5 cm above the cued button, tool pointing down;
+3. descend, then press slowly until the detent clicks;
+4. release: rise back above the button (the button springs back: success);
+5. throughout, stop while the intruder is in (or within a margin of) the LiDAR's protective field.
+
+Velocities come from damped least-squares inverse kinematics on MuJoCo's tool
+Jacobian, ``qdot = J^T (J J^T + lambda^2 I)^-1 [v; w]``, plus a null-space pull
+towards the ready pose so the elbow stays where a person expects it.
+
+``noise`` (DART-style): the command the cell executes is perturbed, while the
+clean command is what gets recorded as the label, so a cloned policy sees
+states slightly off the expert's path and how to get back.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from .cell import Cell
+from .panda import READY_Q
+
+R_DOWN = np.diag([1.0, -1.0, -1.0])   # tool frame at the ready pose: tool z pointing at the table
+ABOVE_M = 0.05
+APPROACH_SPEED = 0.25   # m/s
+DESCEND_SPEED = 0.04
+PRESS_SPEED = 0.008     # m/s once the tip is within PRESS_ZONE of the cap: 0.3 s from the click to the end stop
+PRESS_ZONE = 0.006
+RISE_SPEED = 0.06
+FIELD_MARGIN = 0.08     # m: stop slightly before the intruder enters the field
+LISTEN_MARGIN_S = 0.1
+
+
+@dataclass
+class ExpertParams:
+    kp: float = 4.0            # 1/s, position error -> tool speed
+    kr: float = 3.0            # 1/s, orientation error -> tool angular speed
+    damping: float = 0.05      # lambda of the damped least squares
+    k_null: float = 0.5        # 1/s, pull towards the ready pose in the null space
+    max_joint_speed: float = 1.0   # rad/s: the policy's action range, so every label is one it can output
+
+
+class Expert:
+    def __init__(self, cell: Cell, params: ExpertParams | None = None):
+        self.cell = cell
+        self.p = params or ExpertParams()
+        self.phase = "listen"
+
+    def reset(self) -> None:
+        self.phase = "listen"
+
+    def _intruder_near(self) -> bool:
+        ic = self.cell.cfg.intruder
+        x, y = self.cell.intruder_xy()
+        return abs(y) < ic.field_y + FIELD_MARGIN and ic.field_x[0] - FIELD_MARGIN <= x <= ic.field_x[1] + FIELD_MARGIN
+
+    def act(self) -> np.ndarray:
+        """The clean joint velocity command for the cell's current state."""
+        cell, spec = self.cell, self.cell.spec
+        a = cell.cfg.audio
+        if self._intruder_near():
+            return np.zeros(7)
+        if self.phase == "listen":
+            if cell.elapsed < a.cue_start_s + a.cue_s + LISTEN_MARGIN_S:
+                return np.zeros(7)
+            self.phase = "approach"
+        p, _ = cell.tcp()
+        top = cell.button_top(spec.target)
+        above = np.array([top[0], top[1], top[2] + ABOVE_M])
+        feed = np.zeros(3)
+        if self.phase == "approach":
+            goal = above
+            if np.linalg.norm(above - p) < 0.004:
+                self.phase = "descend"
+        if self.phase == "descend":
+            gap = p[2] - top[2]
+            speed = PRESS_SPEED if gap < PRESS_ZONE else DESCEND_SPEED
+            goal = np.array([top[0], top[1], p[2]])
+            feed = np.array([0.0, 0.0, -speed])
+            if cell.clicked(spec.target):
+                self.phase = "release"
+        if self.phase == "release":
+            goal = np.array([top[0], top[1], p[2]])
+            feed = np.array([0.0, 0.0, RISE_SPEED])
+            if p[2] >= above[2]:
+                self.phase = "hold"
+        if self.phase == "hold":
+            goal = above
+        return self._ik(goal, feed)
+
+    def _ik(self, goal: np.ndarray, feed: np.ndarray) -> np.ndarray:
+        cell, p = self.cell, self.p
+        pos, rot = cell.tcp()
+        v = p.kp * (goal - pos)
+        n = np.linalg.norm(v)
+        if n > APPROACH_SPEED:
+            v *= APPROACH_SPEED / n
+        v = v + feed
+        w = p.kr * 0.5 * sum(np.cross(rot[:, i], R_DOWN[:, i]) for i in range(3))
+        J = cell.tcp_jacobian()
+        JJt = J @ J.T + (p.damping ** 2) * np.eye(6)
+        J_pinv = J.T @ np.linalg.inv(JJt)
+        qdot = J_pinv @ np.concatenate([v, w])
+        # The exact projector: the damped inverse's (I - J+ J) leaks the posture pull into the tool's motion.
+        qdot += (np.eye(7) - np.linalg.pinv(J) @ J) @ (p.k_null * (READY_Q - cell.q))
+        peak = np.max(np.abs(qdot))
+        if peak > p.max_joint_speed:
+            qdot *= p.max_joint_speed / peak
+        return qdot
+
+
+def run_expert_episode(cell: Cell, seed: int, noise: float = 0.0, control_rate_hz: float = 100.0,
+                       on_tick=None) -> None:
+    """One episode under the expert at the control rate; ``on_tick(t, clean, executed, readings)`` sees each tick.
+
+    ``noise`` is the standard deviation (rad/s) of the DART perturbation added to the executed command;
+    its generator is seeded by the episode seed, so a noisy episode is as reproducible as a clean one.
+    """
+    cell.reset(seed)
+    expert = Expert(cell)
+    rng = np.random.default_rng([seed, 7])
+    period = 1.0 / control_rate_hz
+    t = cell.t
+    while not cell.outcome.done:
+        clean = expert.act()
+        executed = clean + rng.normal(0, noise, 7) if noise > 0 else clean
+        cell.command(np.clip(executed, -expert.p.max_joint_speed, expert.p.max_joint_speed))
+        t += period
+        readings = cell.advance(t)
+        if on_tick is not None:
+            on_tick(t, clean, executed, readings)
