@@ -288,10 +288,10 @@ def load_cell_config(path: str | Path, node: str = SIM_NODE_NAME) -> CellConfig:
     if not isinstance(block, dict) or not isinstance(block.get("ros__parameters"), dict):
         raise ConfigError(f"{path}: expected a '{node}: ros__parameters:' block")
     params = dict(block["ros__parameters"])
+    # rclpy's own, and sim_node's (topics, pacing; mm_fusion_ros.ros.sim_node): not the cell's.
     params.pop("use_sim_time", None)
-    node_keys = {"rate_factor", "auto_reset", "topics", "qos", "depth", "episodes"}  # sim_node's own
-    cell = {k: v for k, v in params.items() if k not in node_keys}
+    params.pop("node", None)
     try:
-        return cell_config_from_dict(cell)
+        return cell_config_from_dict(params)
     except ConfigError as exc:
         raise ConfigError(f"{path}: {exc}") from None

@@ -23,6 +23,15 @@ class CameraFrame:
     sensor = "camera"
 
 
+def encode_jpeg(pixels: np.ndarray, quality: int) -> bytes:
+    """RGB pixels -> a JPEG stream, as image_transport's compressed plugin sends (the same bytes live and in bags)."""
+    import cv2
+    ok, data = cv2.imencode(".jpg", np.ascontiguousarray(pixels[:, :, ::-1]), [cv2.IMWRITE_JPEG_QUALITY, int(quality)])
+    if not ok:  # pragma: no cover - OpenCV encodes any uint8 image
+        raise RuntimeError("JPEG encoding failed")
+    return data.tobytes()
+
+
 @dataclass(frozen=True)
 class AudioChunk:
     stamp: float              # first sample
