@@ -6,6 +6,7 @@ Subcommands::
     mm-fusion build-engine  --config C [--precision P] [--force]   TensorRT plan (cached)
     mm-fusion bench-engine  --config C [--backends a,b] [--json] [--plot PNG]
     mm-fusion demo          --config C [--duration S] [--backend B]
+    mm-fusion record        OUT --episodes N [--seed S] [--noise X] [--workers W] [--resume]
 
 Every subcommand loads and validates the config before doing any work; a bad
 config exits with status 2 and a message naming the key.
@@ -28,6 +29,7 @@ import numpy as np
 from .config import MODALITIES, ConfigError, RobotConfig, load_config
 
 DEFAULT_CONFIG = "config/robot.yaml"
+SIM_CONFIG = "config/sim.yaml"     # the simulated cell's (record's default)
 
 
 def _err(msg: str) -> None:
@@ -330,6 +332,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_replay_commands(add)
     from .live_demo import add_live_command  # live: the ROS 2 pipeline in separate processes (issue #3)
     add_live_command(add)
+    from .sim.record import add_record_command  # record: expert demonstrations in the simulated cell
+    add_record_command(add, SIM_CONFIG)
     return parser
 
 

@@ -168,6 +168,17 @@ class Cell:
                                      np.zeros(beams)], axis=1).reshape(-1)
         self._ray_geom = np.zeros(beams, np.int32)
         self._ray_dist = np.zeros(beams, np.float64)
+        # The arm's joints are the model's first seven, in order: views below rely on it.
+        assert list(self._arm_qpos) == list(range(7)) and list(self._arm_dofs) == list(range(7))
+        assert self._gyro_adr == self._accel_adr + 3
+        self._q_view = self.data.qpos[:7]
+        self._qdot_view = self.data.qvel[:7]
+        self._imu_view = self.data.sensordata[self._accel_adr:self._accel_adr + 6]
+        self._q_low, self._q_high = Q_MIN + JOINT_LIMIT_MARGIN, Q_MAX - JOINT_LIMIT_MARGIN
+        self._command_timeout = cfg.safety.command_timeout_s
+        self._intruder_speed = cfg.intruder.speed
+        self._force6 = np.zeros(6)
+        self._command = np.zeros(7)
         self._renderer = mujoco.Renderer(m, cfg.camera.height, cfg.camera.width) if render else None
         self.spec: EpisodeSpec | None = None
         self.outcome = Outcome()
@@ -216,7 +227,6 @@ class Cell:
         self._clicked = np.zeros(cfg.scene.targets, bool)
         self._command = np.zeros(7)
         self._command_t = -math.inf
-        self._field_since = math.nan
         self._sensor_rng = {name: np.random.default_rng([seed, 3, i]) for i, name in
                             enumerate(("camera", "audio", "lidar", "imu", "joint_states", "latency"))}
         imu_rng = self._sensor_rng["imu"]
@@ -228,21 +238,41 @@ class Cell:
         self._speed_n = 0
         self._next = {"camera": 0.0, "audio": cfg.audio.chunk_s, "lidar": 0.0, "imu": 1.0 / cfg.imu.rate_hz,
                       "joint_states": 0.0}
+        if self._renderer is None:
+            self._next["camera"] = math.inf
+        self._next_reading = min(self._next.values())
         self._audio_index = 0  # samples emitted so far
+        self._intrusion = spec.intrusion
+        self._field_in, self._field_out = self._field_interval(spec)
+        self._click_depth = np.array(spec.click_depth)
+        self._bottom = self._click_depth + cfg.scene.free_travel
+        self._commanding = False
         return spec
+
+    def _field_interval(self, spec: EpisodeSpec) -> tuple[float, float]:
+        """When the intruder is in the protective field, in s after the start (its path is known in advance)."""
+        ic, i = self.cfg.intruder, spec.intrusion
+        if i is None or not ic.field_x[0] <= i.x <= ic.field_x[1] or i.reach_y >= ic.field_y:
+            return (math.inf, math.inf)
+        to_edge = (INTRUDER_PARK_Y - ic.field_y) / ic.speed
+        inside = 2 * (ic.field_y - i.reach_y) / ic.speed + i.dwell
+        return (i.start + to_edge, i.start + to_edge + inside)
 
     def command(self, qdot: np.ndarray) -> None:
         """A joint velocity command (rad/s, the 7 joints in JOINT_NAMES order), held until replaced."""
         qdot = np.asarray(qdot, np.float64).reshape(-1)
         if qdot.shape != (7,) or not np.all(np.isfinite(qdot)):
             raise ValueError(f"a command is 7 finite joint velocities, got {qdot!r}")
-        self._command = np.clip(qdot, -QD_MAX, QD_MAX)
+        self._command[:] = np.clip(qdot, -QD_MAX, QD_MAX)
         self._command_t = self.elapsed
+        self._commanding = True
         self.stats.commands += 1
 
     def estop(self) -> None:
-        """Stop now: the held command becomes zero (the next command moves the arm again)."""
-        self._command = np.zeros(7)
+        """Stop now: the held command becomes zero and the servo holds the joints where they are (it brakes
+        within a few milliseconds); the next command moves the arm again."""
+        self._command[:] = 0.0
+        self._reference[:] = self._q_view
         self._command_t = self.elapsed
 
     def advance(self, until: float) -> list[Reading]:
@@ -291,58 +321,65 @@ class Cell:
         return self.data.mocap_pos[0, :2].copy()
 
     def in_protective_field(self) -> bool:
-        ic = self.cfg.intruder
-        x, y = self.intruder_xy()
-        return abs(y) < ic.field_y and ic.field_x[0] <= x <= ic.field_x[1]
+        return self._field_in <= self.elapsed < self._field_out
 
     # ------------------------------------------------------------ one physics step
 
     def _step(self, readings: list[Reading]) -> None:
-        cfg, m, d = self.cfg, self.model, self.data
-        if self.elapsed - self._command_t > cfg.safety.command_timeout_s and np.any(self._command):
-            self._command = np.zeros(7)
+        # The hot path (1 kHz): views into MjData and plain floats, no per-step allocation where avoidable.
+        d = self.data
+        elapsed = d.time
+        if elapsed - self._command_t > self._command_timeout and self._commanding:
+            self._command[:] = 0.0
+            self._commanding = False
             self.stats.command_timeouts += 1
-        q = d.qpos[self._arm_qpos]
-        self._reference = np.clip(self._reference + self._command * self.dt, q - MAX_LAG_RAD, q + MAX_LAG_RAD)
-        d.ctrl[:7] = self._reference
+        q = self._q_view
+        ref = self._reference
+        ref += self._command * self.dt
+        np.clip(ref, q - MAX_LAG_RAD, q + MAX_LAG_RAD, out=ref)
+        d.ctrl[:7] = ref
+        d.ctrl[7:14] = self._command
         self._button_forces()
-        if self.spec.intrusion is not None:
-            d.mocap_pos[0, 1] = self.spec.intrusion.side * self.spec.intrusion.y_at(self.elapsed, cfg.intruder.speed)
-        mujoco.mj_step(m, d)
-        self._imu_sum[:3] += d.sensordata[self._accel_adr:self._accel_adr + 3]
-        self._imu_sum[3:] += d.sensordata[self._gyro_adr:self._gyro_adr + 3]
+        if self._intrusion is not None:
+            d.mocap_pos[0, 1] = self._intrusion.side * self._intrusion.y_at(elapsed, self._intruder_speed)
+        mujoco.mj_step(self.model, d)
+        self._imu_sum += self._imu_view
         self._imu_n += 1
-        qdot = d.qvel[self._arm_dofs]
-        self._speed_sum += float(np.abs(qdot).sum())
+        speed = np.abs(self._qdot_view)
+        self._speed_sum += float(speed.sum())
         self._speed_n += 1
-        self.stats.max_joint_speed = max(self.stats.max_joint_speed, float(np.abs(qdot).max()))
+        peak = float(speed.max())
+        if peak > self.stats.max_joint_speed:
+            self.stats.max_joint_speed = peak
         self._check()
-        self._sense(readings)
+        if d.time + 0.5 * self.dt >= self._next_reading:
+            self._sense(readings)
 
     def _button_forces(self) -> None:
         """Each button's spring and detent: rising force to the click depth, then a snap to a low force.
 
         The drop is the click: the tool, pushing with the spring's force, lurches forward for a few
-        milliseconds until the velocity loop catches it, which the wrist accelerometer feels. Released
-        (risen above RELEASE_FRACTION of the click depth), the detent re-arms.
+        milliseconds until the servo catches it, which the wrist accelerometer feels. Released (risen
+        above RELEASE_FRACTION of the click depth), the detent re-arms.
         """
         s, d = self.cfg.scene, self.data
-        for k in range(s.targets):
-            x = -d.qpos[self._button_qpos[k]]
-            xc = self.spec.click_depth[k]
-            if not self._clicked[k] and x >= xc:
-                self._on_click(k)
-            if x >= xc + s.free_travel - OVERTRAVEL_MARGIN:
-                self._end("failure", "overtravel", f"{COLOUR_NAMES[k]} button pressed into its end stop")
-            elif self._clicked[k] and x < RELEASE_FRACTION * xc:
-                self._clicked[k] = False
-                if k == self.spec.target and not self.outcome.done:
-                    self._end("success", "success", f"{COLOUR_NAMES[k]} button clicked and released")
-            if self._clicked[k]:
-                up = s.after_click_force
-            else:
-                up = BUTTON_PRELOAD_N + (s.click_force - BUTTON_PRELOAD_N) * max(x, 0.0) / xc
-            d.qfrc_applied[self._button_dof[k]] = up
+        depth = -d.qpos[self._button_qpos]
+        xc = self._click_depth
+        clicked = self._clicked
+        if np.any(depth >= np.where(clicked, self._bottom - OVERTRAVEL_MARGIN, xc)) or \
+                np.any(clicked & (depth < RELEASE_FRACTION * xc)):
+            for k in range(s.targets):   # a state change: rare, so the plain loop
+                x = depth[k]
+                if not clicked[k] and x >= xc[k]:
+                    self._on_click(k)
+                elif clicked[k] and x < RELEASE_FRACTION * xc[k]:
+                    clicked[k] = False
+                    if k == self.spec.target:
+                        self._end("success", "success", f"{COLOUR_NAMES[k]} button clicked and released")
+                if x >= self._bottom[k] - OVERTRAVEL_MARGIN:
+                    self._end("failure", "overtravel", f"{COLOUR_NAMES[k]} button pressed into its end stop")
+        spring = BUTTON_PRELOAD_N + (s.click_force - BUTTON_PRELOAD_N) * np.maximum(depth, 0.0) / xc
+        d.qfrc_applied[self._button_dof] = np.where(clicked, s.after_click_force, spring)
 
     def _on_click(self, k: int) -> None:
         self._clicked[k] = True
@@ -359,8 +396,28 @@ class Cell:
 
     def _check(self) -> None:
         cfg, m, d = self.cfg, self.model, self.data
+        if d.ncon:
+            self._check_contacts()
+        q = self._q_view
+        if (q < self._q_low).any() or (q > self._q_high).any():
+            j = int(np.flatnonzero((q < self._q_low) | (q > self._q_high))[0])
+            self._end("failure", "joint_limit", f"{JOINT_NAMES[j]} at {q[j]:.3f} rad")
+        elapsed = d.time
+        if self._field_in <= elapsed < self._field_out:
+            self.stats.protective_time_s += self.dt
+            if elapsed - self._field_in > cfg.safety.reaction_s:
+                speed = self.tcp_speed()
+                if speed > cfg.safety.protective_speed:
+                    self._end("failure", "protective_stop_violation",
+                              f"tool at {speed:.3f} m/s with the intruder in the protective field "
+                              f"(limit {cfg.safety.protective_speed} m/s)")
+        if elapsed >= cfg.episode.time_limit_s - 0.5 * self.dt:
+            self._end("failure", "timeout", f"no success within {cfg.episode.time_limit_s:g} s")
+
+    def _check_contacts(self) -> None:
+        cfg, m, d = self.cfg, self.model, self.data
         tool_force = 0.0
-        force = np.zeros(6)
+        force = self._force6
         for i in range(d.ncon):
             c = d.contact[i]
             g1, g2 = int(c.geom1), int(c.geom2)
@@ -379,30 +436,11 @@ class Cell:
         self.stats.max_tool_force = max(self.stats.max_tool_force, tool_force)
         if tool_force > cfg.safety.max_force:
             self._end("failure", "excess_force", f"{tool_force:.0f} N on the tool (limit {cfg.safety.max_force:g} N)")
-        q = d.qpos[self._arm_qpos]
-        low, high = q < Q_MIN + JOINT_LIMIT_MARGIN, q > Q_MAX - JOINT_LIMIT_MARGIN
-        if np.any(low | high):
-            j = int(np.flatnonzero(low | high)[0])
-            self._end("failure", "joint_limit", f"{JOINT_NAMES[j]} at {q[j]:.3f} rad")
-        if self.in_protective_field():
-            self.stats.protective_time_s += self.dt
-            if math.isnan(self._field_since):
-                self._field_since = self.elapsed
-            elif self.elapsed - self._field_since > cfg.safety.reaction_s:
-                speed = self.tcp_speed()
-                if speed > cfg.safety.protective_speed:
-                    self._end("failure", "protective_stop_violation",
-                              f"tool at {speed:.3f} m/s with the intruder in the protective field "
-                              f"(limit {cfg.safety.protective_speed} m/s)")
-        else:
-            self._field_since = math.nan
-        if not self.outcome.done and self.elapsed >= cfg.episode.time_limit_s - 0.5 * self.dt:
-            self._end("failure", "timeout", f"no success within {cfg.episode.time_limit_s:g} s")
 
     # ------------------------------------------------------------ sensors
 
     def _due(self, name: str, period: float) -> bool:
-        if self.elapsed + 0.5 * self.dt >= self._next[name]:
+        if self.data.time + 0.5 * self.dt >= self._next[name]:
             self._next[name] += period
             return True
         return False
@@ -428,7 +466,7 @@ class Cell:
                 now, now + self._latency(js.latency_s),
                 d.qpos[self._arm_qpos] + rng.normal(0, js.position_noise, 7),
                 d.qvel[self._arm_dofs] + rng.normal(0, js.velocity_noise, 7),
-                d.actuator_force[:7].copy()))
+                d.qfrc_actuator[self._arm_dofs].copy()))
         if self._due("audio", cfg.audio.chunk_s):
             readings.append(self._audio_chunk())
         if self._due("lidar", 1.0 / cfg.lidar.rate_hz):
@@ -437,6 +475,7 @@ class Cell:
             self._renderer.update_scene(d, camera="overhead")
             pixels = self._renderer.render()
             readings.append(CameraFrame(now, now + self._latency(cfg.camera.latency_s), pixels))
+        self._next_reading = min(self._next.values())
 
     def _audio_chunk(self) -> AudioChunk:
         """The last chunk_s of sound: background noise, the motors' hum, and the cue while it plays."""

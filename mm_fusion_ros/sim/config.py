@@ -37,7 +37,7 @@ def _check_rate(rate: float, key: str, physics_hz: float) -> None:
 
 @dataclass(frozen=True)
 class PhysicsConfig:
-    timestep: float = 0.001       # s; every sensor rate must divide into whole physics steps or less
+    timestep: float = 0.0025      # s (400 Hz); a sensor is captured on the physics step at or after its time
 
     def validate(self, key: str) -> None:
         _check(1e-4 <= self.timestep <= 0.005, f"{key}.timestep", f"must be in [0.0001, 0.005] s, got {self.timestep}")

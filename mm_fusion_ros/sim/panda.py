@@ -60,20 +60,21 @@ def _quat_rotx(alpha: float) -> tuple[float, float, float, float]:
 
 
 KP = (2000.0, 2000.0, 2000.0, 2000.0, 500.0, 500.0, 500.0)   # N m / rad
-KD = (80.0, 80.0, 80.0, 80.0, 20.0, 20.0, 20.0)              # N m s / rad
+KD = (120.0, 120.0, 120.0, 120.0, 20.0, 20.0, 20.0)              # N m s / rad
 
 
 def arm_mjcf() -> tuple[str, str]:
     """(bodies, actuators) MJCF fragments: the arm on the world origin, joints under a stiff servo.
 
     A robot's joint velocity interface (what ros2_control's forward velocity controller writes to)
-    tracks the commanded velocity with its own position loop: the command is integrated into a
-    reference, and a PD servo limited to the published torques follows it. So here: ``position``
-    actuators (kp, kv) whose control is that reference (the cell integrates it), which holds the arm
-    still under load at zero command and pushes harder the longer a blocked joint is commanded on, as
-    a real arm does. A pure velocity servo instead either stalls at a few newtons or, stiff enough
-    not to, goes unstable once its torque saturates. Links carry gravity compensation, as the
-    Panda's controller does.
+    tracks the commanded velocity with its own position loop. So here each joint has a PD servo
+    with velocity feedforward, ``kp (q_ref - q) + kd (qdot_cmd - qdot)``, made of a ``position``
+    actuator (control: the reference q_ref, which the cell integrates from the command) and a
+    ``velocity`` actuator (control: the command), their sum limited to the published torque by the
+    joint's ``actuatorfrcrange``. It holds the arm still under load at zero command and pushes harder
+    the longer a blocked joint is commanded on, as a real arm does. (A pure velocity servo instead
+    either stalls at a few newtons or, stiff enough not to, goes unstable once its torque saturates.)
+    Links carry gravity compensation, as the Panda's controller does.
     """
     bodies, closing = [], []
     for i, (a, d, alpha) in enumerate(MDH):
@@ -89,7 +90,7 @@ def arm_mjcf() -> tuple[str, str]:
         name = JOINT_NAMES[i]
         body = [f'<body name="link{i + 1}" pos="{_fmt(pos)}" quat="{_fmt(_quat_rotx(alpha))}" gravcomp="1">',
                 f'<joint name="{name}" type="hinge" axis="0 0 1" range="{Q_MIN[i]:.4f} {Q_MAX[i]:.4f}" '
-                f'armature="0.1" damping="0.5"/>',
+                f'armature="0.1" damping="0.5" actuatorfrcrange="{-TAU_MAX[i]} {TAU_MAX[i]}"/>',
                 f'<geom name="link{i + 1}_joint" type="cylinder" size="{LINK_RADIUS[i]:.3f} {LINK_RADIUS[i]:.3f}" '
                 f'mass="{LINK_MASS[i] * 0.4:.3f}" class="arm"/>']
         if length > 1e-6:
@@ -109,8 +110,9 @@ def arm_mjcf() -> tuple[str, str]:
         'rgba="0.9 0.9 0.9 1"/>'
         f'<site name="tcp" pos="0 0 {TOOL_LENGTH + TIP_RADIUS:.4f}" size="0.005"/>'
         '</body>')
-    actuators = "\n".join(
-        f'<position name="{JOINT_NAMES[i]}_servo" joint="{JOINT_NAMES[i]}" kp="{KP[i]}" kv="{KD[i]}" '
-        f'ctrlrange="{Q_MIN[i]:.4f} {Q_MAX[i]:.4f}" forcerange="{-TAU_MAX[i]} {TAU_MAX[i]}" '
-        f'forcelimited="true" ctrllimited="true"/>' for i in range(7))
+    position = [f'<position name="{JOINT_NAMES[i]}_position" joint="{JOINT_NAMES[i]}" kp="{KP[i]}" kv="0" '
+                f'ctrlrange="{Q_MIN[i]:.4f} {Q_MAX[i]:.4f}" ctrllimited="true"/>' for i in range(7)]
+    velocity = [f'<velocity name="{JOINT_NAMES[i]}_velocity" joint="{JOINT_NAMES[i]}" kv="{KD[i]}" '
+                f'ctrlrange="{-QD_MAX[i]:.4f} {QD_MAX[i]:.4f}" ctrllimited="true"/>' for i in range(7)]
+    actuators = "\n".join(position + velocity)
     return "\n".join(bodies) + "\n" + "\n".join(reversed(closing)), actuators

@@ -1,0 +1,382 @@
+"""``mm-fusion record``: scripted-expert demonstrations in the cell, one rosbag2 bag per episode.
+
+A recorded bag has the shape of one from a real robot: the sensor topics and
+types that the config's ``fusion_node`` block subscribes to (the same ones
+``sim_node`` publishes), ``/joint_states``, what the arm was commanded
+(``outputs.action_topic``, Float64MultiArray as a forward velocity controller
+takes it) and the expert's clean command as the label (``/expert/joint_command``,
+a stamped JointState: with DART noise the two differ). Header stamps are capture
+times on the sim clock; bag timestamps are receive times (commands: the tick).
+
+Layout of OUT_DIR::
+
+    episode_000123/            the bag (MCAP), named by its seed; appears only when complete
+    episode_000123.json        seed, task, outcome, reason, stats, message counts, bytes
+    index.json                 the set: config hash, options, every finished episode
+
+The episode's JSON is written after its bag is in place, and ``index.json`` is
+rewritten (atomically) after each episode, so an interrupted recording leaves
+whole episodes only; ``--resume`` skips the seeds whose bag and JSON are both
+there and removes what an interrupted run left half written.
+
+Runs in-process (no DDS), faster than real time, optionally over ``--workers``
+processes; an episode depends only on its seed, never on the worker count.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import shutil
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from ..bag import messages as M
+from ..bag.typestore import distro_of, make_typestore
+from ..bag.writer import BagWriter
+from ..config import ConfigError, RobotConfig, load_config
+from ..files import write_json_atomic
+from .config import CellConfig, load_cell_config
+from .gl import RenderBackendError, check_backend
+from .panda import JOINT_NAMES
+from .readings import ArrivalQueue, AudioChunk, CameraFrame, ImuReading, JointReading, LidarScan, encode_jpeg
+
+JOINT_STATES_TOPIC = "/joint_states"
+LABEL_TOPIC = "/expert/joint_command"
+FRAME_IDS = {"camera": "camera_optical_frame", "audio": "microphone", "lidar": "laser", "imu": "imu_link",
+             "joint_states": "panda_link0"}
+INDEX = "index.json"
+TOOL = "mm-fusion record"
+
+
+class RecordError(ValueError):
+    """Options, config or an output folder that record cannot work with."""
+
+
+@dataclass(frozen=True)
+class RecordOptions:
+    episodes: int
+    seed: int = 0                 # first seed; episodes use seed, seed + 1, ...
+    noise: float = 0.0            # rad/s: DART perturbation of the executed command (the label stays clean)
+    workers: int = 1
+    resume: bool = False
+    storage: str = "mcap"
+    control_rate_hz: float = 100.0
+
+    def validate(self) -> None:
+        if not 1 <= self.episodes <= 100_000:
+            raise RecordError(f"--episodes must be in [1, 100000], got {self.episodes}")
+        if self.seed < 0:
+            raise RecordError(f"--seed must be >= 0, got {self.seed}")
+        if not (math.isfinite(self.noise) and 0 <= self.noise <= 1.0):
+            raise RecordError(f"--noise must be in [0, 1] rad/s, got {self.noise}")
+        if not 1 <= self.workers <= 64:
+            raise RecordError(f"--workers must be in [1, 64], got {self.workers}")
+        if self.storage not in ("mcap", "sqlite3"):
+            raise RecordError(f"--storage must be mcap or sqlite3, got {self.storage!r}")
+
+
+def episode_name(seed: int) -> str:
+    return f"episode_{seed:06d}"
+
+
+@dataclass(frozen=True)
+class _Topics:
+    camera: tuple[str, str]
+    audio: tuple[str, str]
+    audio_info: str
+    lidar: tuple[str, str]
+    imu: tuple[str, str]
+    command: str
+
+
+def _topics(robot: RobotConfig, cell: CellConfig) -> _Topics:
+    """The bag's topics and types, from the fusion_node block; refuse combinations the cell cannot produce."""
+    inp = robot.inputs
+    want_camera = "compressed_image" if cell.camera.encoding == "jpeg" else "image"
+    if inp.camera.type != want_camera:
+        raise RecordError(f"inputs.camera.type is {inp.camera.type!r} but the cell's camera.encoding is "
+                          f"{cell.camera.encoding!r} (which needs inputs.camera.type: {want_camera}); make them agree")
+    if inp.audio.type not in ("audio_data_stamped", "image_pcm"):
+        raise RecordError(f"record writes audio as audio_data_stamped or image_pcm, not {inp.audio.type!r} "
+                          "(inputs.audio.type)")
+    if inp.audio.source_rate != cell.audio.sample_rate:
+        raise RecordError(f"inputs.audio.source_rate ({inp.audio.source_rate}) differs from the cell's "
+                          f"audio.sample_rate ({cell.audio.sample_rate})")
+    if inp.lidar.type != "laser_scan":
+        raise RecordError("the cell's LiDAR is planar: set inputs.lidar.type: laser_scan")
+    if tuple(robot.model.action.names) != JOINT_NAMES:
+        raise RecordError(f"model.action.names must be the Panda's joints {list(JOINT_NAMES)} in order, "
+                          f"got {list(robot.model.action.names)}")
+    return _Topics(
+        camera=(inp.camera.topic, M.INPUT_MSGTYPES[("camera", inp.camera.type)]),
+        audio=(inp.audio.topic, M.INPUT_MSGTYPES[("audio", inp.audio.type)]),
+        audio_info=inp.audio.info_topic,
+        lidar=(inp.lidar.topic, M.INPUT_MSGTYPES[("lidar", "laser_scan")]),
+        imu=(inp.imu.topic, M.INPUT_MSGTYPES[("imu", "")]),
+        command=robot.outputs.action_topic)
+
+
+def config_digest(path: str | Path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+# ---------------------------------------------------------------- one episode (runs in a worker)
+
+class _EpisodeRecorder:
+    """Holds a Cell (and its renderer) for the worker's lifetime; records one episode per call."""
+
+    def __init__(self, config_path: str):
+        from .cell import Cell
+        self.robot = load_config(config_path)
+        self.cell_cfg = load_cell_config(config_path)
+        self.topics = _topics(self.robot, self.cell_cfg)
+        self.ts = make_typestore(distro_of(self.robot), "ros_drivers")
+        self.cell = Cell(self.cell_cfg)
+
+    def _message(self, r):
+        ts, cfg = self.ts, self.cell_cfg
+        if isinstance(r, CameraFrame):
+            if cfg.camera.encoding == "jpeg":
+                return self.topics.camera[0], M.compressed_image(ts, r.stamp, FRAME_IDS["camera"],
+                                                                  encode_jpeg(r.pixels, cfg.camera.jpeg_quality))
+            return self.topics.camera[0], M.image(ts, r.stamp, FRAME_IDS["camera"], r.pixels)
+        if isinstance(r, AudioChunk):
+            if self.robot.inputs.audio.type == "image_pcm":
+                return self.topics.audio[0], M.image_pcm(ts, r.stamp, FRAME_IDS["audio"], r.pcm.astype("<i2"))
+            return self.topics.audio[0], M.audio_data_stamped(ts, r.stamp, FRAME_IDS["audio"], r.pcm.astype("<i2"))
+        if isinstance(r, LidarScan):
+            return self.topics.lidar[0], M.laser_scan(ts, r.stamp, FRAME_IDS["lidar"], r.ranges, r.range_min,
+                                                      r.range_max, r.scan_time)
+        if isinstance(r, ImuReading):
+            return self.topics.imu[0], M.imu(ts, r.stamp, FRAME_IDS["imu"], r.accel, r.gyro)
+        if isinstance(r, JointReading):
+            return JOINT_STATES_TOPIC, M.joint_state(ts, M.stamp_ns(r.stamp), JOINT_NAMES, r.position, r.velocity,
+                                                     r.effort)
+        raise TypeError(type(r))
+
+    def record(self, out_dir: str, seed: int, noise: float, storage: str, control_rate_hz: float) -> dict:
+        from .expert import Expert
+        cell, ts, topics = self.cell, self.ts, self.topics
+        wall0 = time.perf_counter()
+        spec = cell.reset(seed)
+        expert = Expert(cell)
+        rng = np.random.default_rng([seed, 7])
+        queue = ArrivalQueue()
+        name = episode_name(seed)
+        bag_path = Path(out_dir) / name
+        custom = {"mm_fusion_ros.episode": json.dumps(spec.as_dict())}
+        period = 1.0 / control_rate_hz
+        limit = expert.p.max_joint_speed
+        with BagWriter(bag_path, ts, storage=storage, custom_data=custom) as bag:
+            for topic, msgtype in (topics.camera, topics.audio, topics.lidar, topics.imu):
+                bag.add_topic(topic, msgtype)
+            bag.add_topic(JOINT_STATES_TOPIC, "sensor_msgs/msg/JointState")
+            bag.add_topic(topics.command, "std_msgs/msg/Float64MultiArray")
+            bag.add_topic(LABEL_TOPIC, "sensor_msgs/msg/JointState")
+            if topics.audio[1] == M.INPUT_MSGTYPES[("audio", "audio_data_stamped")]:
+                bag.add_topic(topics.audio_info, "audio_common_msgs/msg/AudioInfo")
+            info_next = cell.t
+            t = cell.t
+            while not cell.outcome.done:
+                clean = expert.act()
+                executed = np.clip(clean + (rng.normal(0, noise, 7) if noise > 0 else 0.0), -limit, limit)
+                cell.command(executed)
+                t_ns = M.stamp_ns(t)
+                bag.write(topics.command, t_ns, M.float64_array(ts, executed))
+                bag.write(LABEL_TOPIC, t_ns, M.joint_state(ts, t_ns, JOINT_NAMES, velocity=clean))
+                if topics.audio_info in bag.counts and t >= info_next:
+                    # Once a second, so a reader starting mid-bag still learns the stream's format.
+                    bag.write(topics.audio_info, t_ns, M.audio_info(ts, self.cell_cfg.audio.sample_rate))
+                    info_next += 1.0
+                t += period
+                queue.push(cell.advance(t))
+                for r in queue.pop_due(t):
+                    topic, msg = self._message(r)
+                    bag.write(topic, M.stamp_ns(r.receive), msg)
+            for r in queue.drain():   # in flight when the episode ended: a recorder would still get them
+                topic, msg = self._message(r)
+                bag.write(topic, M.stamp_ns(r.receive), msg)
+            counts = dict(bag.counts)
+        o, st = cell.outcome, cell.stats
+        meta = {
+            "seed": seed, "task": spec.task, "bag": name, "outcome": o.status, "reason": o.reason,
+            "detail": o.detail, "duration_s": round(o.t, 4),
+            "time_to_success_s": round(o.t, 4) if o.status == "success" else None,
+            "noise": noise, "spec": spec.as_dict(),
+            "stats": {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in asdict(st).items()},
+            "messages": counts, "bytes": _size(bag_path), "wall_s": round(time.perf_counter() - wall0, 3),
+        }
+        write_json_atomic(Path(out_dir) / f"{name}.json", meta)
+        return meta
+
+
+def _size(path: Path) -> int:
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+
+
+_WORKER: _EpisodeRecorder | None = None
+
+
+def _worker_init(config_path: str) -> None:
+    global _WORKER
+    _WORKER = _EpisodeRecorder(config_path)
+
+
+def _worker_record(args: tuple) -> dict:
+    return _WORKER.record(*args)
+
+
+# ---------------------------------------------------------------- the set
+
+def _clean_partials(out: Path) -> list[str]:
+    """Remove what an interrupted run left: staging folders and temporary files, bags without their JSON."""
+    removed = []
+    for p in out.iterdir():
+        if p.name.startswith(".") and ".partial-" in p.name:
+            shutil.rmtree(p) if p.is_dir() else p.unlink()
+            removed.append(p.name)
+        elif p.is_dir() and p.name.startswith("episode_") and not (out / f"{p.name}.json").is_file():
+            shutil.rmtree(p)
+            removed.append(p.name)
+    return removed
+
+
+def _finished(out: Path, seed: int) -> dict | None:
+    meta_path = out / f"{episode_name(seed)}.json"
+    if meta_path.is_file() and (out / episode_name(seed)).is_dir():
+        try:
+            return json.loads(meta_path.read_text())
+        except json.JSONDecodeError:
+            return None
+    return None
+
+
+def summarize(episodes: list[dict]) -> dict:
+    n = len(episodes)
+    ok = [e for e in episodes if e["outcome"] == "success"]
+    reasons: dict[str, int] = {}
+    for e in episodes:
+        reasons[e["reason"]] = reasons.get(e["reason"], 0) + 1
+    from ..stats import wilson_interval
+    lo, hi = wilson_interval(len(ok), n)
+    return {"episodes": n, "successes": len(ok), "success_rate": len(ok) / n if n else float("nan"),
+            "success_ci95": [lo, hi], "reasons": dict(sorted(reasons.items())),
+            "mean_time_to_success_s": float(np.mean([e["duration_s"] for e in ok])) if ok else None,
+            "mean_bytes": float(np.mean([e["bytes"] for e in episodes])) if n else None,
+            "sim_s": float(sum(e["duration_s"] for e in episodes))}
+
+
+def record(out_dir: str | Path, config_path: str | Path, opts: RecordOptions, progress: bool | None = None,
+           log: Callable[[str], None] = print) -> dict:
+    """Record ``opts.episodes`` expert episodes into ``out_dir``; returns the index written there."""
+    from tqdm import tqdm
+
+    opts.validate()
+    config_path = str(config_path)
+    robot = load_config(config_path)           # ConfigError names the key, before any work
+    cell_cfg = load_cell_config(config_path)
+    _topics(robot, cell_cfg)
+    check_backend()
+    out = Path(out_dir)
+    digest = config_digest(config_path)
+    index_path = out / INDEX
+    if out.exists() and any(out.iterdir()):
+        if not opts.resume:
+            raise RecordError(f"{out} is not empty; pass --resume to continue that recording, or choose a new folder")
+        if index_path.is_file():
+            old = json.loads(index_path.read_text())
+            if old.get("config_sha256") != digest:
+                raise RecordError(f"{out} was recorded with another config ({old.get('config')}); "
+                                  "resume it with that config, or record into a new folder")
+    out.mkdir(parents=True, exist_ok=True)
+    removed = _clean_partials(out)
+    if removed:
+        log(f"record: removed {len(removed)} unfinished item(s) of an interrupted run: {', '.join(sorted(removed))}")
+    seeds = list(range(opts.seed, opts.seed + opts.episodes))
+    done = {s: m for s in seeds if (m := _finished(out, s)) is not None}
+    todo = [s for s in seeds if s not in done]
+    if done:
+        log(f"record: {len(done)} of {len(seeds)} episodes already recorded; recording {len(todo)}")
+    show = sys.stderr.isatty() if progress is None else progress
+    index = {"tool": TOOL, "config": config_path, "config_sha256": digest, "task": "press_cued_button",
+             "options": asdict(opts), "seeds": [seeds[0], seeds[-1]], "episodes": []}
+
+    def write_index() -> None:
+        episodes = sorted(done.values(), key=lambda e: e["seed"])
+        index["episodes"] = [{k: e[k] for k in ("seed", "bag", "outcome", "reason", "duration_s", "bytes")}
+                             for e in episodes]
+        index["summary"] = summarize(episodes)
+        write_json_atomic(index_path, index)
+
+    wall0 = time.perf_counter()
+    args = [(str(out), s, opts.noise, opts.storage, opts.control_rate_hz) for s in todo]
+    bar = tqdm(total=len(todo), desc="record", unit="episode", disable=not show, file=sys.stderr)
+    try:
+        if opts.workers == 1 or len(todo) <= 1:
+            recorder = _EpisodeRecorder(config_path)
+            try:
+                for a in args:
+                    meta = recorder.record(*a)
+                    done[meta["seed"]] = meta
+                    write_index()
+                    bar.set_postfix(success=f"{sum(e['outcome'] == 'success' for e in done.values())}/{len(done)}")
+                    bar.update()
+            finally:
+                recorder.cell.close()
+        else:
+            import multiprocessing as mp
+            from concurrent.futures import ProcessPoolExecutor, as_completed
+            # spawn, not fork: each worker opens its own OpenGL context and MuJoCo model.
+            with ProcessPoolExecutor(opts.workers, mp_context=mp.get_context("spawn"), initializer=_worker_init,
+                                     initargs=(config_path,)) as pool:
+                futures = [pool.submit(_worker_record, a) for a in args]
+                for f in as_completed(futures):
+                    meta = f.result()
+                    done[meta["seed"]] = meta
+                    write_index()
+                    bar.update()
+    finally:
+        bar.close()
+    write_index()
+    wall = time.perf_counter() - wall0
+    s = index["summary"]
+    recorded_sim = sum(done[x]["duration_s"] for x in todo)
+    log(f"record: {s['episodes']} episodes in {out}: {s['successes']} succeeded "
+        f"({100 * s['success_rate']:.1f}%, 95% CI {100 * s['success_ci95'][0]:.1f}-{100 * s['success_ci95'][1]:.1f}%), "
+        f"{(s['mean_bytes'] or 0) / 1e6:.2f} MB per episode; this run: {len(todo)} episodes in {wall:.1f} s "
+        f"({60 * len(todo) / wall if wall > 0 and todo else 0:.1f} episodes/min, "
+        f"{recorded_sim / wall if wall > 0 and todo else 0:.1f}x real time)")
+    return index
+
+
+def add_record_command(add: Callable[[str, str], object], default_config: str) -> None:
+    p = add("record", "record scripted-expert demonstrations in the simulated cell as rosbag2 bags")
+    p.set_defaults(config=default_config, func=cmd_record)
+    p.add_argument("out", help="output folder (one bag and one JSON per episode, and index.json)")
+    p.add_argument("--episodes", type=int, required=True)
+    p.add_argument("--seed", type=int, default=None, help="first seed (default: the config's sim_node seed)")
+    p.add_argument("--noise", type=float, default=0.0,
+                   help="DART noise: std (rad/s) added to the executed command; the label stays clean")
+    p.add_argument("--workers", type=int, default=1, help="parallel processes (results do not depend on it)")
+    p.add_argument("--resume", action="store_true", help="skip episodes already recorded in OUT")
+    p.add_argument("--storage", choices=["mcap", "sqlite3"], default="mcap")
+
+
+def cmd_record(args, cfg: RobotConfig) -> int:
+    try:
+        seed = args.seed if args.seed is not None else load_cell_config(args.config).seed
+        opts = RecordOptions(episodes=args.episodes, seed=seed, noise=args.noise, workers=args.workers,
+                             resume=args.resume, storage=args.storage, control_rate_hz=cfg.control_rate_hz)
+        record(args.out, args.config, opts)
+    except (RecordError, ConfigError, RenderBackendError) as exc:
+        print(f"mm-fusion record: {exc}", file=sys.stderr)
+        return 2
+    return 0
