@@ -305,6 +305,9 @@ def test_expert_solves_episodes_with_and_without_an_intruder(cfg, cell):
         if cell.spec.intrusion is not None:   # the whole intrusion came and went, and the arm waited it out
             assert cell.stats.protective_time_s == pytest.approx(cell._field_out - cell._field_in, abs=0.01)
             assert cell.stats.protective_time_s > 1.0
+    # DART noise pushes the arm off the expert's path; the expert brings it back.
+    run_expert_episode(cell, early[0], noise=0.1)
+    assert cell.outcome.status == "success", cell.outcome
 
 
 class _WrongButtonExpert(Expert):

@@ -18,7 +18,10 @@ towards the ready pose so the elbow stays where a person expects it.
 
 ``noise`` (DART-style): the command the cell executes is perturbed, while the
 clean command is what gets recorded as the label, so a cloned policy sees
-states slightly off the expert's path and how to get back.
+states slightly off the expert's path and how to get back. Only while the
+expert is moving freely (``perturbable``): noise while it holds still for the
+intruder, or during the last millimetres of a press, would not show a recovery,
+only fail the episode (a protective-stop violation, an overtravel).
 """
 
 from __future__ import annotations
@@ -59,6 +62,16 @@ class Expert:
 
     def reset(self) -> None:
         self.phase = "listen"
+
+    @property
+    def perturbable(self) -> bool:
+        """Whether DART noise may be added to the command now (free motion, no intruder near)."""
+        if self._intruder_near() or self.phase not in ("approach", "descend", "hold"):
+            return False
+        if self.phase == "descend":
+            p, _ = self.cell.tcp()
+            return p[2] - self.cell.button_top(self.cell.spec.target)[2] > 2 * PRESS_ZONE
+        return True
 
     def _intruder_near(self) -> bool:
         ic = self.cell.cfg.intruder
@@ -131,6 +144,14 @@ class Expert:
         return qdot
 
 
+def expert_commands(expert: Expert, rng: np.random.Generator, noise: float) -> tuple[np.ndarray, np.ndarray]:
+    """(clean label, executed command) for this tick: the executed one carries DART noise when allowed."""
+    clean = expert.act()
+    perturb = rng.normal(0, noise, 7) if noise > 0 and expert.perturbable else 0.0
+    limit = expert.p.max_joint_speed
+    return clean, np.clip(clean + perturb, -limit, limit)
+
+
 def run_expert_episode(cell: Cell, seed: int, noise: float = 0.0, control_rate_hz: float = 100.0,
                        on_tick=None) -> None:
     """One episode under the expert at the control rate; ``on_tick(t, clean, executed, readings)`` sees each tick.
@@ -144,9 +165,8 @@ def run_expert_episode(cell: Cell, seed: int, noise: float = 0.0, control_rate_h
     period = 1.0 / control_rate_hz
     t = cell.t
     while not cell.outcome.done:
-        clean = expert.act()
-        executed = clean + rng.normal(0, noise, 7) if noise > 0 else clean
-        cell.command(np.clip(executed, -expert.p.max_joint_speed, expert.p.max_joint_speed))
+        clean, executed = expert_commands(expert, rng, noise)
+        cell.command(executed)
         t += period
         readings = cell.advance(t)
         if on_tick is not None:

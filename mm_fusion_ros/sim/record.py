@@ -163,7 +163,7 @@ class _EpisodeRecorder:
         raise TypeError(type(r))
 
     def record(self, out_dir: str, seed: int, noise: float, storage: str, control_rate_hz: float) -> dict:
-        from .expert import Expert
+        from .expert import Expert, expert_commands
         cell, ts, topics = self.cell, self.ts, self.topics
         wall0 = time.perf_counter()
         spec = cell.reset(seed)
@@ -174,7 +174,6 @@ class _EpisodeRecorder:
         bag_path = Path(out_dir) / name
         custom = {"mm_fusion_ros.episode": json.dumps(spec.as_dict())}
         period = 1.0 / control_rate_hz
-        limit = expert.p.max_joint_speed
         with BagWriter(bag_path, ts, storage=storage, custom_data=custom) as bag:
             for topic, msgtype in (topics.camera, topics.audio, topics.lidar, topics.imu):
                 bag.add_topic(topic, msgtype)
@@ -186,8 +185,7 @@ class _EpisodeRecorder:
             info_next = cell.t
             t = cell.t
             while not cell.outcome.done:
-                clean = expert.act()
-                executed = np.clip(clean + (rng.normal(0, noise, 7) if noise > 0 else 0.0), -limit, limit)
+                clean, executed = expert_commands(expert, rng, noise)
                 cell.command(executed)
                 t_ns = M.stamp_ns(t)
                 bag.write(topics.command, t_ns, M.float64_array(ts, executed))
