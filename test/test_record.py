@@ -151,12 +151,27 @@ def test_interrupted_recording_leaves_whole_episodes_and_resume_finishes(tmp_pat
     assert not any(p.name.startswith(".") for p in out.iterdir())
 
 
+def test_video_of_the_first_episode(tmp_path, capsys):
+    import cv2
+    video = tmp_path / "ep.mp4"
+    assert cli_main(["record", str(tmp_path / "out"), "--episodes", "1", "--seed", "4", "--video", str(video)]) == 0
+    assert f"episode 4 (success) rendered to {video}" in capsys.readouterr().out
+    meta = json.loads((tmp_path / "out" / f"{episode_name(4)}.json").read_text())
+    cap = cv2.VideoCapture(str(video))
+    frames = int(cap.get(cv2.CAP_PROP_FRAME_COUNT))
+    ok, frame = cap.read()
+    assert ok and frame.shape == (360, 480 + 360, 3)
+    assert frames == pytest.approx(30 * meta["duration_s"] + 30, abs=3)    # 30 fps, and a second on the end
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+
+
 def test_bad_options_are_refused_before_any_work(tmp_path, capsys):
     out = tmp_path / "never"
     for argv, message in [
         (["--episodes", "0"], "--episodes must be in"),
         (["--episodes", "2", "--noise", "-0.1"], "--noise must be in"),
         (["--episodes", "2", "--workers", "0"], "--workers must be in"),
+        (["--episodes", "2", "--video", "ep.avi"], "name it *.mp4"),
     ]:
         assert cli_main(["record", str(out), *argv]) == 2
         assert message in capsys.readouterr().err

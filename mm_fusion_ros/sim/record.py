@@ -366,6 +366,8 @@ def add_record_command(add: Callable[[str, str], object], default_config: str) -
     p.add_argument("--workers", type=int, default=1, help="parallel processes (results do not depend on it)")
     p.add_argument("--resume", action="store_true", help="skip episodes already recorded in OUT")
     p.add_argument("--storage", choices=["mcap", "sqlite3"], default="mcap")
+    p.add_argument("--video", metavar="MP4", help="also render the first episode (the whole cell beside the "
+                                                 "policy's camera) to this MP4")
 
 
 def cmd_record(args, cfg: RobotConfig) -> int:
@@ -373,7 +375,13 @@ def cmd_record(args, cfg: RobotConfig) -> int:
         seed = args.seed if args.seed is not None else load_cell_config(args.config).seed
         opts = RecordOptions(episodes=args.episodes, seed=seed, noise=args.noise, workers=args.workers,
                              resume=args.resume, storage=args.storage, control_rate_hz=cfg.control_rate_hz)
+        if args.video and not args.video.endswith(".mp4"):
+            raise RecordError(f"--video writes an MP4; name it *.mp4, got {args.video!r}")
         record(args.out, args.config, opts)
+        if args.video:
+            from .video import expert_video
+            v = expert_video(args.config, seed, args.video, noise=args.noise, control_rate_hz=cfg.control_rate_hz)
+            print(f"record: episode {seed} ({v['reason']}) rendered to {v['video']} ({v['frames']} frames)")
     except (RecordError, ConfigError, RenderBackendError) as exc:
         print(f"mm-fusion record: {exc}", file=sys.stderr)
         return 2

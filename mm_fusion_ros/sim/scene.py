@@ -25,6 +25,7 @@ HOUSING_HEIGHT = 0.02
 CAP_HEIGHT = 0.016
 LIDAR_X = 1.0
 INTRUDER_PARK_Y = 1.1
+WITNESS_SIZE = (480, 360)   # the "witness" camera's frames in episode videos (width, height)
 
 
 def cell_mjcf(cfg: CellConfig) -> str:
@@ -52,7 +53,7 @@ def cell_mjcf(cfg: CellConfig) -> str:
   <option timestep="{cfg.physics.timestep}" integrator="implicitfast" cone="elliptic"/>
   <visual>
     <quality shadowsize="0" offsamples="0"/>
-    <global offwidth="{max(cam.width, 64)}" offheight="{max(cam.height, 64)}"/>
+    <global offwidth="{max(cam.width, WITNESS_SIZE[0])}" offheight="{max(cam.height, WITNESS_SIZE[1])}"/>
     <headlight ambient="0.45 0.45 0.45" diffuse="0.4 0.4 0.4" specular="0 0 0"/>
   </visual>
   <default>
@@ -70,8 +71,11 @@ def cell_mjcf(cfg: CellConfig) -> str:
     <geom name="fence_left" type="box" size="1.0 0.01 0.6" pos="0.5 1.3 0.2" class="fixture" rgba="0.9 0.7 0.1 1"/>
     <geom name="fence_right" type="box" size="1.0 0.01 0.6" pos="0.5 -1.3 0.2" class="fixture" rgba="0.9 0.7 0.1 1"/>
     <geom name="fence_back" type="box" size="0.01 1.3 0.6" pos="-0.5 0 0.2" class="fixture" rgba="0.9 0.7 0.1 1"/>
-    <geom name="base" type="cylinder" size="0.09 0.05" pos="0 0 0.05" contype="0" conaffinity="0" rgba="0.9 0.9 0.92 1"/>
+    <geom name="base" type="cylinder" size="0.07 0.14" pos="0 0 0.14" contype="0" conaffinity="0" rgba="0.9 0.9 0.92 1"/>
     <camera name="overhead" pos="{cx} {cy} {cam.height_m}" xyaxes="0 -1 0 1 0 0" fovy="{cam.fovy_deg}"/>
+    <!-- For people, not the policy: the whole cell, intruder included (videos of episodes). -->
+    <body name="cell_centre" pos="0.45 0 0.15"/>
+    <camera name="witness" pos="1.75 -1.05 0.95" mode="targetbody" target="cell_centre" fovy="45"/>
     <body name="lidar" pos="{LIDAR_X} 0 0">
       <geom name="lidar_post" type="cylinder" size="0.03 {cfg.lidar.height_m / 2}" pos="0 0 {cfg.lidar.height_m / 2}"
             contype="0" conaffinity="0" rgba="0.1 0.1 0.1 1"/>
