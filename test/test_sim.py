@@ -392,3 +392,12 @@ def test_missing_render_backend_names_the_package(monkeypatch):
     monkeypatch.setattr(gl.ctypes.util, "find_library", lambda name: None)
     with pytest.raises(gl.RenderBackendError, match="apt-get install libosmesa6.*MUJOCO_GL=egl"):
         gl.check_backend()
+
+
+def test_wilson_interval():
+    from mm_fusion_ros.stats import wilson_interval
+    lo, hi = wilson_interval(199, 200)
+    assert (round(lo, 4), round(hi, 4)) == (0.9722, 0.9991)   # the textbook Wilson bounds for 199/200
+    assert wilson_interval(0, 10)[0] == 0.0 and wilson_interval(10, 10)[1] == 1.0
+    with pytest.raises(ValueError):
+        wilson_interval(11, 10)
