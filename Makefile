@@ -9,7 +9,7 @@ STAMP := $(VENV)/.installed
 export ROS_AUTOMATIC_DISCOVERY_RANGE := LOCALHOST
 export ROS_DOMAIN_ID ?= 42
 
-.PHONY: setup demo test bench bench-live clean
+.PHONY: setup demo test bench bench-live bench-sim clean
 
 setup: $(STAMP)
 
@@ -43,6 +43,10 @@ bench: $(STAMP)
 # The live loop for 5 minutes: ticks over budget, p99 tick time, camera transport, lost messages.
 bench-live: $(STAMP)
 	$(PY) bench/live_loop.py --config config/robot.yaml --duration 300 --out artifacts/bench_live.json --plot artifacts/bench_live.png
+
+# The simulated cell: real-time factor, scripted-expert success over 200 episodes, recording throughput.
+bench-sim: $(STAMP)
+	$(PY) bench/sim_cell.py --episodes 200 --record 20 --workers 2
 
 clean:
 	rm -rf $(VENV) artifacts build install log *.egg-info

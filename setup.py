@@ -67,6 +67,7 @@ setup(
             "microphone_node = mm_fusion_ros.ros.microphone_node:main",
             "sensor_sim_node = mm_fusion_ros.ros.sensor_sim_node:main",
             "bag_player = mm_fusion_ros.ros.bag_player:main",
+            "sim_node = mm_fusion_ros.ros.sim_node:main",
         ],
     },
 )

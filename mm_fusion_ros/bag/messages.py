@@ -150,9 +150,9 @@ def float32_array(ts: Typestore, values: Iterable[float]):
 
 
 def joint_state(ts: Typestore, t_ns: int, names: Sequence[str], position: Sequence[float] = (),
-                velocity: Sequence[float] = (), effort: Sequence[float] = ()):
+                velocity: Sequence[float] = (), effort: Sequence[float] = (), frame_id: str = ""):
     return ts.types["sensor_msgs/msg/JointState"](
-        header=header_ns(ts, t_ns, ""), name=list(names), position=np.asarray(position, np.float64).reshape(-1),
+        header=header_ns(ts, t_ns, frame_id), name=list(names), position=np.asarray(position, np.float64).reshape(-1),
         velocity=np.asarray(velocity, np.float64).reshape(-1), effort=np.asarray(effort, np.float64).reshape(-1))
 
 

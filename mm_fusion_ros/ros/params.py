@@ -1,8 +1,9 @@
 """Every node's parameters in one place: typed dataclasses, declared on the node, read back validated.
 
-``config/robot.yaml`` is the single source of defaults (one block per node);
-the dataclass defaults mirror it, and ``declare_config`` declares one ROS
-parameter per leaf field with ``declare_parameter`` (dotted names, e.g.
+``config/robot.yaml`` is the single source of defaults (one block per node;
+the simulated cell's ``sim_node`` is in ``config/sim.yaml``); the dataclass
+defaults mirror it, and ``declare_config`` declares one ROS parameter per leaf
+field with ``declare_parameter`` (dotted names, e.g.
 ``inputs.camera.topic``), so ``--params-file config/robot.yaml`` and ``-p``
 overrides work as everywhere in ROS 2. The values are read back into the frozen
 dataclass and validated by ``mm_fusion_ros.config``; a wrong type, an
@@ -30,6 +31,7 @@ from typing import Any, Callable, Literal, TypeVar
 # _build is config.py's dataclass builder: one set of type checks and error messages for every node.
 from ..config import ConfigError, RobotConfig, _build, config_from_dict
 from ..memory import keep_freed_memory
+from ..sim.config import CellConfig
 
 T = TypeVar("T")
 
@@ -163,12 +165,79 @@ class SensorSimConfig:
         _check_publisher(self.depth, self.wait_for_subscribers, p, max_depth=10000)
 
 
+@dataclass(frozen=True)
+class SimTopics:
+    """sim_node's topics: the drivers' and the controller's of a real cell (config/sim.yaml's fusion_node block)."""
+
+    camera: str = "/camera/image_raw"           # image_transport base topic: rgb8 here, jpeg on <camera>/compressed
+    audio: str = "/audio/audio_stamped"
+    audio_info: str = "/audio/audio_info"       # latched AudioInfo (audio_data_stamped only)
+    lidar: str = "/scan"
+    imu: str = "/imu/data"
+    joint_states: str = "/joint_states"
+    command: str = "/mm_fusion/action"          # std_msgs/Float64MultiArray, 7 joint velocities (rad/s)
+    estop: str = "/mm_fusion/estop"             # std_msgs/Bool
+    episode: str = "/sim/episode"               # std_msgs/String, one JSON object per finished episode
+    reset: str = "/sim/reset"                   # std_srvs/Trigger: the next episode now
+
+
+@dataclass(frozen=True)
+class SimNodeConfig:
+    """sim_node's own parameters (``node.`` in its block of config/sim.yaml); the cell's are beside them."""
+
+    rate_factor: float = 1.0      # sim seconds per wall second (1.0: real time)
+    step_s: float = 0.005         # sim seconds per pacing step: /clock and sensor delivery granularity
+    auto_reset: bool = True       # after an episode ends the next starts (seed, seed + 1, ...); else hold
+    episodes: int = 0             # shut down after this many episodes; 0: run until stopped
+    expert: bool = False          # the scripted expert drives the arm; the command topic is ignored
+    audio_type: AudioType = "audio_data_stamped"   # falls back to image_pcm where audio_common_msgs is missing
+    qos: QosName = "reliable"     # sensors; reliable matches reliable and best_effort subscribers alike
+    depth: int = 50
+    log_period_s: float = 10.0    # a status line this often (wall seconds)
+    # Hold the clock at the episode's start until this many subscribers have matched /clock.
+    wait_for_subscribers: int = 0
+    topics: SimTopics = field(default_factory=SimTopics)
+
+    def validate(self, key: str = "") -> None:
+        p = f"{key}." if key else ""
+        _check(0 < self.rate_factor <= 100, f"{p}rate_factor",
+               f"must be in (0, 100] sim seconds per wall second, got {self.rate_factor}")
+        _check(0.001 <= self.step_s <= 0.02, f"{p}step_s", f"must be in [0.001, 0.02] s, got {self.step_s}")
+        _check(self.episodes >= 0, f"{p}episodes", f"must be >= 0 (0: forever), got {self.episodes}")
+        _check(0.1 <= self.log_period_s <= 3600, f"{p}log_period_s",
+               f"must be in [0.1, 3600] s, got {self.log_period_s}")
+        for f in dataclasses.fields(self.topics):
+            _check_topic(getattr(self.topics, f.name), f"{p}topics.{f.name}")
+        _check_publisher(self.depth, self.wait_for_subscribers, p, max_depth=10000)
+
+
+@dataclass(frozen=True)
+class SimNodeParameters(CellConfig):
+    """Every sim_node parameter: the cell's (``mm_fusion_ros.sim.config``, read by ``mm-fusion record`` too)
+    and the node's own under ``node.``."""
+
+    node: SimNodeConfig = field(default_factory=SimNodeConfig)
+
+    def validate(self) -> None:
+        super().validate()
+        self.node.validate("node")
+        steps = self.node.step_s / self.physics.timestep
+        _check(abs(steps - round(steps)) < 1e-6, "node.step_s",
+               f"must be a whole number of physics steps (physics.timestep={self.physics.timestep}), "
+               f"got {self.node.step_s}")
+
+    def cell(self) -> CellConfig:
+        """The cell's configuration alone (what ``load_cell_config`` reads from the same block)."""
+        return CellConfig(**{f.name: getattr(self, f.name) for f in dataclasses.fields(CellConfig)})
+
+
 # Executable (= node name) -> the dataclass holding its parameters.
 NODE_CONFIGS: dict[str, type] = {
     "fusion_node": RobotConfig,
     "camera_node": CameraNodeConfig,
     "microphone_node": MicrophoneNodeConfig,
     "sensor_sim_node": SensorSimConfig,
+    "sim_node": SimNodeParameters,
 }
 
 

@@ -237,6 +237,17 @@ class CellSafetyConfig:
 
 
 @dataclass(frozen=True)
+class FrameIds:
+    """The sensors' header.frame_id, the same in a recorded bag and on sim_node's topics."""
+
+    camera: str = "camera_optical_frame"   # REP 103 optical frame: z forward, x right, y down
+    audio: str = "microphone"
+    lidar: str = "laser"
+    imu: str = "imu_link"
+    joint_states: str = ""        # as joint_state_broadcaster: no frame
+
+
+@dataclass(frozen=True)
 class CellConfig:
     seed: int = 0
     physics: PhysicsConfig = field(default_factory=PhysicsConfig)
@@ -249,6 +260,7 @@ class CellConfig:
     joint_states: SimJointStateConfig = field(default_factory=SimJointStateConfig)
     intruder: IntruderConfig = field(default_factory=IntruderConfig)
     safety: CellSafetyConfig = field(default_factory=CellSafetyConfig)
+    frame_ids: FrameIds = field(default_factory=FrameIds)
 
     @property
     def physics_hz(self) -> float:

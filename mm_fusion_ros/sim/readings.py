@@ -23,6 +23,9 @@ class CameraFrame:
     sensor = "camera"
 
 
+JPEG_FORMAT = "rgb8; jpeg compressed bgr8"   # CompressedImage.format as image_transport's compressed plugin writes it
+
+
 def encode_jpeg(pixels: np.ndarray, quality: int) -> bytes:
     """RGB pixels -> a JPEG stream, as image_transport's compressed plugin sends (the same bytes live and in bags)."""
     import cv2

@@ -46,12 +46,11 @@ from ..files import write_json_atomic
 from .config import CellConfig, load_cell_config
 from .gl import RenderBackendError, check_backend
 from .panda import JOINT_NAMES
-from .readings import ArrivalQueue, AudioChunk, CameraFrame, ImuReading, JointReading, LidarScan, encode_jpeg
+from .readings import (JPEG_FORMAT, ArrivalQueue, AudioChunk, CameraFrame, ImuReading, JointReading, LidarScan,
+                       encode_jpeg)
 
 JOINT_STATES_TOPIC = "/joint_states"
 LABEL_TOPIC = "/expert/joint_command"
-FRAME_IDS = {"camera": "camera_optical_frame", "audio": "microphone", "lidar": "laser", "imu": "imu_link",
-             "joint_states": "panda_link0"}
 INDEX = "index.json"
 TOOL = "mm-fusion record"
 
@@ -143,23 +142,25 @@ class _EpisodeRecorder:
 
     def _message(self, r):
         ts, cfg = self.ts, self.cell_cfg
+        ids = cfg.frame_ids
         if isinstance(r, CameraFrame):
             if cfg.camera.encoding == "jpeg":
-                return self.topics.camera[0], M.compressed_image(ts, r.stamp, FRAME_IDS["camera"],
-                                                                  encode_jpeg(r.pixels, cfg.camera.jpeg_quality))
-            return self.topics.camera[0], M.image(ts, r.stamp, FRAME_IDS["camera"], r.pixels)
+                return self.topics.camera[0], M.compressed_image(ts, r.stamp, ids.camera,
+                                                                  encode_jpeg(r.pixels, cfg.camera.jpeg_quality),
+                                                                  fmt=JPEG_FORMAT)
+            return self.topics.camera[0], M.image(ts, r.stamp, ids.camera, r.pixels)
         if isinstance(r, AudioChunk):
             if self.robot.inputs.audio.type == "image_pcm":
-                return self.topics.audio[0], M.image_pcm(ts, r.stamp, FRAME_IDS["audio"], r.pcm.astype("<i2"))
-            return self.topics.audio[0], M.audio_data_stamped(ts, r.stamp, FRAME_IDS["audio"], r.pcm.astype("<i2"))
+                return self.topics.audio[0], M.image_pcm(ts, r.stamp, ids.audio, r.pcm.astype("<i2"))
+            return self.topics.audio[0], M.audio_data_stamped(ts, r.stamp, ids.audio, r.pcm.astype("<i2"))
         if isinstance(r, LidarScan):
-            return self.topics.lidar[0], M.laser_scan(ts, r.stamp, FRAME_IDS["lidar"], r.ranges, r.range_min,
+            return self.topics.lidar[0], M.laser_scan(ts, r.stamp, ids.lidar, r.ranges, r.range_min,
                                                       r.range_max, r.scan_time)
         if isinstance(r, ImuReading):
-            return self.topics.imu[0], M.imu(ts, r.stamp, FRAME_IDS["imu"], r.accel, r.gyro)
+            return self.topics.imu[0], M.imu(ts, r.stamp, ids.imu, r.accel, r.gyro)
         if isinstance(r, JointReading):
             return JOINT_STATES_TOPIC, M.joint_state(ts, M.stamp_ns(r.stamp), JOINT_NAMES, r.position, r.velocity,
-                                                     r.effort)
+                                                     r.effort, frame_id=ids.joint_states)
         raise TypeError(type(r))
 
     def record(self, out_dir: str, seed: int, noise: float, storage: str, control_rate_hz: float) -> dict:
