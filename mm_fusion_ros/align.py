@@ -220,6 +220,12 @@ class _AudioRing:
         out = np.empty(n, dtype=np.float32)
         out[:first] = self.data[p:p + first]
         out[first:] = self.data[:n - first]
+        # Slots of samples older than head - capacity now hold newer samples written over them:
+        # with audio stamped ahead of the tick, audio from after t. Those samples are gone; they read
+        # as zeros (counted below, since the runs start at or after that index), never as later audio.
+        lost = min(self.head - self.capacity - lo, n)
+        if lost > 0:
+            out[:lost] = 0.0
         real = sum(max(0, min(run.end, newest + 1) - max(run.start, lo)) for run in self.runs)
         return out, newest, n - real
 
@@ -272,7 +278,9 @@ class Aligner:
         self._camera_shape = (m.camera.height, m.camera.width, 3)
         self._audio_n = m.audio.window_samples
         self._audio_rate = m.audio.sample_rate
-        self._audio_capacity = int(math.ceil(inputs.buffer_s * m.audio.sample_rate))
+        # buffer_s behind the tick even while audio arrives stamped up to max_future_s ahead of it
+        # (the ring's window check keeps anything later out regardless).
+        self._audio_capacity = int(math.ceil((inputs.buffer_s + inputs.max_future_s) * m.audio.sample_rate))
         self._imu_n = m.imu.window_samples
         self._imu_offsets = -np.arange(m.imu.window_samples - 1, -1, -1, dtype=np.float64) / m.imu.rate_hz
         # Enough for a 1 kHz IMU over the whole history; faster ones keep at least the model window.

@@ -60,7 +60,7 @@ def cmd_export(args, cfg: RobotConfig) -> int:
 
     _quiet_exporter_logs()
     model = load_model(cfg)
-    out = Path(args.out or cfg.engine.artifact_dir)
+    out = Path(args.out) if args.out else cfg.engine.artifact_path
     path = export_onnx(model, out, extra_meta={"model_sha256": model_fingerprint(model)})
     meta = json.loads((out / "model.json").read_text())
     print(f"wrote {path} ({meta['nodes']} nodes, sha256 {meta['onnx_sha256'][:12]}) and {out / 'model.json'}")
@@ -76,8 +76,8 @@ def cmd_build_engine(args, cfg: RobotConfig) -> int:
         return 1
     _quiet_exporter_logs()
     precision = args.precision or cfg.engine.precision
-    onnx_path = ensure_onnx(load_model(cfg), cfg.engine.artifact_dir, _log)
-    build_plan(onnx_path, cfg.engine.artifact_dir, precision, force=args.force or cfg.engine.force_rebuild, log=_log)
+    onnx_path = ensure_onnx(load_model(cfg), cfg.engine.artifact_path, _log)
+    build_plan(onnx_path, cfg.engine.artifact_path, precision, force=args.force or cfg.engine.force_rebuild, log=_log)
     return 0
 
 

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -162,7 +164,11 @@ DEFAULT_JOINTS = tuple(f"joint_{i}" for i in range(1, 8))
 
 @dataclass(frozen=True)
 class ActionConfig:
-    """The 7-DOF action: joint names and the per-DOF range the head is scaled into."""
+    """The 7-DOF action: joint names and the per-DOF range the network's head is scaled into.
+
+    ``lower``/``upper`` are the model's output range, part of its weights' meaning (saved in
+    checkpoints). The limits the arm gets are ``safety.lower``/``safety.upper``.
+    """
 
     names: tuple[str, ...] = DEFAULT_JOINTS
     lower: tuple[float, ...] = (-1.0,) * 7
@@ -208,16 +214,25 @@ class ModelConfig:
 class EngineConfig:
     """Which compiled engine runs the streaming step, and where its artefacts live."""
 
+    @property
+    def artifact_path(self) -> Path:
+        if self.artifact_dir:
+            return Path(os.path.expanduser(self.artifact_dir))
+        ros_home = os.environ.get("ROS_HOME") or os.path.join(os.path.expanduser("~"), ".ros")
+        return Path(ros_home) / "mm_fusion_ros"
+
     backend: Literal["auto", "torch", "onnxruntime", "tensorrt", "compiled"] = "auto"
     precision: Literal["fp32", "fp16"] = "fp32"
     # Where model.onnx, TensorRT plans and their cache keys are kept; relative to the working directory.
-    artifact_dir: str = "artifacts"
+    # Where model.onnx, TensorRT plans and their keys are kept. Empty: a per-user cache,
+    # $ROS_HOME/mm_fusion_ros (or ~/.ros/mm_fusion_ros), never the working directory, which under
+    # ros2 launch is wherever the shell happened to be. A relative path is relative to the working directory.
+    artifact_dir: str = ""
     # Rebuild a cached TensorRT plan even when its key still matches.
     force_rebuild: bool = False
     intra_op_threads: int = 1
 
     def validate(self, key: str) -> None:
-        _check(self.artifact_dir != "", f"{key}.artifact_dir", "must not be empty")
         _check(self.intra_op_threads >= 0, f"{key}.intra_op_threads",
                f"must be >= 0 (0 lets the runtime choose), got {self.intra_op_threads}")
 
@@ -227,19 +242,38 @@ class EngineConfig:
 QOS_CHOICES = ("reliable", "best_effort")
 
 
+_NAME = re.compile(r"^(~/|/)?[A-Za-z_][A-Za-z0-9_]*(/[A-Za-z_][A-Za-z0-9_]*)*$")
+
+
+def check_topic_name(name: str, key: str) -> None:
+    """A ROS topic name: relative (``imu/data``: moved by the node's namespace), private (``~/tick``) or
+    absolute (``/imu/data``)."""
+    _check(bool(_NAME.match(name)), key,
+           f"must be a ROS topic name like 'camera/image_raw', '~/tick' or '/scan', got {name!r}")
+
+
+def resolve_name(name: str, namespace: str = "/", node: str = NODE_NAME) -> str:
+    """The absolute name a node called ``node`` in ``namespace`` gives ``name`` (as rcl expands it)."""
+    ns = "/" + namespace.strip("/") if namespace.strip("/") else ""
+    if name.startswith("/"):
+        return name
+    if name.startswith("~/"):
+        return f"{ns}/{node}/{name[2:]}"
+    return f"{ns}/{name}"
+
+
 def _check_input(key: str, topic: str, max_age: float, depth: int) -> None:
-    _check(topic.startswith("/") and " " not in topic, f"{key}.topic",
-           f"must be an absolute topic name like '/camera/image_raw', got {topic!r}")
+    check_topic_name(topic, f"{key}.topic")
     _check(max_age > 0, f"{key}.max_age", f"must be positive seconds, got {max_age}")
     _check(1 <= depth <= 10000, f"{key}.depth", f"must be in [1, 10000], got {depth}")
 
 
 @dataclass(frozen=True)
 class CameraInput:
-    topic: str = "/camera/image_raw"
+    topic: str = "camera/image_raw"
     type: Literal["image", "compressed_image"] = "image"   # sensor_msgs/Image | sensor_msgs/CompressedImage
     max_age: float = 0.1          # s; a newer frame is expected every 33 ms at 30 Hz
-    qos: Literal["reliable", "best_effort"] = "reliable"
+    qos: Literal["reliable", "best_effort"] = "best_effort"
     depth: int = 10
 
     def validate(self, key: str) -> None:
@@ -248,32 +282,31 @@ class CameraInput:
 
 @dataclass(frozen=True)
 class AudioInput:
-    topic: str = "/audio/audio_stamped"
+    topic: str = "audio/audio_stamped"
     # audio_common_msgs/AudioDataStamped (+ AudioInfo on info_topic) | audio_common_msgs/AudioStamped |
     # the fallback on standard messages: sensor_msgs/Image, one row of 16SC1/32FC1 PCM (see README).
     type: Literal["audio_data_stamped", "audio_stamped", "image_pcm"] = "audio_data_stamped"
-    info_topic: str = "/audio/audio_info"
+    info_topic: str = "audio/audio_info"
     # Rate and format of streams whose messages do not carry them (AudioDataStamped before an
     # AudioInfo arrives, and image_pcm).
     source_rate: int = 16000
     source_format: Literal["S16LE", "F32LE"] = "S16LE"
     max_age: float = 0.1
-    qos: Literal["reliable", "best_effort"] = "reliable"
+    qos: Literal["reliable", "best_effort"] = "best_effort"
     depth: int = 100
 
     def validate(self, key: str) -> None:
         _check_input(key, self.topic, self.max_age, self.depth)
-        _check(self.info_topic.startswith("/"), f"{key}.info_topic",
-               f"must be an absolute topic name, got {self.info_topic!r}")
+        check_topic_name(self.info_topic, f"{key}.info_topic")
         _check(1000 <= self.source_rate <= 384000, f"{key}.source_rate",
                f"must be in [1000, 384000] Hz, got {self.source_rate}")
 
 
 @dataclass(frozen=True)
 class ImuInput:
-    topic: str = "/imu/data"
+    topic: str = "imu/data"
     max_age: float = 0.05
-    qos: Literal["reliable", "best_effort"] = "reliable"
+    qos: Literal["reliable", "best_effort"] = "best_effort"
     depth: int = 200
 
     def validate(self, key: str) -> None:
@@ -282,14 +315,23 @@ class ImuInput:
 
 @dataclass(frozen=True)
 class LidarInput:
-    topic: str = "/scan"
+    topic: str = "scan"
     type: Literal["laser_scan", "point_cloud2"] = "laser_scan"
     max_age: float = 0.25         # s; scans come at 10 Hz
-    qos: Literal["reliable", "best_effort"] = "reliable"
+    qos: Literal["reliable", "best_effort"] = "best_effort"
     depth: int = 10
+    # m, in the PointCloud2's own (sensor) frame, z up: the horizontal slice of a 3-D cloud that is
+    # binned by azimuth. Without it the floor is the nearest return of every beam. A planar cloud
+    # (z = 0) passes whole; LaserScan does not use it.
+    z_min: float = -0.1
+    z_max: float = 0.1
 
     def validate(self, key: str) -> None:
         _check_input(key, self.topic, self.max_age, self.depth)
+        _check(math.isfinite(self.z_min) and math.isfinite(self.z_max), f"{key}.z_min",
+               f"z_min and z_max must be finite, got {self.z_min} / {self.z_max}")
+        _check(self.z_min < self.z_max, f"{key}.z_min",
+               f"must be below z_max, got z_min {self.z_min} / z_max {self.z_max}")
 
 
 @dataclass(frozen=True)
@@ -322,37 +364,59 @@ class InputsConfig:
 
 @dataclass(frozen=True)
 class SafetyConfig:
-    """What stands between the network and the arm."""
+    """What stands between the network and the arm, in the units the arm is commanded in.
 
-    # Largest change of each action value from one tick to the next (like LeRobot's
-    # max_relative_target), in the action's units; one value for all DOF or one per DOF.
-    max_delta: tuple[float, ...] = (0.05,)
+    ``lower``, ``upper`` and ``max_acceleration`` take one value for all DOF or one per DOF.
+    """
+
+    # The command's limits per DOF (rad/s for velocity control). Not model.action.lower/upper, the
+    # network's output range: a tighter limit here changes what the arm gets, not the model, so a
+    # checkpoint still loads.
+    lower: tuple[float, ...] = (-1.0,)
+    upper: tuple[float, ...] = (1.0,)
+    # Largest rate of change of each command value, in action units per second (rad/s^2 for velocity
+    # control): a tick may change the command by this times the time elapsed since the previous tick,
+    # so the arm's acceleration does not depend on control_rate_hz. 5.0 = 0.05 per tick at 100 Hz.
+    max_acceleration: tuple[float, ...] = (5.0,)
     on_stale: Literal["zero", "hold_last"] = "zero"   # watchdog output while a required input is stale
+    # s; hold_last keeps a velocity command going while it cannot be checked: at most this long, then rest.
+    hold_timeout_s: float = 0.5
     start_enabled: bool = False   # disabled = dry run: computed and previewed, not commanded
 
-    def validate(self, key: str, dof: int) -> None:
-        _check(len(self.max_delta) in (1, dof), f"{key}.max_delta",
-               f"needs one value or one per DOF ({dof}), got {len(self.max_delta)}")
-        _check(all(math.isfinite(v) and v > 0 for v in self.max_delta), f"{key}.max_delta",
-               f"values must be positive and finite, got {list(self.max_delta)}")
+    def validate(self, key: str, names: tuple[str, ...]) -> None:
+        dof = len(names)
+        for name in ("lower", "upper", "max_acceleration"):
+            values = getattr(self, name)
+            _check(len(values) in (1, dof), f"{key}.{name}",
+                   f"needs one value or one per DOF ({dof}), got {len(values)}")
+            _check(all(math.isfinite(v) for v in values), f"{key}.{name}",
+                   f"values must be finite, got {list(values)}")
+        _check(all(v > 0 for v in self.max_acceleration), f"{key}.max_acceleration",
+               f"values must be positive (action units per second), got {list(self.max_acceleration)}")
+        for i, (lo, hi) in enumerate(zip(self.per_dof("lower", dof), self.per_dof("upper", dof))):
+            _check(lo < hi, f"{key}.lower", f"lower {lo} must be below upper {hi} for {names[i]} (DOF {i})")
+        _check(math.isfinite(self.hold_timeout_s) and self.hold_timeout_s > 0, f"{key}.hold_timeout_s",
+               f"must be positive seconds, got {self.hold_timeout_s}")
 
-    def max_delta_per_dof(self, dof: int) -> tuple[float, ...]:
-        return self.max_delta * dof if len(self.max_delta) == 1 else self.max_delta
+    def per_dof(self, name: str, dof: int) -> tuple[float, ...]:
+        """``lower``, ``upper`` or ``max_acceleration`` with one value per DOF."""
+        values = getattr(self, name)
+        return values * dof if len(values) == 1 else values
 
 
 @dataclass(frozen=True)
 class OutputsConfig:
-    action_topic: str = "/mm_fusion/action"                 # std_msgs/Float64MultiArray (forward_command_controller)
-    joint_command_topic: str = "/mm_fusion/joint_command"   # sensor_msgs/JointState
-    fused_state_topic: str = "/mm_fusion/fused_state"       # std_msgs/Float32MultiArray
-    preview_topic: str = "/mm_fusion/preview"               # the action while disabled (dry run)
-    estop_topic: str = "/mm_fusion/estop"                   # std_msgs/Bool; true latches zero output
-    enable_service: str = "/mm_fusion/enable"               # std_srvs/SetBool
+    action_topic: str = "mm_fusion/action"                 # std_msgs/Float64MultiArray (forward_command_controller)
+    joint_command_topic: str = "mm_fusion/joint_command"   # sensor_msgs/JointState
+    fused_state_topic: str = "mm_fusion/fused_state"       # std_msgs/Float32MultiArray
+    preview_topic: str = "mm_fusion/preview"               # the action while disabled (dry run)
+    estop_topic: str = "mm_fusion/estop"                   # std_msgs/Bool; true latches zero output
+    enable_service: str = "mm_fusion/enable"               # std_srvs/SetBool
     # MoveIt Servo: the first six DOF as a TwistStamped (linear xyz, angular xyz) and the 7th as a gripper value.
     twist_enabled: bool = False
-    twist_topic: str = "/servo_node/delta_twist_cmds"
+    twist_topic: str = "servo_node/delta_twist_cmds"
     twist_frame_id: str = "base_link"
-    gripper_topic: str = "/mm_fusion/gripper"
+    gripper_topic: str = "mm_fusion/gripper"
     diagnostics_period_s: float = 1.0
     log_period_s: float = 5.0
 
@@ -360,8 +424,7 @@ class OutputsConfig:
         for name in ("action_topic", "joint_command_topic", "fused_state_topic", "preview_topic", "estop_topic",
                      "enable_service", "twist_topic", "gripper_topic"):
             value = getattr(self, name)
-            _check(value.startswith("/") and " " not in value, f"{key}.{name}",
-                   f"must be an absolute name like '/mm_fusion/action', got {value!r}")
+            check_topic_name(value, f"{key}.{name}")
         _check(self.diagnostics_period_s > 0, f"{key}.diagnostics_period_s",
                f"must be positive, got {self.diagnostics_period_s}")
         _check(self.log_period_s > 0, f"{key}.log_period_s", f"must be positive, got {self.log_period_s}")
@@ -384,6 +447,23 @@ class RobotConfig:
     safety: SafetyConfig = field(default_factory=SafetyConfig)
     outputs: OutputsConfig = field(default_factory=OutputsConfig)
     use_sim_time: bool = False
+    # Lifecycle: configure and activate at start (a plain `ros2 run` ticks); false waits for a lifecycle
+    # manager or `ros2 lifecycle set`.
+    autostart: bool = True
+
+    def absolute(self, namespace: str = "/", node: str = NODE_NAME) -> "RobotConfig":
+        """This config with every topic name resolved as a node ``node`` in ``namespace`` would (what bags,
+        which hold absolute names, and other ROS-free tools compare against)."""
+        def resolved(section: Any, names: tuple[str, ...]) -> Any:
+            return dataclasses.replace(section, **{n: resolve_name(getattr(section, n), namespace, node)
+                                                   for n in names})
+        inputs = dataclasses.replace(
+            self.inputs, camera=resolved(self.inputs.camera, ("topic",)),
+            audio=resolved(self.inputs.audio, ("topic", "info_topic")), imu=resolved(self.inputs.imu, ("topic",)),
+            lidar=resolved(self.inputs.lidar, ("topic",)))
+        names = tuple(f.name for f in dataclasses.fields(self.outputs)
+                      if f.name.endswith(("_topic", "_service")))
+        return dataclasses.replace(self, inputs=inputs, outputs=resolved(self.outputs, names))
 
     def validate(self) -> None:
         _check(math.isfinite(self.control_rate_hz) and 0 < self.control_rate_hz <= 2000, "control_rate_hz",
@@ -391,11 +471,19 @@ class RobotConfig:
         self.model.validate("model")
         self.engine.validate("engine")
         self.inputs.validate("inputs", self.model.audio.window_s, self.model.imu.window_s)
-        self.safety.validate("safety", self.model.action.dof)
+        self.safety.validate("safety", self.model.action.names)
         self.outputs.validate("outputs")
 
 
 # ---------------------------------------------------------------- building from dicts
+
+# Keys that no longer exist, and what to write instead: an old file is refused with the way out,
+# not only with "unknown key". A per-tick value silently read as per second would be 100x off.
+REPLACED_KEYS = {
+    "safety.max_delta": "no longer supported: use safety.max_acceleration, in action units per second "
+                        "(not per tick): max_delta * control_rate_hz, e.g. 0.05 per tick at 100 Hz = 5.0",
+}
+
 
 def _type_name(tp: Any) -> str:
     return getattr(tp, "__name__", str(tp))
@@ -438,6 +526,10 @@ def _build(cls: type, data: dict, key: str) -> Any:
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - names)
+    for name in unknown:
+        dotted = f"{key}.{name}" if key else name
+        if dotted in REPLACED_KEYS:
+            raise ConfigError(f"{dotted}: {REPLACED_KEYS[dotted]}")
     if unknown:
         where = key or "top level"
         raise ConfigError(f"{where}: unknown key(s) {unknown}; allowed: {sorted(names)}")
@@ -452,8 +544,8 @@ def config_from_dict(params: dict) -> RobotConfig:
     return cfg
 
 
-def load_config(path: str | Path) -> RobotConfig:
-    """Load ``fusion_node.ros__parameters`` from a ROS 2 parameters YAML file."""
+def read_node_parameters(path: str | Path, node: str = NODE_NAME) -> dict:
+    """The ``<node>: ros__parameters:`` mapping of a ROS 2 parameters file (ConfigError naming the file)."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
@@ -461,13 +553,19 @@ def load_config(path: str | Path) -> RobotConfig:
         doc = yaml.safe_load(path.read_text())
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
-    if not isinstance(doc, dict) or NODE_NAME not in doc:
-        raise ConfigError(f"{path}: expected a ROS 2 parameters file with a top-level '{NODE_NAME}' key")
-    node = doc[NODE_NAME]
-    if not isinstance(node, dict) or "ros__parameters" not in node:
-        raise ConfigError(f"{path}: '{NODE_NAME}' must contain 'ros__parameters'")
+    if not isinstance(doc, dict) or node not in doc:
+        raise ConfigError(f"{path}: expected a ROS 2 parameters file with a top-level '{node}' key")
+    block = doc[node]
+    if not isinstance(block, dict) or not isinstance(block.get("ros__parameters"), dict):
+        raise ConfigError(f"{path}: '{node}' must contain 'ros__parameters'")
+    return dict(block["ros__parameters"])
+
+
+def load_config(path: str | Path) -> RobotConfig:
+    """Load ``fusion_node.ros__parameters`` from a ROS 2 parameters YAML file."""
+    params = read_node_parameters(path)
     try:
-        return config_from_dict(node["ros__parameters"])
+        return config_from_dict(params)
     except ConfigError as exc:
         raise ConfigError(f"{path}: {exc}") from None
 

@@ -30,7 +30,7 @@ from typing import Any, Callable
 import numpy as np
 
 from . import procs
-from .config import MODALITIES, ModelConfig, RobotConfig
+from .config import MODALITIES, ModelConfig, RobotConfig, resolve_name
 from .files import write_json_atomic
 
 FUSION = "fusion_node"
@@ -199,7 +199,8 @@ class Monitor:
                                  lambda m: self.actions.append((self.now(), np.asarray(m.data))), 100)
         node.create_subscription(Float64MultiArray, out.preview_topic,
                                  lambda m: self.previews.append((self.now(), np.asarray(m.data))), 100)
-        node.create_subscription(DiagnosticArray, "/diagnostics", self._on_diagnostics, 100)
+        node.create_subscription(DiagnosticArray, "/diagnostics", self._on_diagnostics, 100)        # 1 Hz reports
+        node.create_subscription(DiagnosticArray, resolve_name("~/tick"), self._on_diagnostics, 1000)  # per tick
         self._estop = node.create_publisher(Bool, out.estop_topic, 10)
         self._enable = node.create_client(SetBool, out.enable_service)
         self._executor = SingleThreadedExecutor(context=self.context)

@@ -39,12 +39,22 @@ def print_stats(stats: dict) -> None:
 
 
 def config_file(name: str) -> Path:
-    """A file shipped in config/: the source checkout's, else the installed share/mm_fusion_ros/config."""
+    """A file shipped in config/: the source checkout's, else the installed share/mm_fusion_ros/config
+    (a pip install's prefix, or a colcon install found through the ament index)."""
     candidates = [Path(__file__).resolve().parents[1] / "config" / name,
                   Path(sys.prefix) / "share" / PACKAGE / "config" / name]
     for path in candidates:
         if path.is_file():
             return path
+    try:  # a colcon install (a robot): share/ lies in the ament prefix, not in the interpreter's
+        from ament_index_python.packages import get_package_share_directory
+        path = Path(get_package_share_directory(PACKAGE)) / "config" / name
+    except Exception:  # noqa: BLE001 - no ament index here, or the package is not installed in it
+        pass
+    else:
+        if path.is_file():
+            return path
+        candidates.append(path)
     raise FileNotFoundError(f"config file {name!r} not found; looked in {', '.join(str(p.parent) for p in candidates)}")
 
 

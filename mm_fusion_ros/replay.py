@@ -36,7 +36,7 @@ from .bag import messages as M
 from .bag.reader import BagError, BagMessage, BagReader, DecodeError
 from .bag.typestore import DEFAULT_DISTRO, DISTROS, distro_of, make_typestore
 from .bag.writer import BagWriter
-from .config import MODALITIES, NODE_NAME, RobotConfig
+from .config import MODALITIES, NODE_NAME, RobotConfig, resolve_name
 from .files import write_json_atomic
 from .memory import keep_freed_memory
 from .samples import BadSample
@@ -48,7 +48,7 @@ OUTPUT_TYPES = {
     "preview": "std_msgs/msg/Float64MultiArray",
     "diagnostics": "diagnostic_msgs/msg/DiagnosticArray",
 }
-DIAGNOSTICS_TOPIC = "/diagnostics"
+TICK_TOPIC = resolve_name("~/tick")   # where fusion_node publishes each tick's status: /fusion_node/tick
 
 
 class ReplayError(ValueError):
@@ -119,7 +119,7 @@ class InputDecoder:
 class _Outputs:
     """Writes one tick's outputs as fusion_node publishes them (``fusion_node._publish``): the command
     on the action and joint topics when commanded, else on the preview topic; the fused state when
-    finite; the tick's diagnostics. The node's periodic report (cadence in wall-clock milliseconds)
+    finite; the tick's status on ``~/tick`` (``/fusion_node/tick``). The node's periodic report (cadence in wall-clock milliseconds)
     is left out: it would make two replays of one bag differ; it is in the summary instead."""
 
     cfg: RobotConfig
@@ -129,7 +129,7 @@ class _Outputs:
         o = self.cfg.outputs
         self.topics = {"action": o.action_topic, "joint_command": o.joint_command_topic,
                        "fused_state": o.fused_state_topic, "preview": o.preview_topic,
-                       "diagnostics": DIAGNOSTICS_TOPIC}
+                       "diagnostics": TICK_TOPIC}
         for key, topic in self.topics.items():
             self.bag.add_topic(topic, OUTPUT_TYPES[key])
 
@@ -146,7 +146,7 @@ class _Outputs:
         if np.isfinite(fused).all():
             bag.write(self.topics["fused_state"], t_ns, M.float32_array(ts, fused))
         diag = M.diagnostic_status(ts, f"{NODE_NAME}: {status.name}", status.level, status.message,
-                                   status.values, hardware_id=NODE_NAME)
+                                   status.values, hardware_id=f"/{NODE_NAME}")
         bag.write(self.topics["diagnostics"], t_ns, M.diagnostic_array(ts, t_ns, [diag]))
 
 
@@ -200,6 +200,8 @@ def replay(bag: str | Path, cfg: RobotConfig, opts: ReplayOptions, runtime: obje
            log: Callable[[str], None] = _log) -> ReplayResult:
     """Replay ``bag`` through a Runtime for ``cfg`` and write the output bag and its summary."""
     from tqdm import tqdm
+
+    cfg = cfg.absolute()   # a bag holds absolute topic names; the config may give relative ones
 
     keep_freed_memory()   # every camera message read is a ~900 KiB buffer: see mm_fusion_ros.memory
     distro = opts.distro or distro_of(cfg)

@@ -12,7 +12,8 @@ control thread; ``report``, ``summary`` and ``log_line`` may run on either.
 ``tick`` does no logging except on a clock jump or a failed inference, and
 allocates nothing beyond a few small arrays. A failed inference is not raised:
 the tick commands rest, because a dead control loop would leave the arm on its
-last command.
+last command. When ``tick`` itself raises, the caller publishes ``rest(t)``
+(on the control thread too), which the safety filter records as its last output.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ import numpy as np
 
 from .align import Aligner
 from .cadence import CadenceMonitor, CadenceReport
-from .config import MODALITIES, ConfigError, RobotConfig
+from .config import MODALITIES, ConfigError, RobotConfig, SafetyConfig
 from .engine import Engine, create_engine
 from .engine.stream import FusionStream, StepResult
 from .model import FusionNet
@@ -214,7 +215,7 @@ class Runtime:
         except Exception as exc:  # noqa: BLE001 - a dead control loop would leave the arm on its last command
             step = self._failed_step(obs, exc)
         t1 = time.perf_counter()
-        out = self.safety.step(step.action, step.mask)
+        out = self.safety.step(step.action, step.mask, t)
         t2 = time.perf_counter()
         stage_s = {"align": obs.timings.get("align", 0.0), "preprocess": obs.timings.get("preprocess", 0.0),
                    "infer": t1 - t0, "safety": t2 - t1}
@@ -231,6 +232,21 @@ class Runtime:
                             stage_s=stage_s, mask=step.mask, compute_s=time.perf_counter() - start)
         self._last = result
         return result
+
+    def set_safety(self, safety: "SafetyConfig") -> None:
+        """Safety settings changed at run time (fusion_node's parameters), from the next tick on."""
+        self.safety.configure(safety)
+
+    def rest(self, t: float) -> SafetyOutput:
+        """What to publish for a tick at ``t`` whose ``tick`` raised: rest, recorded by the safety filter.
+
+        Publishing rest without telling the filter would leave its rate limiter on the command from
+        before the failure, and the next good tick could jump straight back to it.
+        """
+        out = self.safety.rest(t)
+        with self._lock:
+            self._command_stats.add(out.command)
+        return out
 
     def _failed_step(self, obs: Observation, exc: Exception) -> StepResult:
         """Inference raised: a non-finite action, which the safety filter turns into rest."""
@@ -335,7 +351,8 @@ class Runtime:
         sf = self.safety
         last = self._last.safety if self._last else None
         values = {"enabled": str(sf.enabled), "estop_input": str(sf.estop_input), "estop_latched": str(sf.latched),
-                  "on_stale": sf.on_stale, "required": ",".join(sf.required),
+                  "on_stale": sf.on_stale, "hold_timeout_s": f"{sf.hold_timeout_s:g}",
+                  "required": ",".join(sf.required),
                   "stale": ",".join(last.stale) if last else "", "reasons": "; ".join(last.reasons) if last else ""}
         values.update({f"count.{k}": str(v) for k, v in sorted(sf.counters.items())})
         problems = []

@@ -26,9 +26,10 @@ def robot_yaml() -> Path:
 
 @pytest.fixture(scope="session")
 def default_config():
-    """The RobotConfig loaded from config/robot.yaml."""
+    """The RobotConfig loaded from config/robot.yaml, its topic names resolved as a node in the root
+    namespace resolves them (what bags hold)."""
     from mm_fusion_ros.config import load_config
-    return load_config(ROBOT_YAML)
+    return load_config(ROBOT_YAML).absolute()
 
 
 def random_inputs(cfg, seed: int = 0, batch: int = 1, as_torch: bool = True) -> dict:

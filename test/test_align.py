@@ -405,4 +405,89 @@ def test_memory_is_bounded_by_the_history_length(al, cfg):
         al.add(frame(T0 + k / 30), T0 + k / 30)
     assert len(al._camera.items) <= cfg.inputs.buffer_s * 30 + 1
     add_audio(al, round(T0 * RATE), chunks=500)      # 5 s of audio
-    assert al._audio.data.size == math.ceil(cfg.inputs.buffer_s * RATE) and len(al._audio.runs) == 1
+    # buffer_s, plus max_future_s for audio stamped ahead of the tick
+    assert al._audio.data.size == math.ceil((cfg.inputs.buffer_s + cfg.inputs.max_future_s) * RATE)
+    assert len(al._audio.runs) == 1
+
+
+# ---------------------------------------------------------------- issue #12: audio stamped ahead of the tick
+
+def signed_by_time(first: int, n: int, t: float) -> np.ndarray:
+    """The ramp for samples stamped at or before ``t``; minus one for every sample stamped after it."""
+    index = np.arange(first, first + n)
+    return np.where(index / RATE > t, np.float32(-1.0), ramp(index))
+
+
+def test_audio_stamped_ahead_never_puts_future_samples_into_the_window(cfg):
+    """The issue's case: buffer_s 1.1 and audio stamped 0.35 s ahead of the clock (max_future_s is 0.5)
+    put 4800 of the window's 16000 samples from after the tick into it."""
+    import dataclasses
+
+    cfg = dataclasses.replace(cfg, inputs=dataclasses.replace(cfg.inputs, buffer_s=1.1))
+    cfg.validate()
+    al = Aligner(cfg)
+    n, k = 800, round((T0 - 2.0) * RATE)        # 50 ms chunks, stamped at their first sample
+    while k / RATE <= T0 + 0.35:
+        assert al.add(AudioSample(k / RATE, RATE, signed_by_time(k, n, T0)), now=k / RATE - 0.35)
+        k += n
+    obs = al.tick(T0, 0.01)
+    assert obs.mask[AUD] == 1.0
+    assert not (obs.audio < 0).any()            # no sample stamped after the tick
+    newest = on_hop_grid(math.floor(T0 * RATE))
+    np.testing.assert_array_equal(obs.audio, ramp(np.arange(newest - RATE + 1, newest + 1)))
+    assert obs.audio_gap_samples == 0           # and the whole second before it is still there
+
+
+def test_audio_the_ring_cannot_hold_reads_as_zeros_never_as_later_audio(cfg):
+    """Stamps 0.5 s ahead (the most max_future_s allows) in 1 s chunks (the longest allowed) end 1.5 s after
+    the tick: with buffer_s 1.1, more than the ring holds behind its head. What was written over is
+    missing, not future."""
+    import dataclasses
+
+    cfg = dataclasses.replace(cfg, inputs=dataclasses.replace(cfg.inputs, buffer_s=1.1))
+    cfg.validate()
+    al = Aligner(cfg)
+    n, k = RATE, round((T0 - 3.0) * RATE)
+    while k / RATE <= T0 + 0.5:
+        assert al.add(AudioSample(k / RATE, RATE, signed_by_time(k, n, T0)), now=k / RATE - 0.5)
+        k += n
+    obs = al.tick(T0, 0.01)
+    assert not (obs.audio < 0).any()
+    newest = on_hop_grid(math.floor(T0 * RATE))
+    oldest_kept = k - al._audio.capacity         # the ring's head minus its capacity
+    lo = newest - RATE + 1
+    assert lo < oldest_kept <= newest
+    lost = oldest_kept - lo
+    expected = ramp(np.arange(lo, newest + 1))
+    expected[:lost] = 0.0
+    np.testing.assert_array_equal(obs.audio, expected)
+    assert obs.audio_gap_samples == lost
+
+
+def test_no_window_ever_holds_a_sample_stamped_after_its_tick(cfg):
+    """Audio 0.1-0.45 s ahead of the clock in chunks of varying length, ticks every 10 ms: every audio
+    window ends at or before its tick and holds only samples from at or before it."""
+    import dataclasses
+
+    cfg = dataclasses.replace(cfg, inputs=dataclasses.replace(cfg.inputs, buffer_s=1.05))
+    cfg.validate()
+    al = Aligner(cfg)
+    rng = np.random.default_rng(12)
+    k, t, checked = round((T0 - 1.2) * RATE), T0 - 1.0, 0
+    while t < T0 + 1.0:
+        t += 0.01
+        ahead = float(rng.uniform(0.1, 0.45))
+        while k / RATE <= t + ahead:
+            n = int(rng.integers(160, 2400))
+            al.add(AudioSample(k / RATE, RATE, ramp(np.arange(k, k + n))), now=t)
+            k += n
+        obs = al.tick(t, 0.01)
+        if obs.mask[AUD]:
+            end = obs.audio_end
+            assert end / RATE <= t
+            real = np.arange(end - RATE + 1, end + 1)
+            zero = obs.audio == 0.0
+            # every sample is its own ramp value (from at or before the tick) or a counted zero
+            assert (zero | (obs.audio == ramp(real))).all()
+            checked += 1
+    assert checked > 150

@@ -318,15 +318,22 @@ def test_non_finite_number_is_refused_with_config_error(params, tmp_path, key, v
 
 def test_live_loop_defaults_from_the_issue(robot_yaml):
     cfg = load_config(robot_yaml)
-    assert cfg.inputs.camera.topic == "/camera/image_raw"
-    assert cfg.inputs.audio.topic == "/audio/audio_stamped"
-    assert cfg.inputs.lidar.topic == "/scan"
-    assert cfg.inputs.imu.topic == "/imu/data"
-    assert cfg.outputs.action_topic == "/mm_fusion/action"
-    assert cfg.outputs.estop_topic == "/mm_fusion/estop"
-    assert cfg.outputs.enable_service == "/mm_fusion/enable"
+    # Relative names: a launch namespace moves them all (issue #12); in the root namespace they are these.
+    assert cfg.inputs.camera.topic == "camera/image_raw"
+    assert cfg.inputs.audio.topic == "audio/audio_stamped"
+    assert cfg.inputs.lidar.topic == "scan"
+    assert cfg.inputs.imu.topic == "imu/data"
+    assert cfg.outputs.action_topic == "mm_fusion/action"
+    assert cfg.outputs.estop_topic == "mm_fusion/estop"
+    assert cfg.outputs.enable_service == "mm_fusion/enable"
+    absolute = cfg.absolute("left")
+    assert absolute.inputs.imu.topic == "/left/imu/data" and absolute.outputs.action_topic == "/left/mm_fusion/action"
+    assert all(getattr(cfg.inputs, m).qos == "best_effort" for m in ("camera", "audio", "imu", "lidar"))
     assert cfg.safety.start_enabled is False          # a node starts as a dry run
-    assert cfg.safety.max_delta_per_dof(7) == (0.05,) * 7
+    assert cfg.safety.per_dof("max_acceleration", 7) == (5.0,) * 7   # 0.05 per tick at 100 Hz, per second
+    assert cfg.safety.per_dof("lower", 7) == (-1.0,) * 7 and cfg.safety.per_dof("upper", 7) == (1.0,) * 7
+    assert cfg.safety.hold_timeout_s == 0.5
+    assert (cfg.inputs.lidar.z_min, cfg.inputs.lidar.z_max) == (-0.1, 0.1)
     assert set(cfg.inputs.required) <= {"camera", "audio", "imu", "lidar"}
 
 
@@ -334,15 +341,25 @@ def test_live_loop_defaults_from_the_issue(robot_yaml):
     ("inputs.camera.max_age", 0.0),
     ("inputs.imu.max_age", -0.1),
     ("inputs.lidar.depth", 0),
-    ("inputs.camera.topic", "camera/image_raw"),       # relative names resolve per namespace: refuse
+    ("inputs.camera.topic", "camera image"),           # not a ROS name
     ("inputs.audio.source_rate", 100),
     ("inputs.buffer_s", 0.5),                          # shorter than the 1 s audio window
     ("inputs.max_future_s", 0.0),
     ("inputs.camera_cache", 0),
-    ("safety.max_delta", [0.1, 0.1]),                  # neither one value nor one per DOF
-    ("safety.max_delta", [0.0]),
-    ("safety.max_delta", []),
-    ("outputs.action_topic", "mm_fusion/action"),
+    ("safety.max_acceleration", [0.1, 0.1]),           # neither one value nor one per DOF
+    ("safety.max_acceleration", [0.0]),
+    ("safety.max_acceleration", [-5.0]),
+    ("safety.max_acceleration", []),
+    ("safety.lower", [-1.0, -1.0]),
+    ("safety.upper", []),
+    ("safety.lower", [1.0]),                           # not below upper (1.0)
+    ("safety.lower", [-1.0, -1.0, -1.0, -1.0, -1.0, -1.0, 2.0]),
+    ("safety.hold_timeout_s", 0.0),
+    ("safety.hold_timeout_s", -0.5),
+    ("inputs.lidar.z_min", 0.1),                       # not below z_max (0.1)
+    ("inputs.lidar.z_min", 0.5),
+    ("outputs.action_topic", "mm_fusion/"),
+    ("outputs.estop_topic", "1estop"),
     ("outputs.diagnostics_period_s", 0.0),
 ])
 def test_impossible_live_loop_value_is_refused(params, tmp_path, key, value):
@@ -369,7 +386,55 @@ def test_required_modality_must_be_known_and_listed_once(params, tmp_path):
     assert_refused(tmp_path, params, "inputs.required", "twice")
 
 
-def test_per_dof_max_delta_is_accepted(params):
-    set_key(params, "safety.max_delta", [0.01, 0.02, 0.03, 0.04, 0.05, 0.06, 0.07])
+def test_per_dof_safety_values_are_accepted(params):
+    set_key(params, "safety.max_acceleration", [1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0])
+    set_key(params, "safety.lower", [-0.5, -1.0, -1.0, -1.0, -1.0, -1.0, 0.0])
+    set_key(params, "safety.upper", [0.5])
     cfg = config_from_dict(params)
-    assert cfg.safety.max_delta_per_dof(7)[6] == 0.07
+    assert cfg.safety.per_dof("max_acceleration", 7)[6] == 7.0
+    assert cfg.safety.per_dof("lower", 7)[0] == -0.5 and cfg.safety.per_dof("upper", 7) == (0.5,) * 7
+
+
+def test_max_delta_is_refused_naming_max_acceleration_per_second(params, tmp_path):
+    # A per-tick value read as per second would be 100x off at 100 Hz: refused, saying what to write.
+    set_key(params, "safety.max_delta", [0.05])
+    msg = assert_refused(tmp_path, params, "safety.max_delta", "safety.max_acceleration", "per second")
+    assert msg.startswith("safety.max_delta:")
+
+
+def test_limit_errors_name_the_dof(params, tmp_path):
+    set_key(params, "safety.upper", [1.0, 1.0, -1.0, 1.0, 1.0, 1.0, 1.0])
+    assert_refused(tmp_path, params, "safety.lower", "joint_3")
+
+
+@pytest.mark.parametrize("key", ["safety.hold_timeout_s", "inputs.lidar.z_min", "inputs.lidar.z_max"])
+def test_non_finite_live_loop_number_is_refused(params, tmp_path, key):
+    set_key(params, key, float("inf"))
+    assert_refused(tmp_path, params, key)
+    set_key(params, key, float("nan"))
+    assert_refused(tmp_path, params, key)
+
+
+def test_non_finite_safety_limit_is_refused(params, tmp_path):
+    set_key(params, "safety.upper", [float("inf")])
+    assert_refused(tmp_path, params, "safety.upper")
+
+
+def test_sim_yaml_carries_the_same_safety_and_lidar_slice_keys(robot_yaml):
+    sim = robot_yaml.parent / "sim.yaml"
+    blocks = [yaml.safe_load(path.read_text())["fusion_node"]["ros__parameters"] for path in (robot_yaml, sim)]
+    assert set(blocks[0]["safety"]) == set(blocks[1]["safety"])
+    assert set(blocks[0]["inputs"]["lidar"]) == set(blocks[1]["inputs"]["lidar"])
+    assert set(blocks[0]["model"]["action"]) == set(blocks[1]["model"]["action"])
+    robot, cell = load_config(robot_yaml), load_config(sim)
+    assert robot.safety == dataclasses.replace(cell.safety, start_enabled=robot.safety.start_enabled)
+
+
+def test_artifacts_default_to_a_per_user_cache_never_the_working_directory(monkeypatch, tmp_path):
+    from mm_fusion_ros.config import EngineConfig
+    monkeypatch.setenv("ROS_HOME", str(tmp_path / "ros_home"))
+    assert EngineConfig().artifact_path == tmp_path / "ros_home" / "mm_fusion_ros"
+    monkeypatch.delenv("ROS_HOME")
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    assert EngineConfig().artifact_path == tmp_path / "home" / ".ros" / "mm_fusion_ros"
+    assert EngineConfig(artifact_dir="~/plans").artifact_path == tmp_path / "home" / "plans"

@@ -500,6 +500,69 @@ def test_laser_scan_off_by_one_angle_max_is_tolerated_and_empty_is_refused():
         convert.lidar_from_laser_scan(msg, LIDAR)
 
 
+def _f32(value: float) -> float:
+    """What a float32 message field holds once it has crossed the wire."""
+    return float(np.float32(value))
+
+
+# (angle_min, angle_max, angle_increment): pointcloud_to_laserscan's defaults, a half circle, a 270 degree
+# scanner, and ira_laser_tools' merger defaults.
+SCAN_GEOMETRIES = [(-math.pi, math.pi, math.pi / 180), (-math.pi / 2, math.pi / 2, math.pi / 360),
+                   (-2.35619449, 2.35619449, 0.004363323), (-math.pi, math.pi, 0.0058)]
+
+
+def _sized_scan(a_min: float, a_max: float, inc: float, n: int, ranges=None) -> LaserScan:
+    msg = _scan(n, _f32(a_min), _f32(inc), ranges=ranges if ranges is not None else np.full(n, 5.0))
+    msg.angle_max = _f32(a_max)
+    return msg
+
+
+@pytest.mark.parametrize("a_min, a_max, inc", SCAN_GEOMETRIES)
+@pytest.mark.parametrize("convention", ["ceil", "floor_plus_one"])
+def test_laser_scan_sized_either_way_is_binned_by_angle_min_plus_i_increments(a_min, a_max, inc, convention):
+    f32 = np.float32
+    if convention == "ceil":
+        # exactly as pointcloud_to_laserscan and ira_laser_tools size their output: float arithmetic on the
+        # message's own fields, ranges_size = std::ceil((angle_max - angle_min) / angle_increment)
+        n = int(np.ceil((f32(a_max) - f32(a_min)) / f32(inc)))
+    else:
+        n = int(math.floor((a_max - a_min) / inc + 1e-6)) + 1     # angle_max is the last ray's angle
+    cfg = LidarConfig(beams=360, range_min=0.1, range_max=20.0)
+    ranges = np.full(n, 5.0)
+    i = round((0.5 - _f32(a_min)) / _f32(inc))                    # the ray nearest to 0.5 rad
+    ranges[i] = 1.0
+    out = convert.lidar_from_laser_scan(_sized_scan(a_min, a_max, inc, n, ranges), cfg).ranges
+    angle = _f32(a_min) + i * _f32(inc)                            # ray i's angle, by the message's definition
+    beam = int(math.floor((angle + math.pi) / (2 * math.pi / 360) + 1e-6)) % 360
+    assert out[beam] == 1.0 and (out[np.arange(360) != beam] != 1.0).all()
+
+
+def test_issue_scan_of_360_rays_over_a_full_circle_is_accepted_and_logged_once(caplog, monkeypatch):
+    monkeypatch.setattr(convert, "_NOTED_SCAN_GEOMETRIES", set(), raising=False)
+    cfg = LidarConfig(beams=360, range_min=0.1, range_max=20.0)
+    msg = _sized_scan(-math.pi, math.pi, math.pi / 180, 360)      # "360 ranges, but ... + 1 = 361"
+    with caplog.at_level("WARNING", logger="mm_fusion_ros.ros.convert"):
+        for _ in range(3):
+            assert np.isfinite(convert.lidar_from_laser_scan(msg, cfg).ranges).all()
+    notes = [r for r in caplog.records if "LaserScan of 360 ranges" in r.getMessage()]
+    assert len(notes) == 1 and "angle_min + i * angle_increment" in notes[0].getMessage()
+    caplog.clear()
+    floor_plus_one = _sized_scan(-math.pi, math.pi, math.pi / 180, 361)
+    with caplog.at_level("WARNING", logger="mm_fusion_ros.ros.convert"):
+        convert.lidar_from_laser_scan(floor_plus_one, cfg)
+    assert not caplog.records            # angle_max is the last ray: nothing to say
+
+
+@pytest.mark.parametrize("n", [359, 363, 180, 720])
+def test_laser_scan_whose_count_disagrees_by_more_than_one_increment_is_refused(n):
+    # Over 360 increments, 360 (ceil), 361 (floor + 1) and 362 rays (one past angle_max) are within one
+    # increment; 359 rays end two short of angle_max, 363 two past it.
+    msg = _sized_scan(-math.pi, math.pi, math.pi / 180, n)
+    with pytest.raises(BadSample, match="increments from angle_max") as err:
+        convert.lidar_from_laser_scan(msg, LidarConfig(beams=360, range_min=0.1, range_max=20.0))
+    assert err.value.cause == "lidar.bad_angles"
+
+
 def _cloud(points: np.ndarray, *, bigendian=False, dtype="f4", point_step=32, row_pad=8, height=1,
            fields=("x", "y", "z", "intensity")):
     """A PointCloud2 with x, y, z (and intensity) at offsets 0, 8, 16, 24: padding between fields, points, rows."""
@@ -550,6 +613,33 @@ def test_point_cloud_height_band_and_refusals():
     msg.data = msg.data[:40]
     with pytest.raises(BadSample, match="lidar.bad_size"):
         convert.lidar_from_point_cloud2(msg, LIDAR)
+
+
+def _floor_and_wall(height: float = 0.5) -> np.ndarray:
+    """A 3-D LiDAR ``height`` m above a floor (z = -height in its frame), all around, and a wall at x = 3 m."""
+    azimuth = np.radians(np.arange(0.5, 360.0, 1.0))
+    floor = [(r * math.cos(a), r * math.sin(a), -height) for r in (0.8, 1.5, 2.5) for a in azimuth]
+    wall = [(3.0, y, z) for y in np.arange(-1.0, 1.001, 0.05) for z in np.arange(-height, 1.001, 0.05)]
+    return np.array(floor + wall)
+
+
+def test_point_cloud_from_the_sample_converter_keeps_the_configured_z_slice(default_config):
+    import dataclasses
+
+    points = _floor_and_wall()
+    to_sample = convert.sample_converter("lidar", "sensor_msgs/msg/PointCloud2", default_config)
+    ranges = to_sample(_cloud(points)).ranges
+    bins = np.floor((np.arctan2(points[:, 1], points[:, 0]) + math.pi) / (2 * math.pi / 360)).astype(int) % 360
+    wall_bins = np.unique(bins[points[:, 0] == 3.0])
+    # Inside the slice (|z| <= 0.1 m by default) the wall is each of its beams' nearest return ...
+    assert (ranges[wall_bins] >= 3.0).all() and (ranges[wall_bins] <= math.hypot(3.0, 1.0) + 1e-6).all()
+    # ... and the floor, 0.8 m away in every direction, is nobody's.
+    assert np.isinf(np.delete(ranges, wall_bins)).all()
+    # The slice is the configuration's: one reaching down to the floor lets the floor win again.
+    low = dataclasses.replace(default_config, inputs=dataclasses.replace(
+        default_config.inputs, lidar=dataclasses.replace(default_config.inputs.lidar, z_min=-0.6)))
+    with_floor = convert.sample_converter("lidar", "sensor_msgs/msg/PointCloud2", low)(_cloud(points)).ranges
+    np.testing.assert_allclose(with_floor, 0.8, rtol=1e-6)
 
 
 def test_rosbags_point_cloud_gives_the_same_beams(rb):

@@ -73,6 +73,27 @@ def test_auto_backend_without_gpu_is_onnxruntime():
         resolve_backend("openvino")
 
 
+def test_onnxruntime_on_a_gpu_machine_without_its_cuda_provider_falls_back_to_cpu(robot, onnx_path, monkeypatch):
+    """The stock onnxruntime wheel on a CUDA machine: torch sees the GPU, onnxruntime has no CUDA provider.
+    The node must start on the CPU and say so, not refuse to start."""
+    import onnxruntime as ort
+
+    from mm_fusion_ros.engine import tensorrt_engine
+
+    cfg, model = robot
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(ort, "get_available_providers", lambda: ["CPUExecutionProvider"])
+    monkeypatch.setattr(tensorrt_engine, "tensorrt_available", lambda: False)
+    logs: list[str] = []
+    engine = create_engine(cfg, model, "onnxruntime", log=logs.append)
+    assert engine.session.get_providers() == ["CPUExecutionProvider"]
+    warnings = [line for line in logs if "WARNING" in line]
+    assert len(warnings) == 1 and "CUDAExecutionProvider" in warnings[0] and "CPU" in warnings[0]
+    assert "inference backend: onnxruntime CPUExecutionProvider" in logs[-1]
+    # auto on that machine takes the torch-compiled engine, which never asks onnxruntime for CUDA
+    assert resolve_backend("auto") == "compiled"
+
+
 class _MustNotRun(Engine):
     name = "spy"
 

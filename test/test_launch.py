@@ -1,10 +1,15 @@
-"""launch/robot.launch.py, checked statically: `ros2 launch` cannot be installed here.
+"""launch/robot.launch.py: `ros2 launch` cannot be installed here, so the file is checked twice.
 
-The file is executed with small stand-ins for `launch`, `launch_ros` and
-`ament_index_python` that record what it asks for; then every executable must
-be a console script of this package, every parameter file must exist and hold
-a valid block for its node, and every parameter the launch file sets must be
-declared by that node (mm_fusion_ros.ros.params is where the nodes declare them).
+Statically: it is executed with small stand-ins for `launch`, `launch_ros` and
+`ament_index_python` that record what it asks for; every executable must be a
+console script of this package, every node must get a valid block of the
+parameters file, and every parameter the launch file sets must be declared by
+that node (mm_fusion_ros.ros.params is where the nodes declare them).
+
+Live: the node processes are started exactly as the recorded actions describe
+them (executable, node name, namespace, parameters, environment), as
+launch_ros would start them, and the ROS graph they make is checked: one node
+per name, each holding its own topics, under the launch namespace.
 """
 
 from __future__ import annotations
@@ -36,6 +41,18 @@ class LaunchConfiguration(Recorded):
     @property
     def name(self) -> str:
         return self.args[0]
+
+    def perform(self, context) -> str:
+        return context.launch_configurations[self.name]
+
+
+class OpaqueFunction(Recorded):
+    pass
+
+
+class LaunchContext:
+    def __init__(self, launch_configurations: dict[str, str]):
+        self.launch_configurations = launch_configurations
 
 
 class ParameterValue(Recorded):
@@ -76,7 +93,7 @@ def _stub_modules(share_dir: Path) -> dict[str, types.ModuleType]:
     return {
         "launch": module("launch", LaunchDescription=LaunchDescription),
         "launch.actions": module("launch.actions", DeclareLaunchArgument=DeclareLaunchArgument,
-                                 SetEnvironmentVariable=SetEnvironmentVariable),
+                                 SetEnvironmentVariable=SetEnvironmentVariable, OpaqueFunction=OpaqueFunction),
         "launch.conditions": module("launch.conditions", IfCondition=IfCondition),
         "launch.substitutions": module("launch.substitutions", LaunchConfiguration=LaunchConfiguration),
         "launch_ros": module("launch_ros"),
@@ -102,6 +119,22 @@ def description(tmp_path_factory, monkeypatch_module):
     return result.args[0]
 
 
+def launch_arguments(description) -> dict[str, str]:
+    return {a.args[0]: a.kwargs["default_value"] for a in description if isinstance(a, DeclareLaunchArgument)}
+
+
+def expand(description, **arguments) -> list:
+    """The actions with every OpaqueFunction run, as `ros2 launch` would with these arguments."""
+    context = LaunchContext({**launch_arguments(description), **arguments})
+    out = []
+    for action in description:
+        if isinstance(action, OpaqueFunction):
+            out += action.kwargs["function"](context)
+        else:
+            out.append(action)
+    return out
+
+
 @pytest.fixture(scope="module")
 def monkeypatch_module():
     mp = pytest.MonkeyPatch()
@@ -123,8 +156,8 @@ def console_scripts() -> dict[str, str]:
     return scripts
 
 
-def nodes(description) -> list[Node]:
-    return [a for a in description if isinstance(a, Node)]
+def nodes(description, **arguments) -> list[Node]:
+    return [a for a in expand(description, **arguments) if isinstance(a, Node)]
 
 
 def flatten(mapping: dict, prefix: str = "") -> dict:
@@ -152,19 +185,21 @@ def test_every_executable_is_a_console_script_with_a_main(description):
         assert callable(getattr(importlib.import_module(module), func))
 
 
-def test_every_parameter_file_exists_and_holds_a_valid_block_for_its_node(description):
+def test_every_node_gets_its_own_valid_block_of_the_parameters_file(description):
+    params_file = Path(launch_arguments(description)["params_file"])
+    assert params_file.is_file(), f"default params_file {params_file} does not exist"
+    doc = yaml.safe_load(params_file.read_text())
     for node in nodes(description):
         exe, name = node.kwargs["executable"], node.kwargs["name"]
-        files = [p for p in node.kwargs["parameters"] if isinstance(p, str)]
-        assert files, f"{exe} gets no parameter file"
-        for path in files:
-            assert Path(path).is_file(), f"{exe}: parameter file {path} does not exist"
-            doc = yaml.safe_load(Path(path).read_text())
-            assert name in doc, f"{path} has no block for node {name}"
-            flat = flatten(doc[name]["ros__parameters"])
-            undeclared = set(flat) - declared_names(exe)
-            assert not undeclared, f"{path}: {name} does not declare {sorted(undeclared)}"
-            build_config(NODE_CONFIGS[exe], flat)  # raises ConfigError naming the key if invalid
+        block = node.kwargs["parameters"][0]
+        assert isinstance(block, dict) and block == flatten(doc[name]["ros__parameters"]), exe
+        undeclared = set(block) - declared_names(exe)
+        assert not undeclared, f"{params_file}: {name} does not declare {sorted(undeclared)}"
+        build_config(NODE_CONFIGS[exe], block)  # raises ConfigError naming the key if invalid
+
+
+def test_a_namespace_argument_moves_every_node(description):
+    assert {n.kwargs["namespace"] for n in nodes(description, namespace="left")} == {"left"}
 
 
 def test_every_parameter_set_by_the_launch_file_is_declared_by_its_node(description):
@@ -181,14 +216,18 @@ def test_string_parameters_from_arguments_stay_strings(description):
     fusion = next(n for n in nodes(description) if n.kwargs["executable"] == "fusion_node")
     camera = next(n for n in nodes(description) if n.kwargs["executable"] == "camera_node")
     overrides = {**fusion.kwargs["parameters"][1], **{f"camera.{k}": v for k, v in camera.kwargs["parameters"][1].items()}}
-    for key in ("checkpoint", "engine.artifact_dir", "camera.source"):
+    overrides.update({f"microphone.{k}": v for k, v in
+                      next(n for n in nodes(description) if n.kwargs["executable"] == "microphone_node")
+                      .kwargs["parameters"][1].items()})
+    for key in ("checkpoint", "engine.artifact_dir", "camera.source", "microphone.source"):
         value = overrides[key]
         assert isinstance(value, ParameterValue) and value.kwargs.get("value_type") is str, key
 
 
 def test_launch_arguments_cover_model_sim_time_and_sensor_choice(description):
     declared = {a.args[0] for a in description if isinstance(a, DeclareLaunchArgument)}
-    assert {"checkpoint", "artifact_dir", "use_sim_time", "start_camera", "start_microphone"} <= declared
+    assert {"checkpoint", "artifact_dir", "use_sim_time", "start_camera", "start_microphone", "namespace",
+            "params_file", "camera_source", "microphone_source"} <= declared
     used = set()
 
     def collect(value):
@@ -204,7 +243,7 @@ def test_launch_arguments_cover_model_sim_time_and_sensor_choice(description):
             for v in value.values():
                 collect(v)
 
-    collect(description)
+    collect(expand(description))
     assert used <= declared, f"launch configurations used but not declared: {sorted(used - declared)}"
     for node in nodes(description):
         params = node.kwargs["parameters"][1]
@@ -233,3 +272,98 @@ def test_fast_dds_profile_is_set_and_shipped(description):
 def test_setup_py_installs_the_launch_file_and_config():
     text = (REPO / "setup.py").read_text()
     assert '"launch/*.launch.py"' in text and '"config/*"' in text
+
+
+# ---------------------------------------------------------------- the processes the launch file describes
+
+def _resolve(value, arguments: dict[str, str]):
+    if isinstance(value, LaunchConfiguration):
+        return arguments[value.name]
+    if isinstance(value, ParameterValue):
+        return str(_resolve(value.args[0], arguments))
+    return value
+
+
+def _truthy(text: str) -> bool:
+    return str(text).lower() in ("true", "1", "yes", "on")
+
+
+def test_the_launched_processes_make_the_graph_the_launch_file_describes(description, tmp_path):
+    """Each node started as launch_ros starts it (name and namespace remaps, its parameters as a file keyed
+    by its fully qualified name, the launch environment), under a namespace: one node per name, no twin."""
+    rclpy = pytest.importorskip("rclpy")
+    import subprocess
+    import time
+
+    from mm_fusion_ros import procs
+    from mm_fusion_ros.live_demo import make_video, make_wav
+
+    arguments = {**launch_arguments(description), "namespace": "left", "rt_priority": "0",
+                 "camera_source": str(make_video(tmp_path / "cam.mp4", seconds=2.0, width=160, height=120)),
+                 "microphone_source": str(make_wav(tmp_path / "mic.wav", seconds=2.0)),
+                 "artifact_dir": str(tmp_path / "artifacts")}
+    env = procs.ros_env()
+    for action in description:
+        if isinstance(action, SetEnvironmentVariable):
+            env[action.args[0]] = str(_resolve(action.args[1], arguments))
+    started = []
+    try:
+        for node in nodes(description, **arguments):
+            condition = node.kwargs.get("condition")
+            if condition is not None and not _truthy(_resolve(condition.args[0], arguments)):
+                continue
+            name, namespace = node.kwargs["name"], node.kwargs["namespace"]
+            fqn = f"/{namespace}/{name}" if namespace else f"/{name}"
+            params = {}
+            for entry in node.kwargs["parameters"]:
+                params.update({k: _resolve(v, arguments) for k, v in entry.items()})
+            if "use_sim_time" in params:
+                params["use_sim_time"] = _truthy(params["use_sim_time"])
+            params_file = tmp_path / f"{name}.params.yaml"
+            params_file.write_text(yaml.safe_dump({fqn: {"ros__parameters": params}}))
+            cmd = [procs.executable(node.kwargs["executable"]), "--ros-args", "-r", f"__node:={name}",
+                   "--params-file", str(params_file)]
+            if namespace:
+                cmd += ["-r", f"__ns:=/{namespace}"]
+            log = open(tmp_path / f"{name}.log", "wb")
+            started.append((name, subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env,
+                                                   stdin=subprocess.DEVNULL, start_new_session=True)))
+        ctx = rclpy.Context()
+        rclpy.init(context=ctx)
+        observer = rclpy.create_node("launch_observer", context=ctx)
+        try:
+            want = {("camera_node", "/left"), ("microphone_node", "/left"), ("fusion_node", "/left")}
+
+            def fusion_wired() -> bool:
+                subs = {t for t, _ in observer.get_subscriber_names_and_types_by_node("fusion_node", "/left")}
+                return {"/left/camera/image_raw", "/left/audio/audio_stamped", "/left/imu/data", "/left/scan",
+                        "/left/mm_fusion/estop"} <= subs
+
+            deadline = time.monotonic() + 120
+            while time.monotonic() < deadline and not (
+                    want <= set(observer.get_node_names_and_namespaces()) and fusion_wired()):
+                assert all(p.poll() is None for _, p in started), \
+                    {n: (tmp_path / f"{n}.log").read_text()[-2000:] for n, _ in started}
+                time.sleep(0.5)
+            graph = observer.get_node_names_and_namespaces()
+            ours = [n for n in graph if n[0] in ("camera_node", "microphone_node", "fusion_node")
+                    or n[0].startswith("fusion_node")]
+            assert sorted(ours) == sorted(want), graph           # one of each, no intake twin, all under /left
+            assert fusion_wired()
+            pubs = {t for t, _ in observer.get_publisher_names_and_types_by_node("fusion_node", "/left")}
+            assert {"/left/mm_fusion/action", "/left/fusion_node/tick", "/diagnostics", "/rosout"} <= pubs
+            camera_pubs = {t for t, _ in observer.get_publisher_names_and_types_by_node("camera_node", "/left")}
+            assert "/left/camera/image_raw" in camera_pubs
+        finally:
+            observer.destroy_node()
+            rclpy.try_shutdown(context=ctx)
+    finally:
+        for _, proc in started:   # SIGTERM: each node stops cleanly, by its own PID
+            if proc.poll() is None:
+                proc.terminate()
+        for _, proc in started:
+            try:
+                proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()

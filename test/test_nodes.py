@@ -131,14 +131,16 @@ def scan_msg(t: float, increment: float) -> LaserScan:
 # ---------------------------------------------------------------- parameters
 
 def test_declared_parameters_read_back_the_params_file(context):
-    node = rclpy.create_node("fusion_node", context=context, cli_args=args())
+    node = rclpy.create_node("fusion_node", context=context, cli_args=args(),
+                             automatically_declare_parameters_from_overrides=True)
     try:
         assert declare_config(node, NODE_CONFIGS["fusion_node"]) == load_config(ROBOT_YAML)
-        assert node.has_parameter("inputs.camera.topic") and node.has_parameter("safety.max_delta")
+        assert node.has_parameter("inputs.camera.topic") and node.has_parameter("safety.max_acceleration")
     finally:
         node.destroy_node()
     node = rclpy.create_node("fusion_node", context=context,
-                             cli_args=args(control_rate_hz=50, **{"inputs.required": ["imu"]}))
+                             cli_args=args(control_rate_hz=50, **{"inputs.required": ["imu"]}),
+                             automatically_declare_parameters_from_overrides=True)
     try:
         cfg = declare_config(node, NODE_CONFIGS["fusion_node"])
         assert cfg.control_rate_hz == 50.0 and cfg.inputs.required == ("imu",)
@@ -163,7 +165,8 @@ def test_sensor_node_blocks_in_robot_yaml_mirror_the_dataclass_defaults():
     ({"safety.on_stale": "coast"}, "safety.on_stale: must be one of ['zero', 'hold_last']"),
 ])
 def test_bad_parameters_are_refused_naming_the_key(context, override, message):
-    node = rclpy.create_node("fusion_node", context=context, cli_args=args(**override))
+    node = rclpy.create_node("fusion_node", context=context, cli_args=args(**override),
+                             automatically_declare_parameters_from_overrides=True)
     try:
         with pytest.raises(ConfigError) as err:
             declare_config(node, NODE_CONFIGS["fusion_node"])
@@ -261,7 +264,7 @@ def test_dry_run_estop_within_one_tick_and_enable(context):
         assert wait_until(lambda: len(commands) >= 30)
         values = np.array([v for _, v in commands])
         assert np.isfinite(values).all() and values.max() <= 0.5 + 1e-9
-        assert np.isclose(values[0], 0.05).all()          # ramps up from rest, max_delta 0.05 per tick
+        assert np.isclose(values[0], 0.05, atol=1e-5).all()          # ramps up from rest: max_acceleration 5 per s, 0.05 per tick
         assert np.isclose(values[-1], 0.5).all()
         t_estop = now_s(io)
         estop.publish(Bool(data=True))
@@ -281,7 +284,7 @@ def test_dry_run_estop_within_one_tick_and_enable(context):
         assert call_enable(True).success
         assert wait_until(lambda: commands[-1][0] > t_enable + 5 * period)
         resumed = [v for t, v in commands if t > t_enable and any(v)]
-        assert np.isclose(resumed[0], 0.05).all() and max(resumed[-1]) > 0.05  # ramps from rest again
+        assert np.isclose(resumed[0], 0.05, atol=1e-5).all() and max(resumed[-1]) > 0.05  # ramps from rest again
     finally:
         stop_imu.set()
         feeder.join(timeout=1.0)

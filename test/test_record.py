@@ -38,7 +38,7 @@ def recorded(tmp_path_factory) -> Path:
 
 
 def test_bags_have_the_topics_and_types_the_config_subscribes_to(recorded):
-    cfg = load_config(SIM_YAML)
+    cfg = load_config(SIM_YAML).absolute()   # bags hold absolute names
     expected = {
         cfg.inputs.camera.topic: "sensor_msgs/msg/CompressedImage",
         cfg.inputs.audio.topic: "audio_common_msgs/msg/AudioDataStamped",
@@ -88,7 +88,7 @@ def test_recorded_bag_replays_like_a_robot_bag(recorded, tmp_path):
     """The rest of the toolchain reads it: every input accepted, nothing dropped, inputs fresh."""
     from mm_fusion_ros.replay import ReplayOptions, replay
 
-    cfg = load_config(SIM_YAML)
+    cfg = load_config(SIM_YAML).absolute()   # bags hold absolute names
     cfg = dataclasses.replace(cfg, engine=dataclasses.replace(cfg.engine, backend="torch"))
     result = replay(recorded / episode_name(0), cfg, ReplayOptions(out=tmp_path / "out", progress=False), log=_quiet)
     s = result.summary
@@ -107,7 +107,7 @@ def test_same_seed_same_bag_and_workers_do_not_change_it(recorded, tmp_path):
 def test_dart_noise_perturbs_the_executed_command_not_the_label(tmp_path):
     out = tmp_path / "noisy"
     record(out, SIM_YAML, RecordOptions(episodes=1, seed=3, noise=0.05), progress=False, log=_quiet)
-    cfg = load_config(SIM_YAML)
+    cfg = load_config(SIM_YAML).absolute()   # bags hold absolute names
     with BagReader(out / episode_name(3), log=_quiet) as bag:
         executed = np.array([bag.decode(m).data for m in bag.messages(topics=[cfg.outputs.action_topic])])
         labels = np.array([bag.decode(m).velocity for m in bag.messages(topics=[LABEL_TOPIC])])

@@ -79,7 +79,7 @@ def test_outputs_every_tick_in_bag_time(clean_run, bags, cfg):
     expected = list(range((start_ns // period_ns + 1) * period_ns, end_ns + 1, period_ns))
     assert clean_run.ticks == len(expected)
     out = cfg.outputs
-    for topic in (out.action_topic, out.joint_command_topic, out.fused_state_topic, "/diagnostics"):
+    for topic in (out.action_topic, out.joint_command_topic, out.fused_state_topic, "/fusion_node/tick"):
         msgs = _decoded(clean_run.out, topic)
         assert [t for t, _ in msgs] == expected, topic
     actions = _decoded(clean_run.out, out.action_topic)
@@ -95,7 +95,7 @@ def test_outputs_every_tick_in_bag_time(clean_run, bags, cfg):
     assert np.abs(commands).max() > 0                       # enabled: real commands, not only rest
     fused = _decoded(clean_run.out, out.fused_state_topic)[0][1]
     assert len(fused.data) == cfg.model.fused_state_dim
-    diag = _decoded(clean_run.out, "/diagnostics")[-1][1]
+    diag = _decoded(clean_run.out, "/fusion_node/tick")[-1][1]
     assert diag.status[0].name == "fusion_node: mm_fusion: tick"
 
 

@@ -8,9 +8,11 @@ import numpy as np
 import pytest
 import torch
 
-from mm_fusion_ros.config import MODALITIES, RobotConfig
+from mm_fusion_ros.config import MODALITIES, ConfigError, RobotConfig
 from mm_fusion_ros.engine import Engine, create_engine
+from mm_fusion_ros.model import build_model, save_checkpoint
 from mm_fusion_ros.runtime import ERROR, OK, WARN, Runtime, load_model
+from mm_fusion_ros.safety import FAILED_REASON
 from mm_fusion_ros.samples import AudioSample, CameraSample, ImuSample, LidarSample
 from mm_fusion_ros.synthetic import SyntheticSensors
 
@@ -38,6 +40,7 @@ class RecordingEngine(Engine):
         self.dts: list[float] = []
         self.states: list[np.ndarray] = []
         self.fail: str | None = None   # "raise" or "nan"
+        self.action: float | None = None   # every DOF of the action set to this value
 
     def run(self, inputs):
         self.dts.append(float(inputs["dt"][0, 0]))
@@ -47,6 +50,8 @@ class RecordingEngine(Engine):
         out = self.inner.run(inputs)
         if self.fail == "nan":
             out["action"][:] = np.nan
+        elif self.action is not None:
+            out["action"][:] = self.action
         return out
 
 
@@ -119,7 +124,8 @@ def warm(torch_engine, **safety):
 def test_one_second_at_100hz_gives_finite_actions_within_limits(torch_engine):
     runtime, _, _, sensors = warm(torch_engine, start_enabled=True)
     results = run(runtime, sensors, 100, T0)
-    lower, upper = np.array(runtime.cfg.model.action.lower), np.array(runtime.cfg.model.action.upper)
+    safety = runtime.cfg.safety
+    lower, upper = np.array(safety.per_dof("lower", 7)), np.array(safety.per_dof("upper", 7))
     for r in results:
         assert r.raw_action.shape == (7,) and r.raw_action.dtype == np.float32
         assert np.isfinite(r.raw_action).all()
@@ -128,7 +134,7 @@ def test_one_second_at_100hz_gives_finite_actions_within_limits(torch_engine):
         np.testing.assert_array_equal(r.mask, np.ones(4, np.float32))
         assert set(r.stage_s) == {"align", "preprocess", "infer", "safety"}
         assert r.attention.shape == (4, 4) and r.contribution.shape == (4,)
-    # the rate limiter ramped up from rest: no tick changed any DOF by more than max_delta
+    # the rate limiter ramped up from rest: no tick changed any DOF by more than max_acceleration * 10 ms
     commands = np.array([np.zeros(7)] + [r.safety.command for r in results])
     assert np.abs(np.diff(commands, axis=0)).max() <= 0.05 + 1e-12
     assert runtime.counters["ticks"] == 100
@@ -326,3 +332,52 @@ def test_runtime_builds_its_engine_and_logs_the_backend():
     runtime = Runtime(make_config(), log=logs.append)
     assert any("inference backend: torch" in line for line in logs)
     assert np.isfinite(runtime.tick(T0).raw_action).all()
+
+
+# ---------------------------------------------------------------- issue #12
+
+
+def test_a_checkpoint_loads_under_tightened_safety_limits_and_commands_stay_inside(tmp_path):
+    checkpoint = tmp_path / "policy.pt"
+    save_checkpoint(build_model(make_config().model, seed=5), checkpoint)
+    lower, upper = (-0.02, -0.02, -0.02, -0.5, -0.02, -0.02, -0.02), (0.01,)
+    cfg = dataclasses.replace(make_config(start_enabled=True, lower=lower, upper=upper), checkpoint=str(checkpoint))
+    runtime = Runtime(cfg, log=lambda _: None)   # loads the checkpoint: the model config is unchanged
+    sensors = Sensors(runtime, T0 - 1.1)
+    results = run(runtime, sensors, 30, T0)
+    raw = np.array([r.raw_action for r in results], np.float64)
+    commands = np.array([r.safety.command for r in results])
+    lo, hi = np.array(lower), np.full(7, 0.01)
+    assert ((raw < lo) | (raw > hi)).any()            # the network did ask for more than the arm may get
+    assert (commands >= lo).all() and (commands <= hi).all()
+    assert runtime.safety.counters["clamped"] > 0
+    # Limiting the arm through the model's output range instead would refuse the checkpoint.
+    action = dataclasses.replace(cfg.model.action, upper=(0.01,) * 7)
+    with pytest.raises(ConfigError, match="model.action.upper"):
+        load_model(dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, action=action)))
+
+
+def test_rest_after_a_tick_that_raised_is_recorded_and_the_next_tick_ramps_from_it(torch_engine):
+    runtime, engine, _, sensors = warm(torch_engine, start_enabled=True)
+    engine.action = 0.8
+    before = run(runtime, sensors, 20, T0)[-1]
+    np.testing.assert_allclose(before.safety.command, np.full(7, 0.8), atol=1e-9)
+    t = T0 + 20 * PERIOD
+    sensors.until(t)
+    aligner_tick = runtime.aligner.tick
+
+    def broken(t, dt):
+        raise RuntimeError("aligner broke")
+
+    runtime.aligner.tick = broken
+    with pytest.raises(RuntimeError, match="aligner broke"):
+        runtime.tick(t)
+    runtime.aligner.tick = aligner_tick
+    rest = runtime.rest(t)          # what fusion_node publishes for the failed tick
+    np.testing.assert_array_equal(rest.command, np.zeros(7))
+    assert rest.commanded and rest.held and FAILED_REASON in rest.reasons
+    after = run(runtime, sensors, 1, t + PERIOD)[0]
+    assert not after.safety.held
+    # one tick's change from rest (5 per second for 10 ms), not a jump back to the 0.8 before the failure
+    assert np.abs(after.safety.command - rest.command).max() <= 5.0 * PERIOD + 1e-9
+    assert runtime.summary()["safety"]["failed_ticks"] == 1

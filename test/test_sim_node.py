@@ -140,10 +140,11 @@ def test_sim_yaml_block_mirrors_the_defaults_and_bad_parameters_name_the_key(con
     assert set(block) <= declared_names("sim_node") and "node.rate_factor" in block
     for override, message in [({"node.rate_factor": 0.0}, "node.rate_factor: must be in (0, 100]"),
                               ({"node.step_s": 0.0035}, "node.step_s: must be a whole number of physics steps"),
-                              ({"node.topics.command": "action"}, "node.topics.command: must be an absolute topic"),
+                              ({"node.topics.command": "mm fusion/action"}, "node.topics.command: must be a ROS topic"),
                               ({"node.rate": 2.0}, "node.rate (did you mean node.rate_factor?)"),
                               ({"camera.rate_hz": 0.0}, "camera.rate_hz: must be in (0,")]:
-        node = rclpy.create_node("sim_node", context=context, cli_args=ros_args(**override))
+        node = rclpy.create_node("sim_node", context=context, cli_args=ros_args(**override),
+                                 automatically_declare_parameters_from_overrides=True)
         try:
             with pytest.raises(ConfigError) as err:
                 declare_config(node, SimNodeParameters)

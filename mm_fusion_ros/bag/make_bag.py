@@ -256,6 +256,7 @@ def make_bag(out: str | Path, cfg: RobotConfig, opts: MakeBagOptions, progress: 
     """Write the synthetic bag to ``out`` (a new path) and describe what went into it."""
     from tqdm import tqdm
 
+    cfg = cfg.absolute()   # a bag holds absolute topic names; the config may give relative ones
     opts.validate()
     if cfg.inputs.lidar.type != "laser_scan":
         raise MakeBagError("make-bag writes sensor_msgs/LaserScan; set inputs.lidar.type: laser_scan")

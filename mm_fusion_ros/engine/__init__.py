@@ -21,7 +21,7 @@ from .export import export_onnx
 BACKENDS = ("torch", "onnxruntime", "tensorrt", "compiled")
 
 __all__ = ["BACKENDS", "Engine", "InputError", "check_inputs", "create_engine", "ensure_onnx",
-           "model_fingerprint", "resolve_backend"]
+           "model_fingerprint", "onnxruntime_device", "resolve_backend"]
 
 
 def resolve_backend(requested: str) -> str:
@@ -65,6 +65,24 @@ def ensure_onnx(model: FusionNet, artifact_dir: str | Path, log: Callable[[str],
     return onnx_path
 
 
+def onnxruntime_device(log: Callable[[str], None] = print) -> str:
+    """"cuda" where torch sees a GPU and onnxruntime has its CUDA provider, else "cpu".
+
+    The stock ``onnxruntime`` wheel has no CUDA provider; on a GPU machine that is a slower
+    engine, not a reason for the node not to start, so it runs on the CPU and says so.
+    """
+    if not torch.cuda.is_available():
+        return "cpu"
+    import onnxruntime as ort
+
+    providers = ort.get_available_providers()
+    if "CUDAExecutionProvider" in providers:
+        return "cuda"
+    log(f"WARNING: a GPU is present but onnxruntime has no CUDAExecutionProvider (providers: "
+        f"{', '.join(providers)}; install onnxruntime-gpu for it): running onnxruntime on the CPU")
+    return "cpu"
+
+
 def create_engine(cfg: RobotConfig, model: FusionNet, backend: str | None = None,
                   log: Callable[[str], None] = print) -> Engine:
     """Build the engine named by ``backend`` (default: the config's), logging the choice."""
@@ -79,12 +97,12 @@ def create_engine(cfg: RobotConfig, model: FusionNet, backend: str | None = None
         engine = CompiledEngine(model)
     elif name == "onnxruntime":
         from .onnxruntime_engine import OnnxRuntimeEngine
-        onnx_path = ensure_onnx(model, cfg.engine.artifact_dir, log)
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-        engine = OnnxRuntimeEngine(onnx_path, specs_in, specs_out, cfg.engine.intra_op_threads, device)
+        onnx_path = ensure_onnx(model, cfg.engine.artifact_path, log)
+        engine = OnnxRuntimeEngine(onnx_path, specs_in, specs_out, cfg.engine.intra_op_threads,
+                                   onnxruntime_device(log))
     else:
         from .tensorrt_engine import TensorRTEngine
-        onnx_path = ensure_onnx(model, cfg.engine.artifact_dir, log)
-        engine = TensorRTEngine(onnx_path, cfg.engine.artifact_dir, specs_in, specs_out, cfg.engine.precision)
+        onnx_path = ensure_onnx(model, cfg.engine.artifact_path, log)
+        engine = TensorRTEngine(onnx_path, cfg.engine.artifact_path, specs_in, specs_out, cfg.engine.precision)
     log(f"inference backend: {engine.describe()} (requested '{requested}')")
     return engine

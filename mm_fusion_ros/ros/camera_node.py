@@ -69,7 +69,8 @@ def open_capture(source: str) -> tuple[cv2.VideoCapture, bool]:
 
 class CameraNode(Node):
     def __init__(self, *, context=None, parameter_overrides=None, cli_args=None):
-        super().__init__(NODE_NAME, context=context, parameter_overrides=parameter_overrides, cli_args=cli_args)
+        super().__init__(NODE_NAME, context=context, parameter_overrides=parameter_overrides, cli_args=cli_args,
+                         automatically_declare_parameters_from_overrides=True)
         self.cfg: CameraNodeConfig = declare_config(self, CameraNodeConfig)
         self.capture, self.is_file = open_capture(self.cfg.source)
         if self.cfg.width and not self.is_file:  # ask the device first; frames are resized anyway if it declines

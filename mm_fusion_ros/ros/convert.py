@@ -27,8 +27,9 @@ audio.non_finite            NaN/Inf in float PCM
 imu.non_finite              NaN/Inf in linear_acceleration / angular_velocity
 imu.missing_accel/gyro      covariance[0] == -1: the driver says it has no such data
 lidar.empty                 LaserScan without ranges
-lidar.bad_angles            angle_increment 0/NaN, or len(ranges) disagrees with
-                            (angle_max - angle_min) / angle_increment + 1
+lidar.bad_angles            angle_increment 0/NaN, or the last ray's angle
+                            angle_min + (len(ranges) - 1) * angle_increment
+                            more than one increment from angle_max
 lidar.missing_xyz           PointCloud2 without x, y and z fields
 lidar.bad_fields            unknown field datatype or a field past point_step
 lidar.bad_size              data shorter than height * row_step, or
@@ -38,6 +39,7 @@ lidar.bad_size              data shorter than height * row_step, or
 
 from __future__ import annotations
 
+import logging
 import math
 import re
 from array import array
@@ -310,12 +312,24 @@ def imu_from_msg(msg: Any) -> ImuSample:
 # ---------------------------------------------------------------- lidar
 
 
+# Scan geometries whose angle_max is not the last ray's angle, already reported (log once each).
+_NOTED_SCAN_GEOMETRIES: set[tuple[int, float, float, float]] = set()
+_log = logging.getLogger(__name__)
+
+
 def lidar_from_laser_scan(msg: Any, cfg: LidarConfig) -> LidarSample:
     """sensor_msgs/LaserScan -> the model's beam grid (nearest valid return per beam, inf where none).
 
     Valid returns lie within both the scan's [range_min, range_max] and the
-    model's. ``len(ranges)`` must match the angle fields within one beam (some
-    drivers set angle_max one increment past the last ray).
+    model's. Ray i is at angle_min + i * angle_increment, as the message defines
+    it; angle_max only serves to check the count. Drivers size ``ranges`` two
+    ways: (angle_max - angle_min) / angle_increment + 1 rays (angle_max is the
+    last ray's angle) or ceil((angle_max - angle_min) / angle_increment) rays
+    (pointcloud_to_laserscan, ira_laser_tools' merger: the last ray falls short
+    of angle_max by up to one increment). Both are taken: a count is refused only
+    when the last ray lies more than one increment from angle_max, which is a
+    scan whose angles say something else than its ranges. A scan whose last ray
+    is not at angle_max is logged once per geometry.
     """
     stamp = _stamp(msg, "lidar")
     ranges = _typed(msg.ranges, np.float32)
@@ -325,10 +339,22 @@ def lidar_from_laser_scan(msg: Any, cfg: LidarConfig) -> LidarSample:
     a_min, a_max, step = float(msg.angle_min), float(msg.angle_max), float(msg.angle_increment)
     if not (math.isfinite(a_min) and math.isfinite(a_max) and math.isfinite(step)) or step == 0.0:
         raise BadSample("lidar.bad_angles", f"angle_min {a_min}, angle_max {a_max}, angle_increment {step}")
-    expected = (a_max - a_min) / step + 1.0
-    if abs(n - expected) > 1.0 + 1e-9 * n:
+    span = (a_max - a_min) / step            # increments from angle_min to angle_max
+    off = (n - 1) - span                     # where the last ray is, in increments past angle_max
+    # The angle fields are float32: a span of increments carries rounding of a few 1e-8 of
+    # (|angle_min| + |angle_max|) / |angle_increment|; 1e-6 of that is well clear of it.
+    slack = 1e-6 * (abs(a_min) + abs(a_max)) / abs(step) + 1e-9
+    if abs(off) > 1.0 + slack:
         raise BadSample("lidar.bad_angles",
-                        f"{n} ranges, but (angle_max - angle_min) / angle_increment + 1 = {expected:.2f}")
+                        f"{n} ranges, but angle_min {a_min:.6f} + {n - 1} * angle_increment {step:.6g} puts the "
+                        f"last ray {off:+.2f} increments from angle_max {a_max:.6f} (at most one is allowed)")
+    if abs(off) > slack:
+        geometry = (n, a_min, a_max, step)
+        if geometry not in _NOTED_SCAN_GEOMETRIES:
+            _NOTED_SCAN_GEOMETRIES.add(geometry)
+            _log.warning("LaserScan of %d ranges: the last ray is %+.2f increments from angle_max %.6f; "
+                         "using angle_min + i * angle_increment for ray i, as the message defines it",
+                         n, off, a_max)
     angles = a_min + step * np.arange(n, dtype=np.float64)
     lo = max(float(msg.range_min), cfg.range_min) if math.isfinite(msg.range_min) else cfg.range_min
     hi = min(float(msg.range_max), cfg.range_max) if math.isfinite(msg.range_max) else cfg.range_max
@@ -412,7 +438,8 @@ def sample_converter(modality: str, msgtype: str, cfg: Any,
         ("audio", "audio_common_msgs/msg/AudioStamped"): lambda m: audio_from_audio_stamped(m, max_s=window_s),
         ("imu", "sensor_msgs/msg/Imu"): imu_from_msg,
         ("lidar", "sensor_msgs/msg/LaserScan"): lambda m: lidar_from_laser_scan(m, model.lidar),
-        ("lidar", "sensor_msgs/msg/PointCloud2"): lambda m: lidar_from_point_cloud2(m, model.lidar),
+        ("lidar", "sensor_msgs/msg/PointCloud2"):
+            lambda m: lidar_from_point_cloud2(m, model.lidar, z_min=inputs.lidar.z_min, z_max=inputs.lidar.z_max),
     }
     return table.get((modality, msgtype))
 

@@ -159,7 +159,8 @@ class WavSource:
 
 class MicrophoneNode(Node):
     def __init__(self, *, context=None, parameter_overrides=None, cli_args=None):
-        super().__init__(NODE_NAME, context=context, parameter_overrides=parameter_overrides, cli_args=cli_args)
+        super().__init__(NODE_NAME, context=context, parameter_overrides=parameter_overrides, cli_args=cli_args,
+                         automatically_declare_parameters_from_overrides=True)
         self.cfg: MicrophoneNodeConfig = declare_config(self, MicrophoneNodeConfig)
         self.published = 0
         self.overflows = 0

@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Literal, TypeVar
 
 # _build is config.py's dataclass builder: one set of type checks and error messages for every node.
-from ..config import ConfigError, RobotConfig, _build, config_from_dict
+from ..config import ConfigError, RobotConfig, _build, check_topic_name, config_from_dict
 from ..memory import keep_freed_memory
 from ..sim.config import CellConfig
 
@@ -49,7 +49,7 @@ def _check(cond: bool, key: str, msg: str) -> None:
 
 
 def _check_topic(topic: str, key: str) -> None:
-    _check(topic.startswith("/") and " " not in topic, key, f"must be an absolute topic name, got {topic!r}")
+    check_topic_name(topic, key)
 
 
 # ---------------------------------------------------------------- sensor node configurations
@@ -65,7 +65,7 @@ class CameraNodeConfig:
     """camera_node: an OpenCV VideoCapture source published as sensor_msgs/Image."""
 
     source: str = "0"             # device index ("0"), video file path, or URL / GStreamer pipeline
-    topic: str = "/camera/image_raw"
+    topic: str = "camera/image_raw"
     frame_id: str = "camera"
     encoding: Literal["rgb8", "bgr8"] = "rgb8"
     fps: float = 0.0              # 0: the file's own frame rate (a device paces itself)
@@ -94,9 +94,9 @@ class MicrophoneNodeConfig:
     """microphone_node: PortAudio capture (sounddevice) or a WAV file, in fixed chunks."""
 
     source: str = "default"       # "default", a PortAudio device index or name, or a path ending in .wav
-    topic: str = "/audio/audio_stamped"
+    topic: str = "audio/audio_stamped"
     type: AudioType = "audio_data_stamped"   # falls back to image_pcm where audio_common_msgs is missing
-    info_topic: str = "/audio/audio_info"
+    info_topic: str = "audio/audio_info"
     frame_id: str = "microphone"
     sample_rate: int = 16000      # capture rate (a WAV file brings its own)
     channels: int = 1
@@ -122,7 +122,7 @@ class MicrophoneNodeConfig:
 @dataclass(frozen=True)
 class SimLidar:
     enabled: bool = True
-    topic: str = "/scan"
+    topic: str = "scan"
     frame_id: str = "laser"
     rate_hz: float = 10.0
     beams: int = 360
@@ -134,7 +134,7 @@ class SimLidar:
 @dataclass(frozen=True)
 class SimImu:
     enabled: bool = True
-    topic: str = "/imu/data"
+    topic: str = "imu/data"
     frame_id: str = "imu_link"
     rate_hz: float = 200.0
     stop_after_s: float = 0.0
@@ -169,16 +169,16 @@ class SensorSimConfig:
 class SimTopics:
     """sim_node's topics: the drivers' and the controller's of a real cell (config/sim.yaml's fusion_node block)."""
 
-    camera: str = "/camera/image_raw"           # image_transport base topic: rgb8 here, jpeg on <camera>/compressed
-    audio: str = "/audio/audio_stamped"
-    audio_info: str = "/audio/audio_info"       # latched AudioInfo (audio_data_stamped only)
-    lidar: str = "/scan"
-    imu: str = "/imu/data"
-    joint_states: str = "/joint_states"
-    command: str = "/mm_fusion/action"          # std_msgs/Float64MultiArray, 7 joint velocities (rad/s)
-    estop: str = "/mm_fusion/estop"             # std_msgs/Bool
-    episode: str = "/sim/episode"               # std_msgs/String, one JSON object per finished episode
-    reset: str = "/sim/reset"                   # std_srvs/Trigger: the next episode now
+    camera: str = "camera/image_raw"           # image_transport base topic: rgb8 here, jpeg on <camera>/compressed
+    audio: str = "audio/audio_stamped"
+    audio_info: str = "audio/audio_info"       # latched AudioInfo (audio_data_stamped only)
+    lidar: str = "scan"
+    imu: str = "imu/data"
+    joint_states: str = "joint_states"
+    command: str = "mm_fusion/action"          # std_msgs/Float64MultiArray, 7 joint velocities (rad/s)
+    estop: str = "mm_fusion/estop"             # std_msgs/Bool
+    episode: str = "sim/episode"               # std_msgs/String, one JSON object per finished episode
+    reset: str = "sim/reset"                   # std_srvs/Trigger: the next episode now
 
 
 @dataclass(frozen=True)
@@ -299,37 +299,157 @@ def _plain(value: Any) -> Any:
     return list(value) if isinstance(value, tuple) else value
 
 
-def declare_config(node: Any, cls: type[T]) -> T:
-    """Declare every field of ``cls`` on ``node`` (defaults from the dataclass) and return the values.
+def _leaf_types(cls: type, prefix: str = "") -> dict[str, Any]:
+    """Dotted parameter name -> the dataclass field's type, for every leaf of ``cls``."""
+    out: dict[str, Any] = {}
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        tp = hints[f.name]
+        if dataclasses.is_dataclass(tp):
+            out.update(_leaf_types(tp, f"{prefix}{f.name}."))
+        else:
+            out[f"{prefix}{f.name}"] = tp
+    return out
 
-    Raises ConfigError for unknown parameter names given to this node, wrong types and impossible values.
+
+def _ros_type(tp: Any) -> int:
+    from rcl_interfaces.msg import ParameterType as P
+
+    if typing.get_origin(tp) is tuple:
+        item = typing.get_args(tp)[0]
+        return {float: P.PARAMETER_DOUBLE_ARRAY, int: P.PARAMETER_INTEGER_ARRAY, bool: P.PARAMETER_BOOL_ARRAY}.get(
+            item, P.PARAMETER_STRING_ARRAY)
+    if typing.get_origin(tp) is Literal:
+        return P.PARAMETER_STRING
+    return {bool: P.PARAMETER_BOOL, int: P.PARAMETER_INTEGER, float: P.PARAMETER_DOUBLE}.get(tp, P.PARAMETER_STRING)
+
+
+def _for_ros(value: Any, tp: Any) -> Any:
+    """A value as its declared type holds it: YAML's ``100`` for a float parameter is 100.0 (the config layer
+    accepts it, as the CLI does); anything else is left for the config layer to judge and name."""
+    value = _plain(value)
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if typing.get_origin(tp) is tuple and typing.get_args(tp)[0] is float and isinstance(value, list):
+        return [float(v) if isinstance(v, int) and not isinstance(v, bool) else v for v in value]
+    return value
+
+
+def yaml_descriptions(path: Any, node_name: str) -> dict[str, str]:
+    """Dotted key -> the comment written beside it (and below it) in a parameters file's block for ``node_name``.
+
+    The YAML file is where every parameter is documented once; ``ros2 param describe`` shows the same words.
     """
-    from rcl_interfaces.msg import ParameterDescriptor
+    try:
+        lines = open(path, encoding="utf-8").read().splitlines()
+    except OSError:
+        return {}
+    out: dict[str, str] = {}
+    stack: list[tuple[int, str]] = []
+    last: str | None = None
+    inside = False
+    for line in lines:
+        stripped = line.strip()
+        indent = len(line) - len(line.lstrip())
+        if not stripped:
+            continue
+        if stripped.startswith("#"):
+            if last is not None and indent > 0:   # a comment continued on the next line
+                out[last] = (out.get(last, "") + " " + stripped.lstrip("# ")).strip()
+            continue
+        if indent == 0:
+            inside = stripped.split(":")[0] == node_name
+            stack, last = [], None
+            continue
+        if not inside or ":" not in stripped:
+            continue
+        key, _, rest = stripped.partition(":")
+        while stack and stack[-1][0] >= indent:
+            stack.pop()
+        stack.append((indent, key.strip()))
+        path_parts = [k for _, k in stack]
+        if path_parts[0] == "ros__parameters":
+            path_parts = path_parts[1:]
+        if not path_parts:
+            continue
+        dotted = ".".join(path_parts)
+        comment = rest.partition("#")[2].strip() if "#" in rest else ""
+        out[dotted] = comment
+        last = dotted
+    return {k: v for k, v in out.items() if v}
+
+
+def default_descriptions(cls: type) -> dict[str, str]:
+    """The comments of the shipped parameters file's block for the executable behind ``cls``."""
+    from ..procs import config_file
+
+    executable = next((name for name, c in NODE_CONFIGS.items() if c is cls), None)
+    if executable is None:
+        return {}
+    try:
+        path = config_file("sim.yaml" if executable == "sim_node" else "robot.yaml")
+    except FileNotFoundError:
+        return {}
+    return yaml_descriptions(path, executable)
+
+
+def declare_config(node: Any, cls: type[T], *, writable: tuple[str, ...] = (),
+                   ranges: dict[str, tuple[float, float]] | None = None, descriptions: dict[str, str] | None = None) -> T:
+    """Declare every field of ``cls`` on ``node`` with its type, a description, its range and read-only
+    unless named in ``writable``, and return the validated values.
+
+    The node must be created with ``automatically_declare_parameters_from_overrides=True``: the values
+    of ``--params-file`` and ``-p`` are then declared parameters, which is how unknown names (a typo in
+    the YAML) are found without rclpy's private state. Each is read, checked by the config layer
+    (ConfigError naming the key: unknown names, wrong types, impossible values), then declared again
+    with its descriptor. Raises ConfigError.
+    """
+    from rcl_interfaces.msg import FloatingPointRange, IntegerRange, ParameterDescriptor
+    from rcl_interfaces.msg import ParameterType as P
 
     defaults = parameter_defaults(cls)
-    unknown = sorted(name for name in _overrides(node)
-                     if name not in defaults and name not in _ROS_OWNED
-                     and not name.startswith(_ROS_OWNED_PREFIXES))
+    types_ = _leaf_types(cls)
+    given = set(node.list_parameters([], 0).names)
+    unknown = sorted(name for name in given
+                     if name not in defaults and name not in _ROS_OWNED and not name.startswith(_ROS_OWNED_PREFIXES))
     if unknown:
         hints = []
         for name in unknown:
             close = difflib.get_close_matches(name, defaults, n=1)
             hints.append(f"{name} (did you mean {close[0]}?)" if close else name)
         raise ConfigError(f"unknown parameter(s) for {node.get_name()}: {', '.join(hints)}")
-    values: dict[str, Any] = {}
-    for name, default in defaults.items():
-        if node.has_parameter(name):  # use_sim_time: rclpy declared it already
-            values[name] = _plain(node.get_parameter(name).value)
+    values = {name: _for_ros(node.get_parameter(name).value if name in given else default, types_[name])
+              for name, default in defaults.items()}
+    cfg = build_config(cls, values)     # refuses what is wrong, naming the key, before anything is declared
+    ranges = ranges or {}
+    descriptions = descriptions if descriptions is not None else default_descriptions(cls)
+    for name, value in values.items():
+        if name in _ROS_OWNED:   # use_sim_time: rclpy's own parameter, declared and described by rclpy
             continue
-        descriptor = ParameterDescriptor(name=name, dynamic_typing=True, read_only=True,
-                                         description=f"default: {default!r}")
-        values[name] = _plain(node.declare_parameter(name, default, descriptor).value)
-    return build_config(cls, values)
-
-
-def _overrides(node: Any) -> list[str]:
-    # rclpy keeps the --params-file / -p values for this node here; there is no public accessor.
-    return list(getattr(node, "_parameter_overrides", {}) or {})
+        tp = types_[name]
+        text = descriptions.get(name, "")
+        if typing.get_origin(tp) is Literal:
+            text = f"{text} (one of {', '.join(map(str, typing.get_args(tp)))})".strip()
+        descriptor = ParameterDescriptor(name=name, type=_ros_type(tp), description=text or name,
+                                         read_only=name not in writable)
+        if name in ranges:
+            lo, hi = ranges[name]
+            descriptor.additional_constraints = f"in [{lo}, {hi}]"
+            if tp is int:
+                descriptor.integer_range = [IntegerRange(from_value=int(lo), to_value=int(hi), step=0)]
+            elif tp is float:
+                descriptor.floating_point_range = [FloatingPointRange(from_value=float(lo), to_value=float(hi),
+                                                                      step=0.0)]
+        if isinstance(value, list) and not value:   # an empty list has no element type to check against
+            descriptor.type = P.PARAMETER_NOT_SET
+            descriptor.dynamic_typing = True
+        if name in given:
+            node.undeclare_parameter(name)
+        try:
+            node.declare_parameter(name, value, descriptor, ignore_override=True)
+        except Exception as exc:  # a range that the config layer's checks let through, or a type rclpy refuses
+            raise ConfigError(f"{name}: {exc}") from None
+    return cfg
 
 
 # ---------------------------------------------------------------- message types chosen by parameters

@@ -88,7 +88,8 @@ class _Stream:
 
 class SensorSimNode(Node):
     def __init__(self, *, context=None, parameter_overrides=None, cli_args=None):
-        super().__init__(NODE_NAME, context=context, parameter_overrides=parameter_overrides, cli_args=cli_args)
+        super().__init__(NODE_NAME, context=context, parameter_overrides=parameter_overrides, cli_args=cli_args,
+                         automatically_declare_parameters_from_overrides=True)
         self.cfg: SensorSimConfig = declare_config(self, SensorSimConfig)
         lidar, imu = self.cfg.lidar, self.cfg.imu
         model = dataclasses.replace(ModelConfig(), lidar=LidarConfig(beams=lidar.beams, range_min=lidar.range_min,

@@ -122,7 +122,8 @@ def _percentiles_ms(values_s: list[float]) -> dict[str, float]:
 
 class SimNode(Node):
     def __init__(self, *, context=None, parameter_overrides=None, cli_args=None):
-        super().__init__(NODE_NAME, context=context, parameter_overrides=parameter_overrides, cli_args=cli_args)
+        super().__init__(NODE_NAME, context=context, parameter_overrides=parameter_overrides, cli_args=cli_args,
+                         automatically_declare_parameters_from_overrides=True)
         params: SimNodeParameters = declare_config(self, SimNodeParameters)
         self.cfg = params.node
         self.cell_cfg = params.cell()

@@ -14,16 +14,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-import yaml
-
-from ..config import ConfigError, _build
+from ..config import ConfigError, _build, _check, read_node_parameters
 
 SIM_NODE_NAME = "sim_node"
-
-
-def _check(cond: bool, key: str, msg: str) -> None:
-    if not cond:
-        raise ConfigError(f"{key}: {msg}")
 
 
 def _check_range(pair: tuple[float, ...], key: str, lo: float, hi: float, unit: str) -> None:
@@ -289,17 +282,7 @@ def cell_config_from_dict(params: dict) -> CellConfig:
 
 def load_cell_config(path: str | Path, node: str = SIM_NODE_NAME) -> CellConfig:
     """The ``sim_node.ros__parameters`` block of a ROS 2 parameters file."""
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"config file not found: {path}")
-    try:
-        doc = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
-    block = doc.get(node) if isinstance(doc, dict) else None
-    if not isinstance(block, dict) or not isinstance(block.get("ros__parameters"), dict):
-        raise ConfigError(f"{path}: expected a '{node}: ros__parameters:' block")
-    params = dict(block["ros__parameters"])
+    params = read_node_parameters(path, node)
     # rclpy's own, and sim_node's (topics, pacing; mm_fusion_ros.ros.sim_node): not the cell's.
     params.pop("use_sim_time", None)
     params.pop("node", None)

@@ -98,6 +98,7 @@ class _Topics:
 
 def _topics(robot: RobotConfig, cell: CellConfig) -> _Topics:
     """The bag's topics and types, from the fusion_node block; refuse combinations the cell cannot produce."""
+    robot = robot.absolute()   # a bag holds absolute names, as a node in the root namespace resolves them
     inp = robot.inputs
     want_camera = "compressed_image" if cell.camera.encoding == "jpeg" else "image"
     if inp.camera.type != want_camera:
