@@ -185,9 +185,15 @@ def test_node_executable_with_a_bad_config_exits_2_naming_the_key(tmp_path):
 
 # ---------------------------------------------------------------- fusion_node in-process
 
+# These tests count every message they send (from reliable publishers): the subscriptions are made reliable
+# too, so that what best effort may drop on a loaded machine is not mistaken for a lost message. The default
+# best-effort subscriptions are tested against a best-effort driver in test_fusion_node.py.
+RELIABLE_INPUTS = {f"inputs.{m}.qos": "reliable" for m in ("camera", "audio", "imu", "lidar")}
+
+
 def make_fusion(context, engine, **overrides):
     from mm_fusion_ros.ros.fusion_node import FusionNode
-    return FusionNode(context=context, engine=engine, cli_args=args(**overrides))
+    return FusionNode(context=context, engine=engine, cli_args=args(**{**RELIABLE_INPUTS, **overrides}))
 
 
 def test_slow_inference_does_not_lose_sensor_messages(context):
@@ -203,6 +209,7 @@ def test_slow_inference_does_not_lose_sensor_messages(context):
             "lidar": talker.create_publisher(LaserScan, cfg.inputs.lidar.topic, 10)}
     try:
         assert wait_until(lambda: all(p.get_subscription_count() >= 1 for p in pubs.values()))
+        time.sleep(0.5)   # the subscriptions' side of the match settles a little later (see qos.SubscriberGate)
         sent = {"imu": 0, "camera": 0, "lidar": 0}
         start = time.monotonic()
         for i in range(400):  # 2 s of IMU at 200 Hz, a 640x480 frame at ~33 Hz, a scan at 10 Hz
