@@ -70,3 +70,13 @@ def random_inputs(cfg, seed: int = 0, batch: int = 1, as_torch: bool = True) -> 
 def make_inputs():
     """The ``random_inputs`` helper as a fixture: ``make_inputs(model_cfg, seed, batch)``."""
     return random_inputs
+
+
+@pytest.fixture
+def context():
+    """A fresh rclpy context for one test (in-process nodes), shut down after it."""
+    rclpy = pytest.importorskip("rclpy", reason="ROS 2 wheels not installed (pip install '.[ros]')")
+    ctx = rclpy.Context()
+    rclpy.init(context=ctx)
+    yield ctx
+    rclpy.try_shutdown(context=ctx)

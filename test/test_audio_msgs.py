@@ -100,14 +100,6 @@ def test_a_fresh_venv_python_imports_them_and_they_match_the_bags_wire_format():
         1, 16000, "S16LE", 256000, "wave")
 
 
-@pytest.fixture
-def context():
-    ctx = rclpy.Context()
-    rclpy.init(context=ctx)
-    yield ctx
-    rclpy.try_shutdown(context=ctx)
-
-
 def test_microphone_node_sends_real_audio_data_stamped_to_another_process(context, tmp_path):
     from audio_common_msgs.msg import AudioDataStamped, AudioInfo
     from rclpy.executors import SingleThreadedExecutor

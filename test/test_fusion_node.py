@@ -29,14 +29,6 @@ from test_nodes import ROBOT_YAML, FakeEngine, Spinner, args, imu_msg, now_s, wa
 SENSORS = ("camera/image_raw", "audio/audio_stamped", "imu/data", "scan")
 
 
-@pytest.fixture
-def context():
-    ctx = rclpy.Context()
-    rclpy.init(context=ctx)
-    yield ctx
-    rclpy.try_shutdown(context=ctx)
-
-
 def fusion(context, engine=None, namespace=None, **overrides):
     from mm_fusion_ros.ros.fusion_node import FusionNode
     cfg = load_config(ROBOT_YAML)

@@ -54,14 +54,6 @@ class FakeEngine(Engine):
         return out
 
 
-@pytest.fixture
-def context():
-    ctx = rclpy.Context()
-    rclpy.init(context=ctx)
-    yield ctx
-    rclpy.try_shutdown(context=ctx)
-
-
 class Spinner:
     """Nodes spun on a background executor thread."""
 

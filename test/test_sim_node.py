@@ -44,14 +44,6 @@ STEP_S = SimNodeParameters().node.step_s
 START = CELL.episode.start_time_s
 
 
-@pytest.fixture
-def context():
-    ctx = rclpy.Context()
-    rclpy.init(context=ctx)
-    yield ctx
-    rclpy.try_shutdown(context=ctx)
-
-
 def ros_args(**overrides) -> list[str]:
     out = ["--ros-args", "--params-file", str(SIM_YAML)]
     for key, value in overrides.items():
