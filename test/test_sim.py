@@ -21,6 +21,7 @@ from mm_fusion_ros.sim.cell import Cell, sample_episode
 from mm_fusion_ros.sim.config import CellConfig, cell_config_from_dict, load_cell_config
 from mm_fusion_ros.sim.expert import Expert, run_expert_episode
 from mm_fusion_ros.sim.readings import ArrivalQueue
+from mm_fusion_ros.sim.scene import LIDAR_X
 
 REPO = Path(__file__).resolve().parents[1]
 SIM_YAML = REPO / "config" / "sim.yaml"
@@ -255,7 +256,7 @@ def test_lidar_sees_the_intruder_and_the_protective_field(cfg, cell):
     spec = cell.reset(seed)
     i = spec.intrusion
     scans = [r for r in _run(cell, i.start + 2.0) if r.sensor == "lidar"]
-    lx, lz = 1.0, cfg.lidar.height_m
+    lx = LIDAR_X   # the LiDAR at the front edge of the table
     expected_angle = math.atan2(i.side * i.reach_y, i.x - lx)
     expected_range = math.hypot(i.x - lx, i.reach_y) - cfg.intruder.radius
     beam = int(round((expected_angle + math.pi) / (2 * math.pi / cfg.lidar.beams))) % cfg.lidar.beams

@@ -24,7 +24,7 @@ thread; every random draw comes from generators seeded by the episode seed).
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -395,7 +395,7 @@ class Cell:
             self.outcome = Outcome(status, reason, self.elapsed, detail)
 
     def _check(self) -> None:
-        cfg, m, d = self.cfg, self.model, self.data
+        cfg, d = self.cfg, self.data
         if d.ncon:
             self._check_contacts()
         q = self._q_view
