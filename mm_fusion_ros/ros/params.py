@@ -336,30 +336,36 @@ def _for_ros(value: Any, tp: Any) -> Any:
 
 
 def yaml_descriptions(path: Any, node_name: str) -> dict[str, str]:
-    """Dotted key -> the comment written beside it (and below it) in a parameters file's block for ``node_name``.
-
-    The YAML file is where every parameter is documented once; ``ros2 param describe`` shows the same words.
-    """
+    """Dotted key -> the comment written for it in a parameters file's block for ``node_name``: the comment
+    beside the key (continued on the lines below it, indented past the key), and a comment block on the
+    lines just above it. The YAML file is where every parameter is documented once; ``ros2 param
+    describe`` shows the same words."""
     try:
         lines = open(path, encoding="utf-8").read().splitlines()
     except OSError:
         return {}
     out: dict[str, str] = {}
     stack: list[tuple[int, str]] = []
-    last: str | None = None
+    last: tuple[str, int] | None = None      # the previous key with an inline comment, and its indent
+    above: list[str] = []                    # a comment block waiting for the key below it
     inside = False
     for line in lines:
         stripped = line.strip()
         indent = len(line) - len(line.lstrip())
         if not stripped:
+            above, last = [], None
             continue
         if stripped.startswith("#"):
-            if last is not None and indent > 0:   # a comment continued on the next line
-                out[last] = (out.get(last, "") + " " + stripped.lstrip("# ")).strip()
+            text = stripped.lstrip("# ")
+            if last is not None and indent > last[1] + 2:   # under the comment beside the key: its continuation
+                out[last[0]] = f"{out[last[0]]} {text}"
+            elif indent > 0:
+                above.append(text)
+                last = None
             continue
         if indent == 0:
             inside = stripped.split(":")[0] == node_name
-            stack, last = [], None
+            stack, last, above = [], None, []
             continue
         if not inside or ":" not in stripped:
             continue
@@ -367,16 +373,18 @@ def yaml_descriptions(path: Any, node_name: str) -> dict[str, str]:
         while stack and stack[-1][0] >= indent:
             stack.pop()
         stack.append((indent, key.strip()))
-        path_parts = [k for _, k in stack]
-        if path_parts[0] == "ros__parameters":
-            path_parts = path_parts[1:]
-        if not path_parts:
-            continue
-        dotted = ".".join(path_parts)
+        parts = [k for _, k in stack]
+        if parts[0] == "ros__parameters":
+            parts = parts[1:]
         comment = rest.partition("#")[2].strip() if "#" in rest else ""
-        out[dotted] = comment
-        last = dotted
-    return {k: v for k, v in out.items() if v}
+        if parts:
+            dotted = ".".join(parts)
+            text = " ".join(above + ([comment] if comment else []))
+            if text:
+                out[dotted] = text
+            last = (dotted, indent) if comment else None
+        above = []
+    return out
 
 
 def default_descriptions(cls: type) -> dict[str, str]:
