@@ -75,8 +75,9 @@ class Spinner:
         self.thread.join(timeout=2.0)
 
 
-def args(**overrides) -> list[str]:
-    out = ["--ros-args", "--params-file", str(ROBOT_YAML)]
+def args(params_file: Path = ROBOT_YAML, **overrides) -> list[str]:
+    """``--ros-args --params-file F -p k:=v ...`` for an in-process node."""
+    out = ["--ros-args", "--params-file", str(params_file)]
     for key, value in overrides.items():
         out += ["-p", f"{key}:={procs.format_param(value)}"]
     return out
@@ -87,7 +88,7 @@ def wait_until(predicate, timeout: float = 10.0) -> bool:
     while time.monotonic() < deadline:
         if predicate():
             return True
-        time.sleep(0.01)
+        time.sleep(0.005)
     return predicate()
 
 

@@ -36,6 +36,7 @@ from mm_fusion_ros.ros.params import (NODE_CONFIGS, SimNodeParameters, audio_mes
                                       build_config, declare_config, declared_names)
 from mm_fusion_ros.sim.config import load_cell_config  # noqa: E402
 from mm_fusion_ros.sim.panda import JOINT_NAMES, READY_Q  # noqa: E402
+from test_nodes import args, wait_until  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 SIM_YAML = REPO / "config" / "sim.yaml"
@@ -45,19 +46,7 @@ START = CELL.episode.start_time_s
 
 
 def ros_args(**overrides) -> list[str]:
-    out = ["--ros-args", "--params-file", str(SIM_YAML)]
-    for key, value in overrides.items():
-        out += ["-p", f"{key}:={procs.format_param(value)}"]
-    return out
-
-
-def wait_until(predicate, timeout: float = 10.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.005)
-    return predicate()
+    return args(SIM_YAML, **overrides)
 
 
 def matched(*publishers, settle_s: float = 0.5) -> bool:
