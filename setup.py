@@ -39,6 +39,7 @@ setup(
         "sounddevice",               # PortAudio capture for microphone_node (Debian: libportaudio2)
         "rosbags",                   # rosbag2 read/write without a ROS installation
         "mujoco>=4.0,<5",            # the simulated cell (Debian: libosmesa6 for offscreen rendering)
+        "pyzmq",                     # remote inference: mm-fusion serve, engine.backend remote (CURVE needs libsodium: in the wheel)
     ],
     extras_require={
         "ros": [

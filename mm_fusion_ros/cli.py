@@ -7,6 +7,8 @@ Subcommands::
     mm-fusion bench-engine  --config C [--backends a,b] [--json] [--plot PNG]
     mm-fusion demo          --config C [--duration S] [--backend B]
     mm-fusion record        OUT --episodes N [--seed S] [--noise X] [--workers W] [--resume]
+    mm-fusion serve         --config C [--checkpoint CKPT] [--bind tcp://127.0.0.1:5555] [--keys DIR]
+    mm-fusion keys          DIR [--client NAME ...]           CURVE key pairs for serve and its clients
 
 Every subcommand loads and validates the config before doing any work; a bad
 config exits with status 2 and a message naming the key.
@@ -334,6 +336,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_live_command(add)
     from .sim.record import add_record_command  # record: expert demonstrations in the simulated cell
     add_record_command(add, SIM_CONFIG)
+    from .remote.cli import add_remote_commands  # serve, keys: remote inference over ZeroMQ (issue #13)
+    add_remote_commands(add)
     return parser
 
 

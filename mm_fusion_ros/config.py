@@ -211,6 +211,29 @@ class ModelConfig:
 
 
 @dataclass(frozen=True)
+class RemoteConfig:
+    """Where the ``remote`` engine's policy server (``mm-fusion serve``) is, and how long a step may take."""
+
+    endpoint: str = "tcp://127.0.0.1:5555"
+    # A step without a reply by then is a missed tick: the command rests. The server drops a request that
+    # waited this long in its queue instead of serving it late.
+    timeout_ms: float = 5.0
+    # CURVE (`mm-fusion keys DIR`): the server's public key (DIR/server.key) and this client's key pair
+    # (DIR/clients/NAME.key_secret). Both or neither; neither is refused for a non-loopback endpoint.
+    server_key: str = ""
+    client_key: str = ""
+
+    def validate(self, key: str) -> None:
+        from .remote.endpoint import endpoint_problem
+
+        problem = endpoint_problem(self.endpoint, self.server_key)
+        _check(not problem, f"{key}.endpoint", problem)
+        _check(0.0 < self.timeout_ms <= 60000.0, f"{key}.timeout_ms", f"must be in (0, 60000] ms, got {self.timeout_ms}")
+        _check(bool(self.server_key) == bool(self.client_key), f"{key}.server_key",
+               "give both server_key and client_key (CURVE), or neither")
+
+
+@dataclass(frozen=True)
 class EngineConfig:
     """Which compiled engine runs the streaming step, and where its artefacts live."""
 
@@ -221,7 +244,7 @@ class EngineConfig:
         ros_home = os.environ.get("ROS_HOME") or os.path.join(os.path.expanduser("~"), ".ros")
         return Path(ros_home) / "mm_fusion_ros"
 
-    backend: Literal["auto", "torch", "onnxruntime", "tensorrt", "compiled"] = "auto"
+    backend: Literal["auto", "torch", "onnxruntime", "tensorrt", "compiled", "remote"] = "auto"
     precision: Literal["fp32", "fp16"] = "fp32"
     # Where model.onnx, TensorRT plans and their cache keys are kept; relative to the working directory.
     # Where model.onnx, TensorRT plans and their keys are kept. Empty: a per-user cache,
@@ -231,10 +254,12 @@ class EngineConfig:
     # Rebuild a cached TensorRT plan even when its key still matches.
     force_rebuild: bool = False
     intra_op_threads: int = 1
+    remote: RemoteConfig = field(default_factory=RemoteConfig)   # backend "remote": the policy server
 
     def validate(self, key: str) -> None:
         _check(self.intra_op_threads >= 0, f"{key}.intra_op_threads",
                f"must be >= 0 (0 lets the runtime choose), got {self.intra_op_threads}")
+        self.remote.validate(f"{key}.remote")
 
 
 # ---------------------------------------------------------------- the live loop (inputs, safety, outputs)

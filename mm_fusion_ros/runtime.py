@@ -284,12 +284,17 @@ class Runtime:
     # ------------------------------------------------------------ diagnostics
 
     def report(self) -> list[Status]:
-        """The periodic diagnostics: cadence, inputs, safety. Starts a new report window."""
+        """The periodic diagnostics: cadence, inputs, safety (and the engine's own, where it has any).
+        Starts a new report window."""
         drops = self._drops()
         with self._lock:
             cadence = self.cadence.report()
             window, self._window = self._window, _InputStats(drops_before=drops)
-        return [self._cadence_status(cadence), self._inputs_status(window, drops), self._safety_status()]
+        statuses = [self._cadence_status(cadence), self._inputs_status(window, drops), self._safety_status()]
+        engine = self.engine.status() if hasattr(self.engine, "status") else None   # the remote engine's RTT, misses
+        if engine is not None:
+            statuses.append(Status("mm_fusion: engine", *engine))
+        return statuses
 
     def _drops(self) -> dict[str, int]:
         # dict() of a Counter copies it in one step under the GIL, so add() threads cannot break it.

@@ -1,7 +1,8 @@
 """Inference backends behind one interface, and the choice between them.
 
 ``auto`` takes TensorRT when it is importable and a GPU exists, else the
-torch-compiled engine on CUDA, else ONNX Runtime on the CPU.
+torch-compiled engine on CUDA, else ONNX Runtime on the CPU. ``remote`` steps on a
+policy server (``mm-fusion serve``) over ZeroMQ; it is only ever chosen by name.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from ..model import FusionNet, input_specs, output_specs
 from .base import Engine, InputError, check_inputs
 from .export import export_onnx
 
-BACKENDS = ("torch", "onnxruntime", "tensorrt", "compiled")
+BACKENDS = ("torch", "onnxruntime", "tensorrt", "compiled", "remote")   # "auto" never picks remote
 
 __all__ = ["BACKENDS", "Engine", "InputError", "check_inputs", "create_engine", "ensure_onnx",
            "model_fingerprint", "onnxruntime_device", "resolve_backend"]
@@ -100,6 +101,9 @@ def create_engine(cfg: RobotConfig, model: FusionNet, backend: str | None = None
         onnx_path = ensure_onnx(model, cfg.engine.artifact_path, log)
         engine = OnnxRuntimeEngine(onnx_path, specs_in, specs_out, cfg.engine.intra_op_threads,
                                    onnxruntime_device(log))
+    elif name == "remote":
+        from .remote_engine import RemoteEngine
+        engine = RemoteEngine(cfg.engine.remote, specs_in, specs_out, model_fingerprint(model), log=log)
     else:
         from .tensorrt_engine import TensorRTEngine
         onnx_path = ensure_onnx(model, cfg.engine.artifact_path, log)

@@ -58,3 +58,11 @@ class Engine(abc.ABC):
 
     def close(self) -> None:  # noqa: B027 - optional hook
         """Release device resources."""
+
+    def status(self) -> tuple[int, str, dict[str, str]] | None:
+        """The engine's own diagnostics since the last call, as (level, message, values), or None.
+
+        The Runtime reports it on /diagnostics as "mm_fusion: engine" (the remote engine's round-trip
+        time and misses); an in-process engine has nothing to add beyond the cadence.
+        """
+        return None
