@@ -23,6 +23,7 @@ setup(
         (f"share/{PACKAGE}/config/msg/audio_common_msgs", glob("config/msg/audio_common_msgs/*.*")),
         (f"share/{PACKAGE}/config/msg/audio_common_msgs/mgonzs13", glob("config/msg/audio_common_msgs/mgonzs13/*")),
         (f"share/{PACKAGE}/launch", glob("launch/*.launch.py")),
+        (f"share/{PACKAGE}/policies", glob("policies/*.pt") + glob("policies/*.json")),   # make train's policy
     ],
     python_requires=">=3.10",
     install_requires=[

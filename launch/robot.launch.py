@@ -8,8 +8,8 @@ Every node reads its own block of config/robot.yaml (or ``params_file``); the la
 single parameters. The block is handed to each node as parameters (not as the file), so that the node
 gets it under any ``namespace``: a parameters file's ``fusion_node:`` key matches only ``/fusion_node``,
 not ``/left/fusion_node``. Every topic is relative, so ``namespace:=left`` moves them all (two arms in one
-graph: two launches with two namespaces). On a robot the LiDAR and IMU come from their own drivers on
-``scan`` and ``imu/data`` (see inputs.* in robot.yaml). The Fast DDS profile config/fastdds_shm.xml gives
+graph: two launches with two namespaces). On a robot the LiDAR, IMU and joint states come from their own drivers on
+``scan``, ``imu/data`` and ``joint_states`` (see inputs.* in robot.yaml). The Fast DDS profile config/fastdds_shm.xml gives
 shared memory a segment large enough for whole camera frames; fusion_node asks for real-time scheduling of
 its control and intake threads (MM_FUSION_RT_PRIORITY, used when permitted). fusion_node is a lifecycle
 node that configures and activates itself (``autostart``).

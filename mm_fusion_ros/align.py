@@ -5,7 +5,10 @@ topic at the slowest topic's rate, so a 10 Hz LiDAR throttles the whole model
 to 10 Hz and 19 of 20 IMU messages and most audio never reach it. Here each
 modality has its own ring buffer keyed by capture stamp, and every tick takes
 from each what the model wants: the newest camera frame and LiDAR scan, the
-last second of audio, the last 0.2 s of IMU resampled onto a fixed grid. A
+last second of audio, the last 0.2 s of IMU resampled onto a fixed grid, the
+joint state carried to the tick time from the newest sample (position plus
+velocity times its age: the same first-order hold the IMU grid's newest point
+gets, without waiting for a sample after the tick). A
 modality that is late or silent is masked for the tick; it never blocks it.
 
 Determinism: the result depends only on the sequence of ``add``/``tick``
@@ -29,7 +32,7 @@ import numpy as np
 
 from .config import MODALITIES, RobotConfig
 from .samples import (COMPRESSED_FORMATS, RAW_ENCODINGS, AudioSample, BadSample, CameraSample, ImuSample,
-                      LidarSample, Observation, Sample)
+                      JointStateSample, LidarSample, Observation, Sample)
 from .sensors import StreamResampler, can_resample, decode_camera, interpolate_rows
 
 _INDEX = {name: i for i, name in enumerate(MODALITIES)}
@@ -40,10 +43,11 @@ _MAX_FRAMES = 64
 
 
 class _Newest:
-    """Whole samples (camera frames, LiDAR scans) in stamp order; a tick takes the newest at or before t."""
+    """Whole samples (camera frames, LiDAR scans, joint states) in stamp order; a tick takes the newest
+    at or before t."""
 
-    def __init__(self) -> None:
-        self.items: deque = deque(maxlen=_MAX_FRAMES)
+    def __init__(self, maxlen: int = _MAX_FRAMES) -> None:
+        self.items: deque = deque(maxlen=maxlen)
 
     def order_problem(self, stamp: float) -> str | None:
         if not self.items:
@@ -286,6 +290,10 @@ class Aligner:
         # Enough for a 1 kHz IMU over the whole history; faster ones keep at least the model window.
         self._imu_capacity = max(256, int(math.ceil(inputs.buffer_s * 1000.0)))
         self._beams = m.lidar.beams
+        self._dof = m.action.dof
+        # Joint states come at up to 1 kHz: room for the history and for samples stamped up to max_future_s
+        # ahead of the tick (64 would hold only 64 ms of them, and push out the ones a tick needs).
+        self._joints_capacity = max(_MAX_FRAMES, int(math.ceil((inputs.buffer_s + inputs.max_future_s) * 1000.0)))
         self._nominal_dt = 1.0 / cfg.control_rate_hz
         self._last_t: float | None = None
         self._clear()
@@ -295,6 +303,7 @@ class Aligner:
     def _clear(self) -> None:
         self._camera = _Newest()
         self._lidar = _Newest()
+        self._joints = _Newest(self._joints_capacity)
         self._imu = _ImuRing(self._imu_capacity)
         self._audio = _AudioRing(self._audio_rate, self._audio_capacity, self.cfg.model.audio.hop)
         self._decoded: OrderedDict[float, np.ndarray | None] = OrderedDict()
@@ -332,7 +341,7 @@ class Aligner:
                 if cause is None:
                     self._imu.append(sample.stamp, sample.accel, sample.gyro)
             else:
-                buffer = self._camera if name == "camera" else self._lidar
+                buffer = {"camera": self._camera, "lidar": self._lidar, "joint_state": self._joints}[name]
                 cause = buffer.order_problem(sample.stamp)
                 if cause is None:
                     buffer.append(sample, self.cfg.inputs.buffer_s)
@@ -399,6 +408,7 @@ class Aligner:
         with self._lock:
             frame = self._camera.at(t)
             scan = self._lidar.at(t)
+            joints = self._joints.at(t)
             imu_stamps, imu_rows = self._imu.window(t, imu_first)
             audio = self._audio.window(t, self._audio_n)
             audio_rewritten_from = self._audio.take_rewritten()
@@ -450,8 +460,14 @@ class Aligner:
         if scan is not None and use("lidar", scan.stamp):
             lidar = scan.ranges.astype(np.float32, copy=True)
 
+        joint_state = np.zeros(2 * self._dof, dtype=np.float32)
+        if joints is not None and use("joint_state", joints.stamp):
+            joint_state[:self._dof] = joints.position + joints.velocity * (t - joints.stamp)
+            joint_state[self._dof:] = joints.velocity
+
         total = time.perf_counter() - start
-        return Observation(t=t, dt=dt, camera=camera, audio=audio_window, imu=imu, lidar=lidar, mask=mask,
+        return Observation(t=t, dt=dt, camera=camera, audio=audio_window, imu=imu, lidar=lidar,
+                           joint_state=joint_state, mask=mask,
                            ages=ages, stamps=stamps, audio_gap_samples=int(gap_samples), reset=was_reset,
                            audio_end=audio_end, audio_rewritten_from=audio_rewritten_from,
                            notes=notes, timings={"align": total - preprocess, "preprocess": preprocess})
@@ -485,6 +501,8 @@ def _modality(sample: Sample) -> str:
         return "imu"
     if isinstance(sample, LidarSample):
         return "lidar"
+    if isinstance(sample, JointStateSample):
+        return "joint_state"
     raise TypeError(f"not a sensor sample: {type(sample).__name__}")
 
 
@@ -508,4 +526,10 @@ def _check(sample: Sample, cfg: RobotConfig) -> str | None:
     elif isinstance(sample, LidarSample):
         if np.shape(sample.ranges) != (cfg.model.lidar.beams,):
             return "bad_beams"
+    elif isinstance(sample, JointStateSample):
+        dof = cfg.model.action.dof
+        if np.shape(sample.position) != (dof,) or np.shape(sample.velocity) != (dof,):
+            return "bad_shape"
+        if not (np.isfinite(sample.position).all() and np.isfinite(sample.velocity).all()):
+            return "non_finite"
     return None

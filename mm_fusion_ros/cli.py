@@ -9,6 +9,9 @@ Subcommands::
     mm-fusion record        OUT --episodes N [--seed S] [--noise X] [--workers W] [--resume]
     mm-fusion serve         --config C [--checkpoint CKPT] [--bind tcp://127.0.0.1:5555] [--keys DIR]
     mm-fusion keys          DIR [--client NAME ...]           CURVE key pairs for serve and its clients
+    mm-fusion train         BAGS... --out CKPT [--strategy S] [--modalities a,b] [--epochs N] [--seed S]
+    mm-fusion sim-demo      [--checkpoint CKPT] [--episodes N]     sim_node + fusion_node, live
+    mm-fusion eval          --checkpoint CKPT [--episodes N] [--seed S] [--workers W] [--video MP4] [--drop M:D@T]
 
 Every subcommand loads and validates the config before doing any work; a bad
 config exits with status 2 and a message naming the key.
@@ -95,6 +98,7 @@ def _bench_inputs(cfg: RobotConfig, ticks: int, seed: int = 0) -> list[dict[str,
         t = 10.0 + i * period
         out.append({"camera": sensors.camera(t)[None], "audio": sensors.audio(t)[None],
                     "imu": sensors.imu(t)[None], "lidar": sensors.lidar(t)[None],
+                    "joint_state": sensors.joint_vector(t)[None],
                     "mask": np.ones((1, len(MODALITIES)), np.float32),
                     "dt": np.array([[period]], np.float32),
                     "audio_frames": np.zeros((1, cfg.model.audio.n_mels, cfg.model.audio.n_frames), np.float32)})
@@ -252,7 +256,8 @@ def cmd_demo(args, cfg: RobotConfig) -> int:
         camera, audio = sensors.camera(t), sensors.audio(audio_end / rate)
         imu, lidar = sensors.imu(t), sensors.lidar(t)
         t1 = time.perf_counter()
-        result = stream.step(camera, audio, imu, lidar, mask, max(tick - last_tick, 1e-4), audio_end)
+        result = stream.step(camera, audio, imu, lidar, sensors.joint_vector(t), mask, max(tick - last_tick, 1e-4),
+                             audio_end)
         t2 = time.perf_counter()
         monitor.record(tick, t2 - t1, {"sensors": t1 - t0, "infer": t2 - t1})
         history["t"].append(t)
@@ -338,6 +343,13 @@ def build_parser() -> argparse.ArgumentParser:
     add_record_command(add, SIM_CONFIG)
     from .remote.cli import add_remote_commands  # serve, keys: remote inference over ZeroMQ (issue #13)
     add_remote_commands(add)
+    from .train import add_train_command, cmd_train  # train: behaviour cloning from bags (issue #11)
+    add_train_command(add)
+    sub.choices["train"].set_defaults(config=SIM_CONFIG, func=cmd_train)
+    from .evaluate import add_eval_command  # eval: closed loop in the simulated cell
+    add_eval_command(add, SIM_CONFIG)
+    from .sim_demo import add_sim_demo_command  # sim-demo: the trained policy in the cell over ROS 2
+    add_sim_demo_command(add, SIM_CONFIG)
     return parser
 
 

@@ -22,7 +22,9 @@ from typing import Any, Literal
 import yaml
 
 NODE_NAME = "fusion_node"
-MODALITIES = ("camera", "audio", "imu", "lidar")
+# The input streams, in the order of the model's mask, state and attention rows; everything that
+# iterates over inputs (aligner, runtime, diagnostics, replay, nodes) iterates over this.
+MODALITIES = ("camera", "audio", "imu", "lidar", "joint_state")
 
 
 class ConfigError(ValueError):
@@ -202,10 +204,16 @@ class ModelConfig:
     fusion: FusionConfig = field(default_factory=FusionConfig)
     action: ActionConfig = field(default_factory=ActionConfig)
     fused_state_dim: int = 32
+    # The inputs the network uses; the others are masked inside it, at every tick, as if absent
+    # (a modality ablation's checkpoint: `mm-fusion train --modalities`).
+    modalities: tuple[str, ...] = MODALITIES
 
     def validate(self, key: str) -> None:
         for name in ("camera", "audio", "imu", "lidar", "encoder", "action"):
             getattr(self, name).validate(f"{key}.{name}")
+        _check(len(self.modalities) >= 1 and all(m in MODALITIES for m in self.modalities)
+               and len(set(self.modalities)) == len(self.modalities), f"{key}.modalities",
+               f"must be distinct names from {list(MODALITIES)}, got {list(self.modalities)}")
         self.fusion.validate(f"{key}.fusion", self.encoder.hidden)
         _check(self.fused_state_dim > 0, f"{key}.fused_state_dim", f"must be positive, got {self.fused_state_dim}")
 
@@ -360,6 +368,23 @@ class LidarInput:
 
 
 @dataclass(frozen=True)
+class JointStateInput:
+    """The arm's own joint positions and velocities (sensor_msgs/JointState), in model.action.names order.
+
+    Messages are matched by name: a driver may list more joints (a gripper's fingers) or order them
+    otherwise; a message that lacks one of the configured joints, or its velocity, is refused.
+    """
+
+    topic: str = "joint_states"
+    max_age: float = 0.05         # s; joint_state_broadcaster publishes at 50-1000 Hz
+    qos: Literal["reliable", "best_effort"] = "best_effort"
+    depth: int = 100
+
+    def validate(self, key: str) -> None:
+        _check_input(key, self.topic, self.max_age, self.depth)
+
+
+@dataclass(frozen=True)
 class InputsConfig:
     """Where each sensor comes from, and how old its newest data may be before it is masked."""
 
@@ -367,8 +392,10 @@ class InputsConfig:
     audio: AudioInput = field(default_factory=AudioInput)
     imu: ImuInput = field(default_factory=ImuInput)
     lidar: LidarInput = field(default_factory=LidarInput)
+    joint_state: JointStateInput = field(default_factory=JointStateInput)
     # Modalities without which the action is not trusted: the watchdog holds the output while any is stale.
-    required: tuple[str, ...] = ("camera", "imu", "lidar")
+    # A velocity command computed without knowing where the joints are is not trusted either.
+    required: tuple[str, ...] = ("camera", "imu", "lidar", "joint_state")
     buffer_s: float = 2.0         # s of history kept per modality (bounded memory)
     max_future_s: float = 0.5     # s; stamps further ahead of the clock are dropped as bad
     camera_cache: int = 4         # decoded+resized frames kept, so a frame used by 3 ticks is decoded once
@@ -437,6 +464,9 @@ class OutputsConfig:
     preview_topic: str = "mm_fusion/preview"               # the action while disabled (dry run)
     estop_topic: str = "mm_fusion/estop"                   # std_msgs/Bool; true latches zero output
     enable_service: str = "mm_fusion/enable"               # std_srvs/SetBool
+    # std_srvs/Trigger: forget the recurrent state, the input buffers and the rate limiter from the next tick
+    # (a new task or episode starts: what a policy's reset() is in a learning framework).
+    reset_service: str = "mm_fusion/reset"
     # MoveIt Servo: the first six DOF as a TwistStamped (linear xyz, angular xyz) and the 7th as a gripper value.
     twist_enabled: bool = False
     twist_topic: str = "servo_node/delta_twist_cmds"
@@ -447,7 +477,7 @@ class OutputsConfig:
 
     def validate(self, key: str) -> None:
         for name in ("action_topic", "joint_command_topic", "fused_state_topic", "preview_topic", "estop_topic",
-                     "enable_service", "twist_topic", "gripper_topic"):
+                     "enable_service", "reset_service", "twist_topic", "gripper_topic"):
             value = getattr(self, name)
             check_topic_name(value, f"{key}.{name}")
         _check(self.diagnostics_period_s > 0, f"{key}.diagnostics_period_s",
@@ -485,7 +515,7 @@ class RobotConfig:
         inputs = dataclasses.replace(
             self.inputs, camera=resolved(self.inputs.camera, ("topic",)),
             audio=resolved(self.inputs.audio, ("topic", "info_topic")), imu=resolved(self.inputs.imu, ("topic",)),
-            lidar=resolved(self.inputs.lidar, ("topic",)))
+            lidar=resolved(self.inputs.lidar, ("topic",)), joint_state=resolved(self.inputs.joint_state, ("topic",)))
         names = tuple(f.name for f in dataclasses.fields(self.outputs)
                       if f.name.endswith(("_topic", "_service")))
         return dataclasses.replace(self, inputs=inputs, outputs=resolved(self.outputs, names))

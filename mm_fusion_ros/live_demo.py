@@ -361,7 +361,7 @@ def run_live(config: str | Path, duration: float, workdir: str | Path, *, say: C
                 raise RuntimeError(f"{FUSION} published no diagnostics within {READY_TIMEOUT_S:.0f} s; "
                                    f"see {fusion.log_path}")
             say("live: fusion_node is ticking; starting camera_node (video file), microphone_node (WAV file), "
-                "sensor_sim_node (LiDAR + IMU)")
+                "sensor_sim_node (LiDAR, IMU, joint states)")
             pipeline.start("camera_node", {"source": str(video), "wait_for_subscribers": wait})
             pipeline.start("microphone_node", {"source": str(wav), "type": audio_type, "wait_for_subscribers": wait})
             pipeline.start("sensor_sim_node", {"wait_for_subscribers": wait})

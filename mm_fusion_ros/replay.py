@@ -215,7 +215,7 @@ def replay(bag: str | Path, cfg: RobotConfig, opts: ReplayOptions, runtime: obje
             runtime = Runtime(cfg, log=log)
         runtime.set_enabled(True)   # commands, not a dry-run preview: what the arm would have received
         period_ns = int(round(1e9 / cfg.control_rate_hz))
-        start_ns, end_ns = reader.start_ns, reader.end_ns
+        start_ns = reader.start_ns
         read = {topic: 0 for topic in decoder.handlers}
         out = Path(opts.out)
         show = sys.stderr.isatty() if opts.progress is None else opts.progress
@@ -247,20 +247,11 @@ def replay(bag: str | Path, cfg: RobotConfig, opts: ReplayOptions, runtime: obje
                        custom_data={"mm_fusion_ros.replay_of": str(Path(bag).resolve())}) as out_bag, \
                 tqdm(total=total, desc="replay", unit="msg", disable=not show, file=sys.stderr) as bar:
             outputs = _Outputs(cfg, out_bag)
-            # Ticks on the control-period grid of the bag's clock (what a sim-time timer does, see bag_player).
-            # One thread on purpose: a reader or writer thread fights the control loop for the GIL and
-            # for the cores, and measured slower (5.7x against 8x real time on two cores).
-            next_tick = (start_ns // period_ns + 1) * period_ns
-            for msg in reader.messages(topics=list(decoder.handlers)):
-                while next_tick <= msg.t_ns:
-                    tick(next_tick)
-                    next_tick += period_ns
+            def fed(msg: BagMessage) -> None:
                 read[msg.topic] += 1
-                _feed(reader, decoder, runtime, msg)
                 bar.update(1)
-            while next_tick <= end_ns:
-                tick(next_tick)
-                next_tick += period_ns
+
+            drive(reader, decoder, runtime, period_ns, tick, fed)
         wall = time.perf_counter() - wall0
         bag_s = ticks * period_ns / 1e9
         summary = dict(runtime.summary())
@@ -287,6 +278,28 @@ def _plot(history: list[tuple], cfg: RobotConfig, path: Path, title: str, log: C
     plot_replay(t, np.asarray(command, np.float64), np.asarray(contribution, np.float64),
                 np.asarray(mask, np.float64), np.asarray(compute_s) * 1e3, list(cfg.model.action.names),
                 list(MODALITIES), path, title, log)
+
+
+def drive(reader: BagReader, decoder: InputDecoder, runtime: object, period_ns: int,
+          tick: Callable[[int], None], fed: Callable[[BagMessage], None] = lambda msg: None) -> None:
+    """The bag's input messages into ``runtime`` in receive order, calling ``tick(t_ns)`` on the
+    control-period grid of the bag's clock (what a sim-time timer does, see bag_player): before a
+    message received at ``r`` is added, every tick at or before ``r`` has run. Replay and the
+    training dataset both run through here, so they see the same ticks and the same inputs.
+
+    One thread on purpose: a reader or writer thread fights the control loop for the GIL and
+    for the cores, and measured slower (5.7x against 8x real time on two cores).
+    """
+    next_tick = (reader.start_ns // period_ns + 1) * period_ns
+    for msg in reader.messages(topics=list(decoder.handlers)):
+        while next_tick <= msg.t_ns:
+            tick(next_tick)
+            next_tick += period_ns
+        _feed(reader, decoder, runtime, msg)
+        fed(msg)
+    while next_tick <= reader.end_ns:
+        tick(next_tick)
+        next_tick += period_ns
 
 
 def _feed(reader: BagReader, decoder: InputDecoder, runtime: object, msg: BagMessage) -> None:

@@ -70,12 +70,12 @@ class TickResult:
     raw_action: np.ndarray      # (dof,) float32, the network's output before safety
     safety: SafetyOutput        # the command, and whether it goes to the arm
     fused_state: np.ndarray     # (fused_state_dim,)
-    attention: np.ndarray       # (4, 4) modality attention
-    contribution: np.ndarray    # (4,) share of each modality
+    attention: np.ndarray       # (M, M) modality attention, MODALITIES order
+    contribution: np.ndarray    # (M,) share of each modality
     observation: Observation
     # Seconds per stage: "align", "preprocess", "infer", "safety"; record() adds "publish".
     stage_s: dict[str, float]
-    mask: np.ndarray            # (4,) the mask the model used: the observation's, minus non-finite windows
+    mask: np.ndarray            # (M,) the mask the model used: the observation's, minus non-finite windows
     compute_s: float            # wall time of tick() as a whole
 
 
@@ -164,6 +164,7 @@ class Runtime:
         self._raw_stats = _PerDof(cfg.model.action.dof)
         self._command_stats = _PerDof(cfg.model.action.dof)
         self._estop_input = False
+        self._reset_requested = threading.Event()
 
     # ------------------------------------------------------------ from any thread
 
@@ -185,6 +186,11 @@ class Runtime:
             self.log("e-stop asserted: output latched to rest" if active
                      else "e-stop input released; output stays latched until enabled")
 
+    def request_reset(self) -> None:
+        """From any thread: the next tick starts afresh (input buffers, recurrent state, rate limiter), as
+        after a clock jump. For a new episode or task, where the past must not steer the policy."""
+        self._reset_requested.set()
+
     def set_enabled(self, enabled: bool) -> tuple[bool, str]:
         """Enable (command the arm) or disable (dry run); refused while the e-stop is asserted."""
         accepted, message = self.safety.set_enabled(enabled)
@@ -199,6 +205,15 @@ class Runtime:
         start = time.perf_counter()
         if not math.isfinite(t):
             raise ValueError(f"tick time must be a finite number of seconds, got {t}")
+        if self._reset_requested.is_set():
+            self._reset_requested.clear()
+            self.aligner.reset()
+            self.stream.reset()
+            self.safety.reset()
+            self._last_t = None
+            with self._lock:
+                self.counters["resets_requested"] += 1
+            self.log(f"reset requested: input buffers, recurrent state and rate limiter reset at t={t:.6f} s")
         dt = self._dt(t)
         obs = self.aligner.tick(t, dt)
         if obs.reset:
@@ -210,7 +225,7 @@ class Runtime:
             self.log(f"clock jumped back to t={t:.6f} s: input buffers, recurrent state and rate limiter reset")
         t0 = time.perf_counter()
         try:
-            step = self.stream.step(obs.camera, obs.audio, obs.imu, obs.lidar, obs.mask, dt,
+            step = self.stream.step(obs.camera, obs.audio, obs.imu, obs.lidar, obs.joint_state, obs.mask, dt,
                                     obs.audio_end, obs.audio_rewritten_from)
         except Exception as exc:  # noqa: BLE001 - a dead control loop would leave the arm on its last command
             step = self._failed_step(obs, exc)
@@ -435,6 +450,7 @@ class Runtime:
             "accepted": {k.split(".")[0]: v for k, v in sorted(aligner.items()) if k.endswith(".accepted")},
             "audio_gap_samples": aligner.get("audio.gap_samples", 0),
             "resets": counters.get("resets", 0),
+            "resets_requested": counters.get("resets_requested", 0),
             "infer_errors": counters.get("infer_errors", 0),
             "dt_clamped": {"low": counters.get("dt_clamped_low", 0), "high": counters.get("dt_clamped_high", 0)},
             "stream": dict(self.stream.counters),

@@ -69,7 +69,16 @@ class LidarSample:
     ranges: np.ndarray  # float32 (beams,), inf where a bin had no valid return
 
 
-Sample = CameraSample | AudioSample | ImuSample | LidarSample
+@dataclass(frozen=True)
+class JointStateSample:
+    """The arm's joints in the configured order (``model.action.names``)."""
+
+    stamp: float
+    position: np.ndarray  # (dof,) rad (m for a prismatic joint)
+    velocity: np.ndarray  # (dof,) rad/s
+
+
+Sample = CameraSample | AudioSample | ImuSample | LidarSample | JointStateSample
 
 
 @dataclass(frozen=True)
@@ -82,7 +91,8 @@ class Observation:
     audio: np.ndarray        # (window_samples,) float32
     imu: np.ndarray          # (window_samples, 6) float32
     lidar: np.ndarray        # (beams,) float32
-    mask: np.ndarray         # (4,) float32 in MODALITIES order; 1 = present and fresh
+    joint_state: np.ndarray  # (2 * dof,) float32: positions then velocities, at t
+    mask: np.ndarray         # (M,) float32 in MODALITIES order; 1 = present and fresh
     ages: dict[str, float]   # modality -> age of its newest data at t (inf if never seen)
     stamps: dict[str, float] # modality -> stamp of the data used (nan if masked)
     audio_gap_samples: int = 0          # zeros filled into the audio window this tick

@@ -2,7 +2,7 @@
 
 A robot in a 6 x 4 m room: a camera that sees a moving bright object, a
 microphone hearing a motor hum with harmonics and noise, an IMU feeling gravity
-plus vibration, a LiDAR seeing the walls (with a few beams returning nothing).
+plus vibration, a LiDAR seeing the walls (with a few beams returning nothing), an arm whose joints sway.
 Deterministic for a given seed and time.
 """
 
@@ -79,3 +79,14 @@ class SyntheticSensors:
         ranges = np.minimum(np.abs(tx), np.abs(ty)) + self._rng(t, 4).normal(0, 0.01, len(c))
         ranges[self._rng(t, 5).random(len(c)) < 0.02] = np.inf  # no return: glass, black surfaces
         return ranges.astype(np.float32)
+
+    def joint_state(self, t: float) -> tuple[np.ndarray, np.ndarray]:
+        """(positions, velocities) of the arm's joints at ``t``: each joint sways about its own offset."""
+        k = np.arange(self.cfg.action.dof, dtype=np.float64)
+        w = 0.3 + 0.1 * k
+        return 0.2 * k - 0.6 + 0.4 * np.sin(w * t + k), 0.4 * w * np.cos(w * t + k)
+
+    def joint_vector(self, t: float) -> np.ndarray:
+        """What the model takes: positions then velocities, float32."""
+        q, qd = self.joint_state(t)
+        return np.concatenate([q, qd]).astype(np.float32)

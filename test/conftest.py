@@ -53,6 +53,9 @@ def random_inputs(cfg, seed: int = 0, batch: int = 1, as_torch: bool = True) -> 
     imu[..., 2] += 9.81
     out["imu"] = imu
     out["lidar"] = rng.uniform(cfg.lidar.range_min, cfg.lidar.range_max, size=specs["lidar"].shape)
+    dof = specs["joint_state"].shape[1] // 2
+    out["joint_state"] = np.concatenate([rng.uniform(-2.0, 2.0, size=(batch, dof)),
+                                         rng.uniform(-1.0, 1.0, size=(batch, dof))], axis=1)
     out["mask"] = np.ones(specs["mask"].shape)
     out["dt"] = 0.01 + 0.002 * rng.uniform(-1.0, 1.0, size=specs["dt"].shape)
     out["state"] = 0.5 * rng.standard_normal(specs["state"].shape)

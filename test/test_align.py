@@ -11,9 +11,10 @@ from scipy.signal import resample_poly
 
 from mm_fusion_ros.align import Aligner
 from mm_fusion_ros.config import MODALITIES, RobotConfig
-from mm_fusion_ros.samples import AudioSample, CameraSample, ImuSample, LidarSample
+from mm_fusion_ros.samples import AudioSample, CameraSample, ImuSample, JointStateSample, LidarSample
 
-CAM, AUD, IMU, LID = (MODALITIES.index(m) for m in ("camera", "audio", "imu", "lidar"))
+CAM, AUD, IMU, LID, JS = (MODALITIES.index(m) for m in ("camera", "audio", "imu", "lidar", "joint_state"))
+DOF = 7
 T0 = 1000.0
 RATE = 16000
 
@@ -43,6 +44,14 @@ def scan(stamp: float, value: float = 2.0, beams: int = 360) -> LidarSample:
     return LidarSample(stamp=stamp, ranges=np.full(beams, value, np.float32))
 
 
+def joints(stamp: float, position=None, velocity=None) -> JointStateSample:
+    """Joint k at 0.1 k rad moving at (k - 3) * 0.5 rad/s unless told otherwise."""
+    k = np.arange(DOF, dtype=np.float64)
+    q = 0.1 * k if position is None else np.asarray(position, np.float64)
+    qd = (k - 3.0) * 0.5 if velocity is None else np.asarray(velocity, np.float64)
+    return JointStateSample(stamp=stamp, position=q, velocity=qd)
+
+
 def ramp(index: np.ndarray) -> np.ndarray:
     """A signal whose every sample says where it belongs: value = absolute sample index mod 1000 / 1000."""
     return ((index % 1000) / 1000.0).astype(np.float32)
@@ -67,9 +76,10 @@ def test_nothing_seen_everything_masked_with_model_shapes(al, cfg):
     assert obs.audio.shape == (m.audio.window_samples,) and obs.audio.dtype == np.float32
     assert obs.imu.shape == (m.imu.window_samples, 6) and obs.imu.dtype == np.float32
     assert obs.lidar.shape == (m.lidar.beams,) and obs.lidar.dtype == np.float32
-    assert obs.mask.tolist() == [0.0] * 4 and not obs.reset and obs.dt == 0.01
+    assert obs.joint_state.shape == (2 * m.action.dof,) and obs.joint_state.dtype == np.float32
+    assert obs.mask.tolist() == [0.0] * 5 and not obs.reset and obs.dt == 0.01
     assert all(math.isinf(obs.ages[m]) and math.isnan(obs.stamps[m]) for m in MODALITIES)
-    for array in (obs.camera, obs.audio, obs.imu, obs.lidar):
+    for array in (obs.camera, obs.audio, obs.imu, obs.lidar, obs.joint_state):
         assert not array.any()
     assert set(obs.timings) == {"align", "preprocess"}
 
@@ -269,11 +279,102 @@ def test_lidar_takes_the_newest_scan_at_or_before_t_within_max_age(al):
     assert stale.mask[LID] == 0.0 and stale.ages["lidar"] == pytest.approx(0.35)
 
 
+# ---------------------------------------------------------------- joint state
+
+def test_joint_state_is_carried_to_the_tick_by_its_velocity(al):
+    """First-order hold: position + velocity * (t - stamp), velocities as measured, from the newest sample
+    at or before t; one stamped after t is not used by that tick."""
+    assert al.add(joints(T0 - 0.030, position=np.full(DOF, 9.0)), T0)
+    newest = joints(T0 - 0.012)
+    assert al.add(newest, T0)
+    assert al.add(joints(T0 + 0.004, position=np.full(DOF, -9.0), velocity=np.zeros(DOF)), T0)   # after the tick
+    obs = al.tick(T0, 0.01)
+    assert obs.mask[JS] == 1.0 and obs.stamps["joint_state"] == T0 - 0.012
+    assert obs.ages["joint_state"] == pytest.approx(0.012)
+    expected_q = newest.position + newest.velocity * 0.012
+    np.testing.assert_allclose(obs.joint_state[:DOF], expected_q, rtol=0, atol=1e-6)
+    np.testing.assert_allclose(obs.joint_state[DOF:], newest.velocity, rtol=0, atol=1e-6)
+    assert not np.allclose(obs.joint_state[:DOF], newest.position, atol=1e-3)   # it did move them on
+    # The next tick takes the later sample: held at rest where it was.
+    later = al.tick(T0 + 0.01, 0.01)
+    assert later.stamps["joint_state"] == T0 + 0.004
+    np.testing.assert_allclose(later.joint_state, np.concatenate([np.full(DOF, -9.0), np.zeros(DOF)]), atol=1e-6)
+
+
+def test_joint_state_hold_is_exact_on_a_constant_velocity_arm(al):
+    """An arm moving at constant velocity, sampled at 100 Hz with jitter and ticked off the sample grid:
+    the held positions are where the joints really are at t."""
+    rng = np.random.default_rng(4)
+    qd = np.linspace(-1.0, 1.0, DOF)
+
+    def q(t):
+        return 0.3 + qd * (t - T0)
+
+    stamps = T0 + np.arange(60) * 0.01 + rng.uniform(-0.001, 0.001, 60)
+    checked = 0
+    for k, stamp in enumerate(stamps):
+        al.add(joints(stamp, q(stamp), qd), stamp + 0.001)
+        t = stamp + float(rng.uniform(0.0, 0.009))
+        if k + 1 < len(stamps) and t >= stamps[k + 1]:
+            continue
+        obs = al.tick(t, 0.01)
+        assert obs.mask[JS] == 1.0 and obs.stamps["joint_state"] == stamp
+        np.testing.assert_allclose(obs.joint_state[:DOF], q(t), rtol=0, atol=1e-5)
+        np.testing.assert_allclose(obs.joint_state[DOF:], qd, rtol=0, atol=1e-6)
+        checked += 1
+    assert checked > 40
+
+
+def test_stale_joint_state_is_masked_at_max_age_and_its_age_reported(al, cfg):
+    max_age = cfg.inputs.joint_state.max_age
+    assert max_age == 0.05
+    al.add(joints(T0), T0)
+    fresh = al.tick(T0 + 0.04, 0.01)
+    assert fresh.mask[JS] == 1.0
+    stale = al.tick(T0 + 0.06, 0.02)
+    assert stale.mask[JS] == 0.0 and math.isnan(stale.stamps["joint_state"])
+    assert stale.ages["joint_state"] == pytest.approx(0.06)
+    assert not stale.joint_state.any()      # masked: zeros, never a guess extrapolated from an old sample
+
+
+def test_joint_state_counts(al):
+    assert al.add(joints(T0), T0) and al.add(joints(T0 + 0.01), T0 + 0.01)
+    assert not al.add(joints(T0 + 0.01), T0 + 0.01)                              # duplicate
+    assert not al.add(joints(T0 + 0.005), T0 + 0.01)                             # out of order
+    assert not al.add(joints(T0 + 0.02, position=np.zeros(DOF - 1)), T0 + 0.02)  # a joint short
+    assert not al.add(joints(T0 + 0.02, velocity=np.zeros(DOF + 1)), T0 + 0.02)
+    assert not al.add(joints(T0 + 0.02, velocity=np.full(DOF, np.nan)), T0 + 0.02)
+    assert not al.add(joints(T0 + 0.02, position=np.full(DOF, np.inf)), T0 + 0.02)
+    assert {k: v for k, v in al.counters.items() if k.startswith("joint_state")} == {
+        "joint_state.accepted": 2, "joint_state.duplicate": 1, "joint_state.out_of_order": 1,
+        "joint_state.bad_shape": 2, "joint_state.non_finite": 2}
+    obs = al.tick(T0 + 0.02, 0.01)
+    assert obs.stamps["joint_state"] == T0 + 0.01 and np.isfinite(obs.joint_state).all()
+
+
+def test_a_1khz_joint_state_stamped_ahead_of_the_clock_is_still_used(al, cfg):
+    """joint_state_broadcaster runs at up to 1 kHz; a controller clock 0.2 s ahead of this one (within
+    max_future_s) puts 200 samples after each tick in the buffer, and the ones at or before it must stay."""
+    ahead = 0.2
+    assert ahead < cfg.inputs.max_future_s
+    k = 0
+    for i in range(50):
+        t = T0 + 0.01 * i
+        while T0 - 0.05 + k / 1000.0 <= t + ahead:      # everything the robot has sent by now
+            stamp = T0 - 0.05 + k / 1000.0
+            assert al.add(joints(stamp, position=np.full(DOF, stamp - T0), velocity=np.ones(DOF)), now=t)
+            k += 1
+        obs = al.tick(t, 0.01)
+        assert obs.mask[JS] == 1.0, (i, obs.ages["joint_state"])
+        assert obs.stamps["joint_state"] <= t and obs.ages["joint_state"] < 0.0011
+        np.testing.assert_allclose(obs.joint_state[:DOF], t - T0, atol=1e-5)   # carried exactly to t
+
+
 # ---------------------------------------------------------------- drops
 
-@pytest.mark.parametrize("make", [frame, imu, scan], ids=["camera", "imu", "lidar"])
+@pytest.mark.parametrize("make", [frame, imu, scan, joints], ids=["camera", "imu", "lidar", "joint_state"])
 def test_out_of_order_duplicate_and_future_stamps_are_dropped(al, make):
-    name = {frame: "camera", imu: "imu", scan: "lidar"}[make]
+    name = {frame: "camera", imu: "imu", scan: "lidar", joints: "joint_state"}[make]
     assert al.add(make(T0), T0)
     assert not al.add(make(T0), T0)                       # same stamp
     assert not al.add(make(T0 - 0.01), T0)                # older than the newest
@@ -292,8 +393,10 @@ def test_unusable_samples_are_counted_not_raised(al):
     assert not al.add(imu(T0, accel=(0.0, np.nan, 0.0)), T0)
     assert not al.add(AudioSample(T0, 44101, np.zeros(10, np.float32)), T0)   # a ratio of 16000/44101
     assert not al.add(CameraSample(T0, "rgba8", 1, 1, 4, np.zeros(4, np.uint8)), T0)
+    assert not al.add(joints(T0, position=np.zeros(3)), T0)
+    assert not al.add(joints(T0, velocity=np.full(DOF, np.nan)), T0)
     for key in ("lidar.bad_beams", "audio.oversize", "audio.empty", "imu.non_finite", "camera.bad_encoding",
-                "audio.bad_rate"):
+                "audio.bad_rate", "joint_state.bad_shape", "joint_state.non_finite"):
         assert al.counters[key] == 1, key
     with pytest.raises(TypeError):
         al.add("not a sample", T0)
@@ -305,18 +408,19 @@ def fill(al: Aligner, t: float) -> None:
     al.add(frame(t - 0.01), t)
     al.add(scan(t - 0.05), t)
     al.add(imu(t - 0.002), t)
+    al.add(joints(t - 0.005), t)
     add_audio(al, round(t * RATE) - 1600, chunks=10)
 
 
 def test_clock_jump_backwards_resets_buffers(al):
     fill(al, T0)
-    assert al.tick(T0, 0.01).mask.tolist() == [1.0] * 4
+    assert al.tick(T0, 0.01).mask.tolist() == [1.0] * 5
     obs = al.tick(T0 - 30.0, 0.01)                      # the bag looped
     assert obs.reset and al.counters["resets"] == 1
-    assert obs.mask.tolist() == [0.0] * 4               # nothing from before the jump survives
+    assert obs.mask.tolist() == [0.0] * 5               # nothing from before the jump survives
     fill(al, T0 - 29.9)                                 # older stamps than before: accepted after the reset
     after = al.tick(T0 - 29.9, 0.01)
-    assert not after.reset and after.mask.tolist() == [1.0] * 4
+    assert not after.reset and after.mask.tolist() == [1.0] * 5
 
 
 def test_bad_dt_is_replaced_by_the_nominal_period(al, cfg):
@@ -347,6 +451,8 @@ def scripted_run(cfg: RobotConfig, seed: int) -> list:
         audio_next += 160
         if k % 10 == 0:
             al.add(LidarSample(t - 0.05, rng.uniform(0.1, 10.0, 360).astype(np.float32)), now)
+        if rng.random() > 0.2:    # 20% of joint states lost
+            al.add(joints(t - rng.uniform(0.0, 0.01), rng.normal(size=DOF), rng.normal(size=DOF)), now)
         out.append(al.tick(t, 0.01))
     return out
 
@@ -354,9 +460,10 @@ def scripted_run(cfg: RobotConfig, seed: int) -> list:
 def test_same_calls_give_identical_observations(cfg):
     a, b = scripted_run(cfg, 7), scripted_run(cfg, 7)
     assert sum(o.reset for o in a) == 1
-    assert sum(o.mask.sum() for o in a) > 300          # the script exercises present data, not just masks
+    assert sum(o.mask.sum() for o in a) > 400          # the script exercises present data, not just masks
+    assert sum(o.mask[JS] for o in a) > 60
     for x, y in zip(a, b):
-        for name in ("camera", "audio", "imu", "lidar", "mask"):
+        for name in ("camera", "audio", "imu", "lidar", "joint_state", "mask"):
             np.testing.assert_array_equal(getattr(x, name), getattr(y, name))
         assert (x.t, x.dt, x.audio_gap_samples, x.reset) == (y.t, y.dt, y.audio_gap_samples, y.reset)
         assert x.ages == y.ages

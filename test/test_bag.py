@@ -16,6 +16,7 @@ from mm_fusion_ros.bag.reader import BagError, BagReader
 from mm_fusion_ros.bag.typestore import (DEFAULT_DISTRO, TypestoreError, audio_flavour_for, make_typestore,
                                          typestore_with)
 from mm_fusion_ros.bag.writer import BagWriteError, BagWriter
+from mm_fusion_ros.synthetic import SyntheticSensors
 
 DURATION = 2.0
 SMALL = dict(camera_width=64, camera_height=48)
@@ -103,7 +104,7 @@ def test_definitions_from_a_bag_override_the_defaults():
 
 # ---------------------------------------------------------------- make-bag
 
-def test_make_bag_has_all_four_sensors_at_their_rates(clean_bag, default_config):
+def test_make_bag_has_all_five_sensors_at_their_rates(clean_bag, default_config):
     inputs = default_config.inputs
     with BagReader(clean_bag, log=_quiet) as bag:
         types = {t: info.msgtype for t, info in bag.topics.items()}
@@ -113,16 +114,19 @@ def test_make_bag_has_all_four_sensors_at_their_rates(clean_bag, default_config)
                      inputs.audio.topic: "audio_common_msgs/msg/AudioDataStamped",
                      inputs.audio.info_topic: "audio_common_msgs/msg/AudioInfo",
                      inputs.lidar.topic: "sensor_msgs/msg/LaserScan",
-                     inputs.imu.topic: "sensor_msgs/msg/Imu"}
+                     inputs.imu.topic: "sensor_msgs/msg/Imu",
+                     inputs.joint_state.topic: "sensor_msgs/msg/JointState"}
     assert counts[inputs.camera.topic] == 60
     assert counts[inputs.audio.topic] == 100
     assert counts[inputs.lidar.topic] == 20
     assert counts[inputs.imu.topic] == 400
+    assert counts[inputs.joint_state.topic] == 200
 
 
 def test_make_bag_messages_look_recorded(clean_bag, default_config):
     inputs = default_config.inputs
-    for topic in (inputs.camera.topic, inputs.audio.topic, inputs.lidar.topic, inputs.imu.topic):
+    for topic in (inputs.camera.topic, inputs.audio.topic, inputs.lidar.topic, inputs.imu.topic,
+                  inputs.joint_state.topic):
         msgs = _decoded(clean_bag, topic)
         stamps = np.array([_stamp(m) for _, m in msgs])
         received = np.array([t for t, _ in msgs]) / 1e9
@@ -141,6 +145,14 @@ def test_make_bag_messages_look_recorded(clean_bag, default_config):
     assert len(scan.ranges) == 360 and scan.scan_time == pytest.approx(0.1)
     imu = _decoded(clean_bag, inputs.imu.topic)[0][1]
     assert imu.linear_acceleration.z == pytest.approx(9.81, abs=0.5)
+    # As joint_state_broadcaster publishes: every configured joint by name, positions and velocities.
+    names = default_config.model.action.names
+    for _, joints in _decoded(clean_bag, inputs.joint_state.topic)[:5]:
+        assert list(joints.name) == list(names) and joints.header.frame_id == ""
+        assert len(joints.position) == len(joints.velocity) == len(names)
+        q, qd = SyntheticSensors(default_config.model, seed=3).joint_state(_stamp(joints))
+        np.testing.assert_allclose(joints.position, q, atol=1e-5)   # stamps near 1.7e9 s: ~0.2 us
+        np.testing.assert_allclose(joints.velocity, qd, atol=1e-5)
 
 
 def test_make_bag_is_deterministic_for_a_seed(clean_bag, default_config, tmp_path):

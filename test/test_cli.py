@@ -33,6 +33,8 @@ def test_export_writes_onnx_and_metadata(tmp_path):
     meta = json.loads((out / "model.json").read_text())
     assert (out / "model.onnx").stat().st_size > 10_000
     assert meta["inputs"][0] == {"name": "camera", "shape": [1, 96, 96, 3], "dtype": "uint8"}
+    assert meta["inputs"][4] == {"name": "joint_state", "shape": [1, 14], "dtype": "float32"}   # 7 q, then 7 qd
+    assert next(i for i in meta["inputs"] if i["name"] == "mask")["shape"] == [1, 5]
     assert not list(out.glob("*.tmp")), "temporary files left behind"
 
 

@@ -14,7 +14,7 @@ import re
 import pytest
 import yaml
 
-from mm_fusion_ros.config import (ConfigError, ModelConfig, RobotConfig, config_from_dict, config_to_dict,
+from mm_fusion_ros.config import (MODALITIES, ConfigError, ModelConfig, RobotConfig, config_from_dict, config_to_dict,
                                   load_config, model_config_from_dict)
 
 
@@ -323,18 +323,21 @@ def test_live_loop_defaults_from_the_issue(robot_yaml):
     assert cfg.inputs.audio.topic == "audio/audio_stamped"
     assert cfg.inputs.lidar.topic == "scan"
     assert cfg.inputs.imu.topic == "imu/data"
+    assert cfg.inputs.joint_state.topic == "joint_states"   # joint_state_broadcaster's
     assert cfg.outputs.action_topic == "mm_fusion/action"
     assert cfg.outputs.estop_topic == "mm_fusion/estop"
     assert cfg.outputs.enable_service == "mm_fusion/enable"
     absolute = cfg.absolute("left")
     assert absolute.inputs.imu.topic == "/left/imu/data" and absolute.outputs.action_topic == "/left/mm_fusion/action"
-    assert all(getattr(cfg.inputs, m).qos == "best_effort" for m in ("camera", "audio", "imu", "lidar"))
+    assert all(getattr(cfg.inputs, m).qos == "best_effort" for m in MODALITIES)
     assert cfg.safety.start_enabled is False          # a node starts as a dry run
     assert cfg.safety.per_dof("max_acceleration", 7) == (5.0,) * 7   # 0.05 per tick at 100 Hz, per second
     assert cfg.safety.per_dof("lower", 7) == (-1.0,) * 7 and cfg.safety.per_dof("upper", 7) == (1.0,) * 7
     assert cfg.safety.hold_timeout_s == 0.5
     assert (cfg.inputs.lidar.z_min, cfg.inputs.lidar.z_max) == (-0.1, 0.1)
-    assert set(cfg.inputs.required) <= {"camera", "audio", "imu", "lidar"}
+    assert set(cfg.inputs.required) <= set(MODALITIES)
+    # no velocity command without knowing where the joints are: the arm's own state is required
+    assert "joint_state" in cfg.inputs.required and cfg.inputs.joint_state.max_age == 0.05
 
 
 @pytest.mark.parametrize("key, value", [
@@ -346,6 +349,10 @@ def test_live_loop_defaults_from_the_issue(robot_yaml):
     ("inputs.buffer_s", 0.5),                          # shorter than the 1 s audio window
     ("inputs.max_future_s", 0.0),
     ("inputs.camera_cache", 0),
+    ("inputs.joint_state.max_age", 0.0),
+    ("inputs.joint_state.depth", 0),
+    ("inputs.joint_state.topic", "joint states"),
+    ("inputs.joint_state.qos", "fast"),
     ("safety.max_acceleration", [0.1, 0.1]),           # neither one value nor one per DOF
     ("safety.max_acceleration", [0.0]),
     ("safety.max_acceleration", [-5.0]),

@@ -21,7 +21,7 @@ from mm_fusion_ros.samples import BadSample, CameraSample
 from mm_fusion_ros import sensors
 
 pytest.importorskip("rclpy", reason="ROS 2 wheels not installed (pip install '.[ros]')")
-from sensor_msgs.msg import CompressedImage, Image, Imu, LaserScan, PointCloud2, PointField  # noqa: E402
+from sensor_msgs.msg import CompressedImage, Image, Imu, JointState, LaserScan, PointCloud2, PointField  # noqa: E402
 
 rosbags_typesys = pytest.importorskip("rosbags.typesys")
 
@@ -431,6 +431,102 @@ def test_bad_imu_messages():
     msg.linear_acceleration_covariance[0] = -1.0
     with pytest.raises(BadSample, match="imu.missing_accel"):
         convert.imu_from_msg(msg)
+
+
+# ---------------------------------------------------------------- joint states
+
+ARM = tuple(f"joint_{i}" for i in range(1, 8))   # model.action.names in robot.yaml
+# A driver's message: the arm's joints out of order, with the gripper's two fingers among them.
+DRIVER_NAMES = ["finger_left", "joint_3", "joint_1", "joint_2", "finger_right", "joint_7", "joint_4", "joint_6",
+                "joint_5"]
+
+
+def _driver_values(names, scale: float) -> list[float]:
+    """joint_k -> scale * k, a finger -> 100 + scale: every value says which joint it belongs to."""
+    return [scale * int(n.split("_")[1]) if n.startswith("joint_") else 100.0 + scale for n in names]
+
+
+def rclpy_joints(names=DRIVER_NAMES, position=None, velocity=None, stamp=STAMP) -> JointState:
+    msg = JointState()
+    msg.header.stamp.sec, msg.header.stamp.nanosec = stamp
+    msg.name = list(names)
+    msg.position = _driver_values(names, 0.1) if position is None else list(position)
+    msg.velocity = _driver_values(names, -0.01) if velocity is None else list(velocity)
+    msg.effort = [0.0] * len(names)
+    return msg
+
+
+def rb_joints(store, names=DRIVER_NAMES, position=None, velocity=None, stamp=STAMP):
+    return store.types["sensor_msgs/msg/JointState"](
+        header=rb_header(store, stamp), name=list(names),
+        position=np.asarray(_driver_values(names, 0.1) if position is None else position, np.float64),
+        velocity=np.asarray(_driver_values(names, -0.01) if velocity is None else velocity, np.float64),
+        effort=np.zeros(len(names)))
+
+
+def test_joint_states_are_matched_by_name_from_rclpy_and_rosbags(rb):
+    """The configured order, whatever the driver's; extra joints (a gripper's fingers) ignored; effort unused."""
+    for msg in (rclpy_joints(), rb_joints(rb)):
+        sample = convert.joint_state_from_msg(msg, ARM)
+        assert sample.stamp == STAMP_S
+        assert sample.position.shape == sample.velocity.shape == (7,)
+        np.testing.assert_allclose(sample.position, 0.1 * np.arange(1, 8), rtol=0, atol=1e-12)
+        np.testing.assert_allclose(sample.velocity, -0.01 * np.arange(1, 8), rtol=0, atol=1e-12)
+    # Already in order, nothing extra: the same.
+    exact = convert.joint_state_from_msg(rclpy_joints(names=ARM), ARM)
+    np.testing.assert_array_equal(exact.position, convert.joint_state_from_msg(rb_joints(rb), ARM).position)
+    # The sample owns its arrays: the message's buffer may be reused by the middleware.
+    msg = rclpy_joints(names=ARM)
+    sample = convert.joint_state_from_msg(msg, ARM)
+    msg.position[0] = 42.0
+    assert sample.position[0] == pytest.approx(0.1)
+
+
+@pytest.mark.parametrize("change, cause", [
+    (dict(names=[n for n in DRIVER_NAMES if n != "joint_5"]), "joint_state.missing_joint"),
+    (dict(names=["panda_joint1", "panda_joint2"]), "joint_state.missing_joint"),
+    (dict(velocity=[]), "joint_state.no_velocity"),
+    (dict(position=[]), "joint_state.bad_size"),
+    (dict(position=[0.0] * (len(DRIVER_NAMES) - 1)), "joint_state.bad_size"),
+    (dict(velocity=[0.0] * (len(DRIVER_NAMES) + 1)), "joint_state.bad_size"),
+    (dict(position=[math.nan if n == "joint_4" else 0.0 for n in DRIVER_NAMES]), "joint_state.non_finite"),
+    (dict(velocity=[math.inf if n == "joint_7" else 0.0 for n in DRIVER_NAMES]), "joint_state.non_finite"),
+    (dict(stamp=(0, 0)), "joint_state.zero_stamp"),
+], ids=["one_missing", "other_robot", "no_velocity", "no_position", "short_position", "long_velocity",
+        "nan_position", "inf_velocity", "zero_stamp"])
+def test_bad_joint_states_are_refused_with_their_cause(rb, change, cause):
+    for msg in (rclpy_joints(**change), rb_joints(rb, **change)):
+        with pytest.raises(BadSample) as err:
+            convert.joint_state_from_msg(msg, ARM)
+        assert err.value.cause == cause, type(msg)
+    if cause == "joint_state.missing_joint":
+        assert "joint_5" in str(err.value) or "joint_1" in str(err.value)   # names what it looked for
+
+
+def test_a_non_finite_joint_the_policy_does_not_use_is_no_reason_to_refuse(rb):
+    """A gripper finger without a reading (NaN) is not one of model.action.names."""
+    nan_fingers = [math.nan if n.startswith("finger") else 0.5 for n in DRIVER_NAMES]
+    for msg in (rclpy_joints(position=nan_fingers, velocity=nan_fingers), rb_joints(rb, position=nan_fingers,
+                                                                                     velocity=nan_fingers)):
+        sample = convert.joint_state_from_msg(msg, ARM)
+        assert np.isfinite(sample.position).all() and np.isfinite(sample.velocity).all()
+
+
+def test_joint_state_converter_uses_the_configured_names(default_config, rb):
+    import dataclasses
+
+    convert_fn = convert.sample_converter("joint_state", "sensor_msgs/msg/JointState", default_config)
+    assert default_config.model.action.names == ARM
+    np.testing.assert_allclose(convert_fn(rb_joints(rb)).position, 0.1 * np.arange(1, 8), atol=1e-12)
+    panda = tuple(f"panda_joint{i}" for i in range(1, 8))
+    other = dataclasses.replace(default_config, model=dataclasses.replace(
+        default_config.model, action=dataclasses.replace(default_config.model.action, names=panda)))
+    with pytest.raises(BadSample, match="joint_state.missing_joint"):
+        convert.sample_converter("joint_state", "sensor_msgs/msg/JointState", other)(rclpy_joints())
+    ours = convert.sample_converter("joint_state", "sensor_msgs/msg/JointState", other)(
+        rclpy_joints(names=list(reversed(panda)), position=np.arange(7.0), velocity=np.zeros(7)))
+    np.testing.assert_array_equal(ours.position, np.arange(7.0)[::-1])
+    assert convert.sample_converter("joint_state", "sensor_msgs/msg/Imu", default_config) is None
 
 
 # ---------------------------------------------------------------- LiDAR

@@ -50,6 +50,9 @@ def test_export_is_a_flat_static_graph_with_metadata(robot, onnx_path):
     assert meta["onnx_sha256"] == file_sha256(onnx_path)
     assert meta["model_config"]["encoder"]["num_spike_steps"] == 32
     assert [i["name"] for i in meta["inputs"]] == list(INPUT_NAMES)
+    # Every input reaches the graph's arithmetic (an input no node reads would be a modality the engine ignores).
+    consumed = {name for n in proto.graph.node for name in n.input}
+    assert set(INPUT_NAMES) - {"state", "audio_frames"} <= consumed, set(INPUT_NAMES) - consumed
 
 
 def test_ensure_onnx_reuses_until_the_weights_change(robot, onnx_path):
@@ -105,6 +108,8 @@ class _MustNotRun(Engine):
     ("camera", lambda a: a.astype(np.float32), "dtype uint8"),
     ("audio", lambda a: a[:, :8000], r"shape \[1, 16000\]"),
     ("imu", lambda a: a.astype(np.float64), "dtype float32"),
+    ("joint_state", lambda a: a[:, :7], r"shape \[1, 14\]"),    # positions without velocities
+    ("joint_state", lambda a: a.astype(np.float64), "dtype float32"),
     ("state", lambda a: a[:, :3], "state"),
 ])
 def test_bad_input_is_refused_before_the_engine(robot, make_inputs, name, bad, pattern):
@@ -128,7 +133,7 @@ def test_onnx_model_of_another_config_is_refused_with_its_real_signature(robot, 
 
 
 def _drive(streams, cfg, ticks):
-    """Step several streams on identical inputs; a modality drops in and out."""
+    """Step several streams on identical inputs; modalities drop in and out."""
     sensors = SyntheticSensors(cfg.model, seed=11)
     rng = np.random.default_rng(5)
     worst = {name: 0.0 for name in streams}
@@ -137,8 +142,9 @@ def _drive(streams, cfg, ticks):
         mask = np.ones(len(MODALITIES), np.float32)
         mask[MODALITIES.index("camera")] = 0.0 if 40 <= i < 90 else 1.0   # camera drops out
         mask[MODALITIES.index("lidar")] = float(i % 7 != 3)               # lidar flickers
+        mask[MODALITIES.index("joint_state")] = float(i % 11 != 5)        # a joint state comes late now and then
         dt = 0.01 + float(rng.uniform(-0.002, 0.002))
-        frame = (sensors.camera(t), sensors.audio(t), sensors.imu(t), sensors.lidar(t))
+        frame = (sensors.camera(t), sensors.audio(t), sensors.imu(t), sensors.lidar(t), sensors.joint_vector(t))
         # Windows move one hop per tick, so the engines compute only the newest log-mel frames.
         audio_end = int(round(t * cfg.model.audio.sample_rate))
         results = {name: s.step(*frame, mask, dt, audio_end) for name, s in streams.items()}
@@ -158,6 +164,30 @@ def test_onnxruntime_matches_torch_over_200_ticks(robot, onnx_path):
     assert worst["onnxruntime"] < PARITY_TOL, worst
     assert streams["onnxruntime"].counters["ticks"] == PARITY_TICKS
     assert streams["onnxruntime"].counters["audio_frame_resyncs"] == 1   # the cache carried the rest
+
+
+def test_onnxruntime_follows_the_joint_state_like_torch(robot, onnx_path, make_inputs):
+    """The arm's joint state moves the exported step's outputs exactly as it moves torch's; masked, it cannot."""
+    cfg, model = robot
+    ort_engine = create_engine(cfg, model, "onnxruntime", log=lambda _: None)
+    torch_engine = TorchEngine(model)
+    base = make_inputs(cfg.model, 21, as_torch=False)
+    moved = {**base, "joint_state": np.ascontiguousarray(-2.0 * base["joint_state"] + 0.3, np.float32)}
+    outs = {}
+    for label, inputs in (("base", base), ("moved", moved)):
+        ref, got = torch_engine.step(dict(inputs)), ort_engine.step(dict(inputs))
+        for name in ("action", "fused_state", "new_state", "contribution"):
+            np.testing.assert_allclose(got[name], ref[name], atol=PARITY_TOL, rtol=0, err_msg=f"{label} {name}")
+        outs[label] = got
+    js = MODALITIES.index("joint_state")
+    assert np.abs(outs["moved"]["action"] - outs["base"]["action"]).max() > 1e-4
+    assert np.abs(outs["moved"]["new_state"][:, js] - outs["base"]["new_state"][:, js]).max() > 1e-4
+    masked = np.ones_like(base["mask"])
+    masked[:, js] = 0.0
+    a = ort_engine.step({**base, "mask": masked})
+    b = ort_engine.step({**moved, "mask": masked})
+    np.testing.assert_allclose(a["action"], b["action"], atol=1e-6, rtol=0)
+    np.testing.assert_array_equal(b["new_state"][:, js], base["state"][:, js])   # held while masked
 
 
 @pytest.mark.parametrize("strategy", ["early", "late", "hierarchical", "bilinear", "adaptive"])
@@ -212,9 +242,18 @@ def test_nonfinite_sensor_data_is_masked_and_counted(robot):
     audio[100] = np.nan
     imu = sensors.imu(1.0)
     imu[3, 2] = np.inf
-    result = stream.step(sensors.camera(1.0), audio, imu, sensors.lidar(1.0), np.ones(4, np.float32), 0.01)
+    joints = sensors.joint_vector(1.0)
+    joints[9] = np.nan           # a velocity
+    ones = np.ones(len(MODALITIES), np.float32)
+    result = stream.step(sensors.camera(1.0), audio, imu, sensors.lidar(1.0), joints, ones, 0.01)
     assert np.isfinite(result.action).all() and np.isfinite(stream.state).all()
-    assert result.mask.tolist() == [1.0, 0.0, 0.0, 1.0]
+    assert result.mask.tolist() == [1.0, 0.0, 0.0, 1.0, 0.0]
     assert stream.counters["nonfinite_audio"] == 1 and stream.counters["nonfinite_imu"] == 1
+    assert stream.counters["nonfinite_joint_state"] == 1
+    # The joint state alone: only it is masked, and the caller's array is left as it was.
+    result = stream.step(sensors.camera(1.01), sensors.audio(1.01), sensors.imu(1.01), sensors.lidar(1.01), joints,
+                         ones, 0.01)
+    assert result.mask.tolist() == [1.0, 1.0, 1.0, 1.0, 0.0] and np.isnan(joints[9])
+    assert stream.counters["nonfinite_joint_state"] == 2 and stream.counters["nonfinite_imu"] == 1
     with pytest.raises(InputError, match="dt"):
-        stream.step(sensors.camera(1.0), audio, imu, sensors.lidar(1.0), np.ones(4, np.float32), 0.0)
+        stream.step(sensors.camera(1.0), audio, imu, sensors.lidar(1.0), joints, ones, 0.0)

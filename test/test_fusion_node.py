@@ -24,9 +24,9 @@ from std_msgs.msg import Float64MultiArray  # noqa: E402
 from mm_fusion_ros import procs  # noqa: E402
 from mm_fusion_ros.config import ConfigError, load_config  # noqa: E402
 from mm_fusion_ros.ros import convert  # noqa: E402
-from test_nodes import ROBOT_YAML, FakeEngine, Spinner, args, imu_msg, now_s, wait_until  # noqa: E402
+from test_nodes import ROBOT_YAML, FakeEngine, Spinner, args, imu_msg, joint_msg, now_s, wait_until  # noqa: E402
 
-SENSORS = ("camera/image_raw", "audio/audio_stamped", "imu/data", "scan")
+SENSORS = ("camera/image_raw", "audio/audio_stamped", "imu/data", "scan", "joint_states")
 
 
 def fusion(context, engine=None, namespace=None, **overrides):
@@ -59,7 +59,7 @@ def test_one_node_holds_every_subscription_publisher_and_service(context):
     try:
         assert wait_until(lambda: ("fusion_node", ns) in io.get_node_names_and_namespaces())
         assert [n for n in io.get_node_names_and_namespaces() if n[1] == ns] == [("fusion_node", ns)]  # no twin
-        assert wait_until(lambda: len(io.get_subscriber_names_and_types_by_node("fusion_node", ns)) >= 6)
+        assert wait_until(lambda: len(io.get_subscriber_names_and_types_by_node("fusion_node", ns)) >= 7)
         subs = {t for t, _ in io.get_subscriber_names_and_types_by_node("fusion_node", ns)}
         pubs = {t for t, _ in io.get_publisher_names_and_types_by_node("fusion_node", ns)}
         assert {f"{ns}/{t}" for t in SENSORS} | {f"{ns}/audio/audio_info", f"{ns}/mm_fusion/estop"} <= subs
@@ -179,6 +179,65 @@ def test_two_arms_in_two_namespaces_each_hear_only_their_own_sensors(context):
         spinner.stop()
         left.close()
         right.close()
+        io.destroy_node()
+
+
+# ---------------------------------------------------------------- joint states
+
+def test_joint_states_drive_the_watchdog_and_a_bad_one_costs_only_itself(context):
+    """joint_state is required: fresh joint states let the arm be commanded, a bad message among them is
+    counted by cause and dropped without stopping the node, and when they stop the watchdog holds at rest."""
+    cfg = load_config(ROBOT_YAML)
+    node = fusion(context, FakeEngine(cfg.model, action=0.5),
+                  **{"inputs.required": ["joint_state"], "safety.start_enabled": True,
+                     "inputs.joint_state.qos": "reliable"})
+    node.spin_in_background()
+    io = rclpy.create_node("io", context=context)
+    commands = []
+    io.create_subscription(JointState, cfg.outputs.joint_command_topic, lambda m: commands.append(list(m.velocity)),
+                           100)
+    pub = io.create_publisher(JointState, cfg.inputs.joint_state.topic, 100)
+    stop = threading.Event()
+    sent = {"good": 0, "bad": 0}
+    # A driver that lists the arm's joints in its own order, with a gripper finger among them.
+    names = ["joint_7", "finger", "joint_1", "joint_2", "joint_3", "joint_4", "joint_5", "joint_6"]
+
+    def feed():
+        i = 0
+        while not stop.is_set():
+            if i % 5 == 4:
+                pub.publish(joint_msg(now_s(io), names=names[:-1]))   # joint_6 missing
+                sent["bad"] += 1
+            else:
+                pub.publish(joint_msg(now_s(io), names=names))
+                sent["good"] += 1
+            i += 1
+            time.sleep(0.01)
+
+    spinner = Spinner(context, io)
+    feeder = threading.Thread(target=feed, daemon=True)
+    try:
+        assert wait_until(lambda: pub.get_subscription_count() >= 1)
+        feeder.start()
+        assert wait_until(lambda: node.bad["joint_state.missing_joint"] >= 5 and commands
+                          and max(commands[-1]) == pytest.approx(0.5))           # commanding the arm meanwhile
+        assert set(node.bad) == {"joint_state.missing_joint"}
+        assert node.accepted["joint_state"] >= 20
+        assert node.runtime.summary()["drops"]["joint_state.missing_joint"] == node.bad["joint_state.missing_joint"]
+        stop.set()
+        feeder.join(timeout=1.0)
+        assert wait_until(lambda: node.received["joint_state"] == sent["good"] + sent["bad"])
+        assert node.accepted["joint_state"] == sent["good"] and node.bad["joint_state.missing_joint"] == sent["bad"]
+        # The driver is gone: after max_age the watchdog holds the arm at rest, and the node ticks on.
+        assert wait_until(lambda: len(commands) >= 5 and all(v == [0.0] * 7 for v in commands[-5:]))
+        n = len(commands)
+        assert wait_until(lambda: len(commands) >= n + 10)
+        safety = {s.name: s for s in node.runtime.report()}["mm_fusion: safety"]
+        assert "joint_state" in safety.message
+    finally:
+        stop.set()
+        spinner.stop()
+        node.close()
         io.destroy_node()
 
 

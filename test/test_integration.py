@@ -2,7 +2,7 @@
 
 camera_node (a 640x480 MJPG video at 30 Hz, rgb8), microphone_node (a 16 kHz
 WAV in 20 ms chunks), sensor_sim_node twice (LiDAR 10 Hz / 360 beams, and IMU
-200 Hz, so that the LiDAR can be stopped alone) -> fusion_node at 100 Hz,
+200 Hz with the arm's joint states at 100 Hz, so that the LiDAR can be stopped alone) -> fusion_node at 100 Hz,
 started as the console script with ``--params-file config/robot.yaml`` and
 overrides -> a monitor node in this process. One run is shared by all the
 assertions below: rate, finiteness and limits, e-stop, watchdog, no lost
@@ -64,7 +64,7 @@ def run(tmp_path_factory):
         # Reliable subscriptions here (the sensor nodes publish reliable): this test counts every message, and
         # best effort may drop one on a loaded machine. The default best-effort inputs are measured by
         # `make bench-live` (nothing lost in 5 min) and tested against a best-effort driver in test_fusion_node.
-        reliable = {f"inputs.{m}.qos": "reliable" for m in ("camera", "audio", "imu", "lidar")}
+        reliable = {f"inputs.{m}.qos": "reliable" for m in MODALITIES}
         fusion = pipeline.start("fusion_node", {"engine.artifact_dir": str(artifacts), "safety.start_enabled": True,
                                                 "inputs.audio.type": audio_type, **reliable},
                                 env=fusion_env(stats_path))
@@ -75,8 +75,8 @@ def run(tmp_path_factory):
         pipeline.start("sensor_sim_node", {"lidar.enabled": False, "wait_for_subscribers": 1}, label="sim_imu",
                        node_name="sim_imu")
         # Two subscribers on /scan: fusion_node and the monitor here.
-        pipeline.start("sensor_sim_node", {"imu.enabled": False, "wait_for_subscribers": 2}, label="sim_lidar",
-                       node_name="sim_lidar")
+        pipeline.start("sensor_sim_node", {"imu.enabled": False, "joint_states.enabled": False,
+                                           "wait_for_subscribers": 2}, label="sim_lidar", node_name="sim_lidar")
         monitor.reports.clear()
         assert monitor.wait_for(lambda: monitor.reports.get("mm_fusion: inputs", (1,))[0] == 0
                                 and monitor.reports.get("mm_fusion: safety", (1,))[0] == 0, 30,
@@ -189,7 +189,7 @@ def test_a_stopped_sensor_is_masked_and_the_watchdog_fires_within_max_age_and_on
 
 def test_no_sensor_message_is_lost(run):
     stats = run["stats"]
-    assert set(run["published"]) == {"camera", "audio", "imu", "lidar"}
+    assert set(run["published"]) == set(MODALITIES)
     for modality, published in run["published"].items():
         assert published > 0
         assert stats["received"].get(modality) == published, (modality, published, stats["received"])
@@ -200,3 +200,13 @@ def test_fusion_node_shuts_down_cleanly_on_sigint(run):
     assert run["fusion_exit"] == 0
     assert "Traceback" not in run["fusion_log"]
     assert run["stats"].get("ticks", 0) > RATE_WINDOW_S * run["cfg"].control_rate_hz
+
+
+def test_the_arms_joint_states_reach_the_model(run):
+    """sensor_sim_node's joint states, matched by name, are used by the ticks (not just received)."""
+    monitor = run["monitor"]
+    js = MODALITIES.index("joint_state")
+    used = [r for r in monitor.ticks if run["rate_t0"] <= r.t <= run["rate_t1"] and r.used[js]]
+    assert used, "no tick in the rate window used the joint states"
+    assert all(0.0 <= r.t - r.stamps[js] <= run["cfg"].inputs.joint_state.max_age for r in used)
+    assert not any(k.startswith("joint_state.") for k in run["stats"].get("bad", {}))

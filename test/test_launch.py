@@ -341,7 +341,7 @@ def test_the_launched_processes_make_the_graph_the_launch_file_describes(descrip
                 subs = {t for t, _ in observer.get_subscriber_names_and_types_by_node("fusion_node", "/left")}
                 pubs = {t for t, _ in observer.get_publisher_names_and_types_by_node("fusion_node", "/left")}
                 return {"/left/camera/image_raw", "/left/audio/audio_stamped", "/left/imu/data", "/left/scan",
-                        "/left/mm_fusion/estop"} <= subs and \
+                        "/left/joint_states", "/left/mm_fusion/estop"} <= subs and \
                     {"/left/mm_fusion/action", "/left/fusion_node/tick", "/diagnostics", "/rosout"} <= pubs
 
             deadline = time.monotonic() + 120

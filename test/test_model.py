@@ -56,6 +56,7 @@ def extreme_inputs(cfg: ModelConfig, batch: int, make_inputs) -> list[dict]:
     loud["audio"] = square
     loud["imu"] = torch.full_like(base["imu"], 1.0e4) * torch.tensor([1, -1, 1, -1, 1, -1.0])
     loud["lidar"] = torch.full_like(base["lidar"], cfg.lidar.range_max)
+    loud["joint_state"] = torch.full_like(base["joint_state"], 1.0e4) * torch.tensor([1.0, -1.0]).repeat(cfg.action.dof)
     loud["dt"] = torch.full_like(base["dt"], 10.0)
     loud["state"] = torch.full_like(base["state"], 50.0)
     cases.append(loud)
@@ -64,6 +65,7 @@ def extreme_inputs(cfg: ModelConfig, batch: int, make_inputs) -> list[dict]:
     dark["audio"] = torch.zeros_like(base["audio"])
     dark["imu"] = torch.full_like(base["imu"], -1.0e4)
     dark["lidar"] = torch.full_like(base["lidar"], float("inf"))
+    dark["joint_state"] = torch.zeros_like(base["joint_state"])
     dark["dt"] = torch.zeros_like(base["dt"])
     dark["state"] = torch.full_like(base["state"], -50.0)
     cases.append(dark)
@@ -94,13 +96,16 @@ def test_input_and_output_specs_follow_config(default_config):
     assert specs["audio"].shape == (2, 16000)
     assert specs["imu"].shape == (2, 40, 6)
     assert specs["lidar"].shape == (2, 360)
-    assert specs["mask"].shape == (2, 4) and specs["dt"].shape == (2, 1)
-    assert specs["state"].shape == (2, 4, cfg.encoder.hidden)
+    assert specs["joint_state"].shape == (2, 2 * cfg.action.dof) == (2, 14)   # positions, then velocities
+    assert specs["joint_state"].dtype == "float32"
+    assert INPUT_NAMES.index("joint_state") == INPUT_NAMES.index("lidar") + 1 == INPUT_NAMES.index("mask") - 1
+    assert specs["mask"].shape == (2, 5) and specs["dt"].shape == (2, 1)
+    assert specs["state"].shape == (2, 5, cfg.encoder.hidden)
     out = {s.name: s for s in output_specs(cfg, 2)}
     assert tuple(out) == OUTPUT_NAMES
     assert out["action"].shape == (2, 7)
     assert out["fused_state"].shape == (2, cfg.fused_state_dim)
-    assert out["attention"].shape == (2, 4, 4) and out["contribution"].shape == (2, 4)
+    assert out["attention"].shape == (2, 5, 5) and out["contribution"].shape == (2, 5)
 
 
 @pytest.mark.parametrize("strategy", ["early", "hierarchical"])
@@ -113,8 +118,9 @@ def test_action_is_scaled_into_configured_per_dof_limits(default_config, strateg
     for inputs in [make_inputs(cfg, 1, 4)] + extreme_inputs(cfg, 2, make_inputs):
         outs = run(model, inputs)
         assert_valid_outputs(model, outs, inputs["mask"].shape[0])
-    # The squashing is affine in the head's tanh: same network with the default limits gives
-    # action_default in [-1, 1]; the custom one must be its affine image.
+    # The head is affine in its MLP's output, then clamped: mean = (lower + upper) / 2 and std =
+    # (upper - lower) / 4 until trained. The same network with the default limits gives action_default
+    # in [-1, 1]; the custom one must be its affine image (the clamps map onto each other too).
     ref_model = build_model(base, seed=4)
     inputs = make_inputs(cfg, 0, 4)
     a_custom = run(model, inputs)["action"]
@@ -127,7 +133,8 @@ def test_action_is_scaled_into_configured_per_dof_limits(default_config, strateg
 def test_batch_rows_are_independent(models, strategy, make_inputs):
     model = models[strategy]
     inputs = make_inputs(model.cfg, 5, 3)
-    inputs["mask"][1] = torch.tensor([1.0, 0.0, 1.0, 0.0])
+    inputs["mask"][1] = torch.tensor([1.0, 0.0, 1.0, 0.0, 1.0])
+    inputs["mask"][2] = torch.tensor([1.0, 1.0, 1.0, 1.0, 0.0])
     full = run(model, inputs)
     for i in range(3):
         single = run(model, {k: v[i:i + 1] for k, v in inputs.items()})
@@ -149,6 +156,8 @@ def _alternative(name: str, cfg: ModelConfig, inputs: dict, make_inputs) -> torc
         return other * 20.0
     if name == "lidar":
         return torch.flip(other, dims=[1]) * 0.1 + cfg.lidar.range_min
+    if name == "joint_state":
+        return -3.0 * torch.flip(other, dims=[1]) + 0.5
     raise AssertionError(name)
 
 
@@ -220,7 +229,8 @@ def test_masked_modality_state_slot_cannot_reach_outputs(models, strategy, m, ma
 @pytest.mark.parametrize("strategy", ATTENTION_STRATEGIES)
 def test_attention_rows_of_present_queries_are_distributions_over_present_keys(models, strategy, make_inputs):
     model = models[strategy]
-    masks = torch.tensor([[1, 1, 1, 1], [1, 0, 1, 0], [0, 1, 1, 1], [0, 0, 0, 1]], dtype=torch.float32)
+    masks = torch.tensor([[1, 1, 1, 1, 1], [1, 0, 1, 0, 1], [0, 1, 1, 1, 0], [0, 0, 0, 1, 0], [0, 0, 0, 0, 1],
+                          [1, 0, 0, 1, 0]], dtype=torch.float32)
     inputs = make_inputs(model.cfg, 7, len(masks))
     inputs["mask"] = masks
     att = run(model, inputs)["attention"]
@@ -252,8 +262,8 @@ def test_all_modalities_masked_gives_finite_outputs(models, strategy, make_input
 @pytest.mark.parametrize("strategy", STRATEGIES)
 def test_contribution_is_a_distribution_over_present_modalities(models, strategy, make_inputs):
     model = models[strategy]
-    masks = torch.tensor([[1, 1, 1, 1], [1, 0, 1, 0], [0, 1, 1, 1], [0, 0, 0, 1], [1, 1, 0, 0], [0, 1, 0, 0]],
-                         dtype=torch.float32)
+    masks = torch.tensor([[1, 1, 1, 1, 1], [1, 0, 1, 0, 1], [0, 1, 1, 1, 0], [0, 0, 0, 1, 0], [1, 1, 0, 0, 0],
+                          [0, 1, 0, 0, 0], [0, 0, 0, 0, 1], [0, 0, 1, 0, 1]], dtype=torch.float32)
     inputs = make_inputs(model.cfg, 6, len(masks))
     inputs["mask"] = masks
     contrib = run(model, inputs)["contribution"]
@@ -261,7 +271,8 @@ def test_contribution_is_a_distribution_over_present_modalities(models, strategy
     assert torch.all(contrib[masks == 0] == 0)
     torch.testing.assert_close(contrib.sum(dim=1), torch.ones(len(masks)), rtol=0, atol=1e-5)
     # A single present modality carries everything.
-    torch.testing.assert_close(contrib[3], torch.tensor([0.0, 0.0, 0.0, 1.0]), rtol=0, atol=1e-5)
+    torch.testing.assert_close(contrib[3], torch.tensor([0.0, 0.0, 0.0, 1.0, 0.0]), rtol=0, atol=1e-5)
+    torch.testing.assert_close(contrib[6], torch.tensor([0.0, 0.0, 0.0, 0.0, 1.0]), rtol=0, atol=1e-5)
 
 
 # ---------------------------------------------------------------- lidar robustness
@@ -375,6 +386,37 @@ def test_checkpoint_round_trip(default_config, tmp_path, strategy, make_inputs):
     assert not torch.equal(other["action"], a["action"])
 
 
+def test_normalization_statistics_travel_in_the_checkpoint(default_config, tmp_path, make_inputs):
+    """The joint-state, IMU and action statistics are weights: set, saved, loaded, applied inside the step."""
+    cfg = default_config.model
+    model = build_model(cfg, seed=3)
+    inputs = make_inputs(cfg, 13, 2)
+    before = run(model, inputs)
+    dof = cfg.action.dof
+    rng = np.random.default_rng(0)
+    model.set_normalization(imu_mean=rng.normal(size=6), imu_std=rng.uniform(0.5, 2.0, 6),
+                            joint_mean=rng.normal(size=2 * dof), joint_std=rng.uniform(0.5, 2.0, 2 * dof),
+                            action_mean=np.full(dof, 0.1), action_std=np.full(dof, 0.2))
+    after = run(model, inputs)
+    js = MODALITIES.index("joint_state")
+    assert not torch.equal(after["new_state"][:, js], before["new_state"][:, js])
+    path = tmp_path / "normalized.ckpt"
+    save_checkpoint(model, path, extra={"note": "kept beside the weights"})
+    loaded = load_checkpoint(path)
+    for name in OUTPUT_NAMES:
+        assert torch.equal(run(loaded, inputs)[name], after[name]), name
+    blob = torch.load(path, weights_only=True)
+    assert blob["note"] == "kept beside the weights" and blob["format"] == "mm_fusion_ros.checkpoint/2"
+    assert "joint_state.mean" in blob["state_dict"] and "joint_state.inv_std" in blob["state_dict"]
+
+
+def test_a_four_modality_checkpoint_is_refused_with_a_reason(default_config, tmp_path):
+    path = tmp_path / "old.ckpt"
+    torch.save({"format": "mm_fusion_ros.checkpoint/1", "model_config": {}, "state_dict": {}}, path)
+    with pytest.raises(ValueError, match="checkpoint/1.*retrain"):
+        load_checkpoint(path)
+
+
 @pytest.mark.parametrize("payload", [{"state_dict": {}}, {"format": "something/else", "state_dict": {}}, [1, 2, 3]])
 def test_loading_a_torch_file_that_is_not_a_checkpoint_raises_value_error(tmp_path, payload):
     path = tmp_path / "not_a_checkpoint.pt"
@@ -434,7 +476,7 @@ def test_hybrid_step_does_no_work_it_throws_away(models, make_inputs, monkeypatc
     inputs = make_inputs(model.cfg, 5)
     expected = run(model, inputs)
     tokens = torch.randn(1, len(MODALITIES), model.cfg.encoder.hidden)
-    mask = torch.tensor([[1.0, 0.0, 1.0, 1.0]])
+    mask = torch.tensor([[1.0, 0.0, 1.0, 1.0, 1.0]])
     with torch.inference_mode():
         assert torch.equal(model.fusion.early.fuse(tokens, mask), model.fusion.early(tokens, mask)[0])
 

@@ -20,7 +20,7 @@ from std_msgs.msg import Bool, Float64MultiArray  # noqa: E402
 from std_srvs.srv import SetBool  # noqa: E402
 
 from mm_fusion_ros import procs  # noqa: E402
-from mm_fusion_ros.config import ConfigError, load_config  # noqa: E402
+from mm_fusion_ros.config import MODALITIES, ConfigError, load_config  # noqa: E402
 from mm_fusion_ros.engine import Engine  # noqa: E402
 from mm_fusion_ros.live_demo import make_video, make_wav  # noqa: E402
 from mm_fusion_ros.model import input_specs, output_specs  # noqa: E402
@@ -111,6 +111,17 @@ def image_msg(t: float, width: int = 640, height: int = 480, short: bool = False
     return msg
 
 
+def joint_msg(t: float, names=tuple(f"joint_{i}" for i in range(1, 8)), velocity: bool = True,
+              nan: bool = False) -> JointState:
+    """As joint_state_broadcaster publishes it (names in whatever order the driver has them)."""
+    msg = JointState()
+    msg.header.stamp.sec, msg.header.stamp.nanosec = convert.s_to_stamp_fields(t)
+    msg.name = list(names)
+    msg.position = [float("nan") if nan else 0.1 * i for i in range(len(names))]
+    msg.velocity = [0.0] * len(names) if velocity else []
+    return msg
+
+
 def scan_msg(t: float, increment: float) -> LaserScan:
     msg = LaserScan()
     msg.header.stamp.sec, msg.header.stamp.nanosec = convert.s_to_stamp_fields(t)
@@ -153,6 +164,18 @@ def test_sensor_node_blocks_in_robot_yaml_mirror_the_dataclass_defaults():
 
 
 @pytest.mark.parametrize("override, message", [
+    ({"joint_states.names": ["joint_1", "joint_1"]}, "joint_states.names: must be unique joint names"),
+    ({"joint_states.names": []}, "joint_states.names"),
+    ({"joint_states.rate_hz": 0.0}, "joint_states.rate_hz: must be in (0, 2000] Hz"),
+    ({"joint_states.topic": "joint states"}, "joint_states.topic"),
+])
+def test_bad_sensor_sim_joint_states_are_refused_naming_the_key(override, message):
+    with pytest.raises(ConfigError) as err:
+        build_config(NODE_CONFIGS["sensor_sim_node"], override)
+    assert message in str(err.value)
+
+
+@pytest.mark.parametrize("override, message", [
     ({"inputs.camera.topik": "/x"}, "inputs.camera.topik (did you mean inputs.camera.topic?)"),
     ({"control_rate_hz": -5.0}, "control_rate_hz: must be in (0, 2000]"),
     ({"safety.on_stale": "coast"}, "safety.on_stale: must be one of ['zero', 'hold_last']"),
@@ -181,7 +204,7 @@ def test_node_executable_with_a_bad_config_exits_2_naming_the_key(tmp_path):
 # These tests count every message they send (from reliable publishers): the subscriptions are made reliable
 # too, so that what best effort may drop on a loaded machine is not mistaken for a lost message. The default
 # best-effort subscriptions are tested against a best-effort driver in test_fusion_node.py.
-RELIABLE_INPUTS = {f"inputs.{m}.qos": "reliable" for m in ("camera", "audio", "imu", "lidar")}
+RELIABLE_INPUTS = {f"inputs.{m}.qos": "reliable" for m in MODALITIES}
 
 
 def make_fusion(context, engine, **overrides):
@@ -194,21 +217,25 @@ def test_slow_inference_does_not_lose_sensor_messages(context):
     engine = FakeEngine(cfg.model, delay_s=0.05)
     # Shallow queues: had inference run on the intake thread, a 50 ms tick would overflow them.
     node = make_fusion(context, engine, **{"inputs.imu.depth": 3, "inputs.camera.depth": 1,
-                                           "inputs.lidar.depth": 1})
+                                           "inputs.lidar.depth": 1, "inputs.joint_state.depth": 3})
     node.spin_in_background()
     talker = rclpy.create_node("talker", context=context)
     pubs = {"imu": talker.create_publisher(Imu, cfg.inputs.imu.topic, 200),
             "camera": talker.create_publisher(Image, cfg.inputs.camera.topic, 10),
-            "lidar": talker.create_publisher(LaserScan, cfg.inputs.lidar.topic, 10)}
+            "lidar": talker.create_publisher(LaserScan, cfg.inputs.lidar.topic, 10),
+            "joint_state": talker.create_publisher(JointState, cfg.inputs.joint_state.topic, 100)}
     try:
         assert wait_until(lambda: all(p.get_subscription_count() >= 1 for p in pubs.values()))
         time.sleep(0.5)   # the subscriptions' side of the match settles a little later (see qos.SubscriberGate)
-        sent = {"imu": 0, "camera": 0, "lidar": 0}
+        sent = {"imu": 0, "camera": 0, "lidar": 0, "joint_state": 0}
         start = time.monotonic()
-        for i in range(400):  # 2 s of IMU at 200 Hz, a 640x480 frame at ~33 Hz, a scan at 10 Hz
+        for i in range(400):  # 2 s of IMU at 200 Hz, a 640x480 frame at ~33 Hz, a scan at 10 Hz, joints at 100 Hz
             t = now_s(talker)
             pubs["imu"].publish(imu_msg(t))
             sent["imu"] += 1
+            if i % 2 == 0:
+                pubs["joint_state"].publish(joint_msg(t))
+                sent["joint_state"] += 1
             if i % 6 == 0:
                 pubs["camera"].publish(image_msg(t))
                 sent["camera"] += 1
@@ -335,19 +362,27 @@ def test_bad_messages_are_dropped_counted_and_never_crash_the_node(context):
     imu_pub = io.create_publisher(Imu, cfg.inputs.imu.topic, 10)
     cam_pub = io.create_publisher(Image, cfg.inputs.camera.topic, 10)
     scan_pub = io.create_publisher(LaserScan, cfg.inputs.lidar.topic, 10)
+    joint_pub = io.create_publisher(JointState, cfg.inputs.joint_state.topic, 10)
     spinner = Spinner(context, io)
+    pubs = (imu_pub, cam_pub, scan_pub, joint_pub)
     try:
-        assert wait_until(lambda: min(p.get_subscription_count() for p in (imu_pub, cam_pub, scan_pub)) >= 1)
+        assert wait_until(lambda: min(p.get_subscription_count() for p in pubs) >= 1)
+        time.sleep(0.5)   # the subscriptions' side of the match settles a little later (see qos.SubscriberGate)
         for _ in range(3):
             t = now_s(io)
             imu_pub.publish(imu_msg(t, nan=True))
             imu_pub.publish(imu_msg(0.0))                     # zero stamp
             cam_pub.publish(image_msg(t, short=True))         # data shorter than height * step
             scan_pub.publish(scan_msg(t, increment=0.0))      # inconsistent angle fields
-        assert wait_until(lambda: sum(node.bad.values()) == 12)
+            joint_pub.publish(joint_msg(t, names=[f"joint_{i}" for i in range(1, 7)]))   # joint_7 missing
+            joint_pub.publish(joint_msg(t, velocity=False))   # positions only
+            joint_pub.publish(joint_msg(t, nan=True))
+        assert wait_until(lambda: sum(node.bad.values()) == 21), dict(node.bad)
         causes = set(node.bad)
-        assert len(causes) == 4 and all(c.split(".")[0] in ("imu", "camera", "lidar") for c in causes)
+        assert len(causes) == 7 and all(c.split(".")[0] in ("imu", "camera", "lidar", "joint_state") for c in causes)
+        assert {"joint_state.missing_joint", "joint_state.no_velocity", "joint_state.non_finite"} <= causes
         assert all(n == 3 for n in node.bad.values())
+        assert node.received["joint_state"] == 9 and node.accepted["joint_state"] == 0
         drops = node.runtime.summary()["drops"]
         assert all(drops.get(c) == 3 for c in causes)       # reported in /diagnostics with the drops
         n = len(previews)
@@ -562,18 +597,19 @@ def test_microphone_node_stamps_sound_card_blocks_at_their_adc_time(context, mon
         listener.destroy_node()
 
 
-def test_sensor_sim_node_publishes_valid_scans_and_imu_and_stops_a_stream(context):
+def test_sensor_sim_node_publishes_valid_scans_imu_and_joint_states_and_stops_a_stream(context):
     from mm_fusion_ros.ros.sensor_sim_node import SensorSimNode
     cfg = load_config(ROBOT_YAML)
-    scans, imus = [], []
+    scans, imus, joint_states = [], [], []
     listener = rclpy.create_node("listener_sim", context=context)
     listener.create_subscription(LaserScan, "/scan", scans.append, 10)
     listener.create_subscription(Imu, "/imu/data", imus.append, 200)
+    listener.create_subscription(JointState, "/" + cfg.inputs.joint_state.topic, joint_states.append, 200)
     sim = SensorSimNode(context=context, cli_args=args(**{"imu.stop_after_s": 0.3, "wait_for_subscribers": 1}))
     spinner = Spinner(context, listener)
     threading.Thread(target=sim.spin, daemon=True).start()
     try:
-        assert wait_until(lambda: len(scans) >= 6)
+        assert wait_until(lambda: len(scans) >= 6 and len(joint_states) >= 20)
         n_imu = len(imus)
         time.sleep(0.3)
         assert len(imus) == n_imu and sim.published()["imu"] == n_imu   # the IMU stream stopped for good
@@ -583,6 +619,20 @@ def test_sensor_sim_node_publishes_valid_scans_and_imu_and_stops_a_stream(contex
         assert lidar.ranges.shape == (360,) and np.isfinite(lidar.ranges).mean() > 0.9
         imu = convert.imu_from_msg(imus[0])
         assert abs(imu.accel[2] - 9.81) < 0.5
+        # Joint states as fusion_node reads them: its model.action.names, positions and velocities.
+        n_joints = len(joint_states)
+        assert wait_until(lambda: len(joint_states) > n_joints)         # and these go on too
+        assert set(sim.published()) == {"lidar", "imu", "joint_state"}  # keyed as fusion_node counts what it receives
+        msg = joint_states[0]
+        assert list(msg.name) == list(cfg.model.action.names) and msg.header.frame_id == ""
+        sample = convert.joint_state_from_msg(msg, cfg.model.action.names)
+        assert sample.stamp == convert.stamp_to_s(msg.header.stamp)
+        from mm_fusion_ros.synthetic import SyntheticSensors
+        q, qd = SyntheticSensors(cfg.model, seed=0).joint_state(sample.stamp)
+        np.testing.assert_allclose(sample.position, q, atol=1e-5)
+        np.testing.assert_allclose(sample.velocity, qd, atol=1e-5)
+        stamps = [convert.stamp_to_s(m.header.stamp) for m in joint_states]
+        assert all(b > a for a, b in zip(stamps, stamps[1:]))
     finally:
         spinner.stop()
         sim.close()

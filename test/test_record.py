@@ -11,7 +11,7 @@ import pytest
 
 from mm_fusion_ros.bag.reader import BagReader
 from mm_fusion_ros.cli import main as cli_main
-from mm_fusion_ros.config import load_config
+from mm_fusion_ros.config import MODALITIES, load_config
 from mm_fusion_ros.sim.cell import Cell
 from mm_fusion_ros.sim.panda import JOINT_NAMES
 from mm_fusion_ros.sim.record import LABEL_TOPIC, RecordError, RecordOptions, episode_name, record
@@ -44,25 +44,27 @@ def test_bags_have_the_topics_and_types_the_config_subscribes_to(recorded):
         cfg.inputs.audio.info_topic: "audio_common_msgs/msg/AudioInfo",
         cfg.inputs.lidar.topic: "sensor_msgs/msg/LaserScan",
         cfg.inputs.imu.topic: "sensor_msgs/msg/Imu",
-        "/joint_states": "sensor_msgs/msg/JointState",
+        cfg.inputs.joint_state.topic: "sensor_msgs/msg/JointState",   # the config's, where fusion_node listens
         cfg.outputs.action_topic: "std_msgs/msg/Float64MultiArray",
         LABEL_TOPIC: "sensor_msgs/msg/JointState",
     }
+    assert cfg.inputs.joint_state.topic == "/joint_states"
     for seed in (0, 1):
         with BagReader(recorded / episode_name(seed), log=_quiet) as bag:
             assert {t: i.msgtype for t, i in bag.topics.items()} == expected
             meta = json.loads((recorded / f"{episode_name(seed)}.json").read_text())
             duration = meta["duration_s"]
             assert bag.topics["/imu/data"].count == pytest.approx(200 * duration, abs=3)
-            assert bag.topics["/joint_states"].count == pytest.approx(100 * duration, abs=3)
+            assert bag.topics[cfg.inputs.joint_state.topic].count == pytest.approx(100 * duration, abs=3)
             assert bag.topics[cfg.inputs.camera.topic].count == pytest.approx(30 * duration, abs=2)
             # Capture stamps before receive times, on the sim clock; joint names in the Panda's order.
-            for m in bag.messages(topics=[cfg.inputs.imu.topic, "/joint_states", cfg.inputs.lidar.topic]):
+            for m in bag.messages(topics=[cfg.inputs.imu.topic, cfg.inputs.joint_state.topic, cfg.inputs.lidar.topic]):
                 msg = bag.decode(m)
                 stamp = msg.header.stamp.sec * 1_000_000_000 + msg.header.stamp.nanosec
                 assert stamp < m.t_ns
-                if m.topic == "/joint_states":
-                    assert list(msg.name) == list(JOINT_NAMES) and len(msg.position) == 7
+                if m.topic == cfg.inputs.joint_state.topic:
+                    assert list(msg.name) == list(JOINT_NAMES) and len(msg.position) == len(msg.velocity) == 7
+                    assert list(cfg.model.action.names) == list(JOINT_NAMES)   # fusion_node matches them by name
             labels = [bag.decode(m) for m in bag.messages(topics=[LABEL_TOPIC])]
             assert len(labels) == bag.topics[cfg.outputs.action_topic].count
             assert max(np.abs(lbl.velocity).max() for lbl in labels) > 0.1     # the expert moved the arm
@@ -92,7 +94,7 @@ def test_recorded_bag_replays_like_a_robot_bag(recorded, tmp_path):
     result = replay(recorded / episode_name(0), cfg, ReplayOptions(out=tmp_path / "out", progress=False), log=_quiet)
     s = result.summary
     assert s["drops"] == {} and s["replay"]["bag_problems"] == [] and s["replay"]["missing_topics"] == []
-    assert set(s["accepted"]) == {"camera", "audio", "imu", "lidar"}
+    assert set(s["accepted"]) == set(MODALITIES)
     assert all(rate < 0.03 for rate in s["mask_rate"].values()), s["mask_rate"]   # only before the first scan
 
 
@@ -188,3 +190,18 @@ def test_config_the_cell_cannot_produce_is_refused(tmp_path, capsys):
     assert cli_main(["record", str(tmp_path / "out"), "--episodes", "1", "--config", str(bad)]) == 2
     assert "scene.targets" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+def test_joint_states_are_recorded_on_the_configured_topic(tmp_path):
+    """fusion_node listens on inputs.joint_state.topic; the recorder writes the arm's joint states there."""
+    text = SIM_YAML.read_text()
+    assert "        topic: joint_states " in text
+    renamed = tmp_path / "sim.yaml"
+    renamed.write_text(text.replace("        topic: joint_states ", "        topic: arm/joint_states ", 1))
+    cfg = load_config(renamed).absolute()
+    assert cfg.inputs.joint_state.topic == "/arm/joint_states"
+    out = tmp_path / "out"
+    record(out, renamed, RecordOptions(episodes=1, seed=5), progress=False, log=_quiet)
+    with BagReader(out / episode_name(5), log=_quiet) as bag:
+        assert bag.topics["/arm/joint_states"].msgtype == "sensor_msgs/msg/JointState"
+        assert bag.topics["/arm/joint_states"].count > 0 and "/joint_states" not in bag.topics

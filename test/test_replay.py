@@ -19,6 +19,7 @@ import yaml
 from mm_fusion_ros.bag.make_bag import Faults, MakeBagOptions, make_bag
 from mm_fusion_ros.bag.reader import BagReader
 from mm_fusion_ros.cli import main as cli_main
+from mm_fusion_ros.config import MODALITIES
 from mm_fusion_ros.replay import ReplayError, ReplayOptions, compare_bags, replay, summary_path_for
 
 DURATION = 2.0
@@ -104,13 +105,15 @@ def test_summary_next_to_the_output(clean_run, cfg):
     assert path == clean_run.summary_path and path.is_file()
     summary = json.loads(path.read_text())
     assert summary["ticks"] == clean_run.ticks
-    assert set(summary["mask_rate"]) == {"camera", "audio", "imu", "lidar"}
+    assert set(summary["mask_rate"]) == set(MODALITIES)
     assert summary["mask_rate"]["imu"] == 0.0
+    assert summary["mask_rate"]["joint_state"] < 0.05        # 100 Hz joint states: fresh from the first ticks on
     assert set(summary["stage_ms"]) >= {"align", "preprocess", "infer", "safety", "publish"}
     assert len(summary["action"]["command"]["mean"]) == 7
     rep = summary["replay"]
     assert rep["missing_topics"] == [] and rep["bag_problems"] == []
     assert rep["messages_read"][cfg.inputs.imu.topic] == 400
+    assert rep["messages_read"][cfg.inputs.joint_state.topic] == 200
     assert rep["speed_x_realtime"] > 0
 
 
@@ -187,10 +190,45 @@ def test_required_topic_missing_holds_the_output(bags, cfg, tmp_path):
     assert np.all(commands == 0.0)                                   # watchdog: rest throughout
 
 
+def _without_topic(src_bag: Path, out: Path, topic: str) -> Path:
+    """A copy of ``src_bag`` that never had ``topic`` (as a robot's recording without the driver running)."""
+    from mm_fusion_ros.bag.typestore import make_typestore
+    from mm_fusion_ros.bag.writer import BagWriter
+
+    with BagReader(src_bag, log=_quiet) as src, BagWriter(out, make_typestore()) as dst:
+        assert topic in src.topics
+        for name, info in src.topics.items():
+            if name != topic:
+                dst.add_topic(name, info.msgtype)
+        for msg in src.messages():
+            if msg.topic != topic:
+                dst.write_raw(msg.topic, msg.t_ns, msg.data)
+    return out
+
+
+def test_bag_without_joint_states_masks_them_and_holds_the_output(bags, cfg, clean_run, tmp_path):
+    """An arm whose joint_state_broadcaster was not recorded: the policy never sees where the joints are,
+    and joint_state is required, so the watchdog holds the arm at rest for the whole bag."""
+    topic = cfg.inputs.joint_state.topic
+    bag = _without_topic(bags["clean"], tmp_path / "no_joints", topic)
+    logged: list[str] = []
+    run = replay(bag, cfg, ReplayOptions(out=tmp_path / "out", progress=False), log=logged.append)
+    assert any(topic in line and "not in the bag" in line for line in logged)
+    assert run.summary["replay"]["missing_topics"] == [topic]
+    assert run.summary["mask_rate"]["joint_state"] == 1.0
+    assert run.summary["mask_rate"]["camera"] < 0.1 and run.summary["mask_rate"]["imu"] == 0.0   # the rest as usual
+    assert run.ticks == clean_run.ticks
+    commands = np.array([m.data for _, m in _decoded(run.out, cfg.outputs.action_topic)])
+    assert np.all(commands == 0.0)                                   # watchdog: rest throughout
+    # Control: the same bag with its joint states commands the arm.
+    clean = np.array([m.data for _, m in _decoded(clean_run.out, cfg.outputs.action_topic)])
+    assert np.abs(clean).max() > 0
+
+
 def test_bag_without_any_configured_topic_is_refused(bags, cfg, tmp_path):
     elsewhere = dataclasses.replace(cfg, inputs=dataclasses.replace(
         cfg.inputs, **{n: dataclasses.replace(getattr(cfg.inputs, n), topic=f"/other/{n}")
-                       for n in ("camera", "audio", "imu", "lidar")}))
+                       for n in MODALITIES}))
     with pytest.raises(ReplayError, match="none of the configured input topics"):
         replay(bags["clean"], elsewhere, ReplayOptions(out=tmp_path / "out", progress=False), log=_quiet)
     assert not (tmp_path / "out").exists()

@@ -13,12 +13,12 @@ from mm_fusion_ros.engine import Engine, create_engine
 from mm_fusion_ros.model import build_model, save_checkpoint
 from mm_fusion_ros.runtime import ERROR, OK, WARN, Runtime, load_model
 from mm_fusion_ros.safety import FAILED_REASON
-from mm_fusion_ros.samples import AudioSample, CameraSample, ImuSample, LidarSample
+from mm_fusion_ros.samples import AudioSample, CameraSample, ImuSample, JointStateSample, LidarSample
 from mm_fusion_ros.synthetic import SyntheticSensors
 
 PERIOD = 0.01
 T0 = 100.0
-RATES = {"camera": 30.0, "audio": 50.0, "imu": 200.0, "lidar": 10.0}  # audio: 20 ms chunks
+RATES = {"camera": 30.0, "audio": 50.0, "imu": 200.0, "lidar": 10.0, "joint_state": 100.0}  # audio: 20 ms chunks
 
 
 def make_config(**safety) -> RobotConfig:
@@ -91,6 +91,8 @@ class Sensors:
         if name == "imu":
             row = s.imu(stamp, n=1)[0]
             return ImuSample(stamp, row[:3].copy(), row[3:].copy())
+        if name == "joint_state":
+            return JointStateSample(stamp, *s.joint_state(stamp))
         return LidarSample(stamp, s.lidar(stamp))
 
     def until(self, now: float) -> None:
@@ -131,36 +133,37 @@ def test_one_second_at_100hz_gives_finite_actions_within_limits(torch_engine):
         assert np.isfinite(r.raw_action).all()
         assert np.all(r.safety.command >= lower) and np.all(r.safety.command <= upper)
         assert r.safety.commanded and not r.safety.held
-        np.testing.assert_array_equal(r.mask, np.ones(4, np.float32))
+        np.testing.assert_array_equal(r.mask, np.ones(5, np.float32))
         assert set(r.stage_s) == {"align", "preprocess", "infer", "safety"}
-        assert r.attention.shape == (4, 4) and r.contribution.shape == (4,)
+        assert r.attention.shape == (5, 5) and r.contribution.shape == (5,)
     # the rate limiter ramped up from rest: no tick changed any DOF by more than max_acceleration * 10 ms
     commands = np.array([np.zeros(7)] + [r.safety.command for r in results])
     assert np.abs(np.diff(commands, axis=0)).max() <= 0.05 + 1e-12
     assert runtime.counters["ticks"] == 100
 
 
-def test_a_stopped_required_sensor_is_masked_and_held_within_max_age_plus_one_tick(torch_engine):
+@pytest.mark.parametrize("name", ["lidar", "joint_state"])
+def test_a_stopped_required_sensor_is_masked_and_held_within_max_age_plus_one_tick(torch_engine, name):
     runtime, _, _, sensors = warm(torch_engine, start_enabled=True)
     run(runtime, sensors, 20, T0)
-    sensors.stopped.add("lidar")
+    sensors.stopped.add(name)
     results = run(runtime, sensors, 50, T0 + 20 * PERIOD)
-    last_scan = sensors.last_stamp["lidar"]
-    max_age = runtime.cfg.inputs.lidar.max_age
+    last_sample = sensors.last_stamp[name]
+    max_age = getattr(runtime.cfg.inputs, name).max_age
     first_held = next(r for r in results if r.safety.held)
-    assert first_held.safety.stale == ("lidar",)
-    assert first_held.mask[MODALITIES.index("lidar")] == 0.0
+    assert first_held.safety.stale == (name,)
+    assert first_held.mask[MODALITIES.index(name)] == 0.0
     np.testing.assert_array_equal(first_held.safety.command, np.zeros(7))
     assert first_held.safety.commanded  # the controller is told to stop
-    assert max_age < first_held.t - last_scan <= max_age + PERIOD + 1e-9
-    # every tick before it still used the last scan; every tick after it is held
+    assert max_age < first_held.t - last_sample <= max_age + PERIOD + 1e-9
+    # every tick before it still used the last sample; every tick after it is held
     before = [r for r in results if r.t < first_held.t]
-    assert all(not r.safety.held and r.mask[MODALITIES.index("lidar")] == 1.0 for r in before)
+    assert before and all(not r.safety.held and r.mask[MODALITIES.index(name)] == 1.0 for r in before)
     assert all(r.safety.held for r in results if r.t >= first_held.t)
     statuses = {s.name: s for s in runtime.report()}
     assert statuses["mm_fusion: safety"].level == ERROR
-    assert "lidar" in statuses["mm_fusion: safety"].message
-    assert statuses["mm_fusion: inputs"].level == WARN and "lidar" in statuses["mm_fusion: inputs"].message
+    assert name in statuses["mm_fusion: safety"].message
+    assert statuses["mm_fusion: inputs"].level == WARN and name in statuses["mm_fusion: inputs"].message
 
 
 def test_a_stopped_optional_sensor_is_masked_but_not_held(torch_engine):
@@ -187,7 +190,7 @@ def test_a_backwards_clock_jump_resets_state_buffers_and_rate_limiter(torch_engi
     sensors2 = Sensors(runtime, jump - 1.1)
     sensors2.until(jump + PERIOD)
     after = runtime.tick(jump + PERIOD)
-    np.testing.assert_array_equal(after.mask, np.ones(4, np.float32))
+    np.testing.assert_array_equal(after.mask, np.ones(5, np.float32))
     assert runtime.counters["resets"] == 1
 
 
@@ -282,6 +285,7 @@ def test_tick_status_names_the_stamps_used_and_is_deterministic(torch_engine):
     # the newest camera frame at or before the tick: 30 Hz frames on a grid from T0 - 1.1
     assert float(last.values["camera.stamp"]) == pytest.approx(T0 + 1 / 30, abs=1e-9)
     assert float(last.values["lidar.stamp"]) == pytest.approx(T0, abs=1e-9)
+    assert float(last.values["joint_state.stamp"]) == pytest.approx(T0 + 4 * PERIOD, abs=1e-9)   # 100 Hz, on time
     assert last.values["commanded"] == "False"  # starts disabled
 
 
@@ -295,7 +299,7 @@ def test_summary_is_json_and_counts_the_run(torch_engine):
     assert summary["ticks"] == 40
     audio_masked = sum(r.mask[MODALITIES.index("audio")] == 0 for r in results)
     assert summary["mask_rate"]["audio"] == pytest.approx(audio_masked / 40)
-    assert summary["mask_rate"]["imu"] == 0.0
+    assert summary["mask_rate"]["imu"] == 0.0 and summary["mask_rate"]["joint_state"] == 0.0
     assert summary["drops"]["imu.non_finite"] == 2
     assert summary["accepted"]["imu"] == runtime.aligner.counters["imu.accepted"]
     commands = np.array([r.safety.command for r in results])

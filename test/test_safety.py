@@ -32,7 +32,7 @@ class Ticking(SafetyFilter):
 
 
 def make_filter(max_acceleration=(5.0,), on_stale="zero", start_enabled=True, lower=None, upper=None,
-                required=("camera", "imu", "lidar"), rate_hz=100.0, hold_timeout_s=0.5) -> Ticking:
+                required=("camera", "imu", "lidar", "joint_state"), rate_hz=100.0, hold_timeout_s=0.5) -> Ticking:
     """At 100 Hz a max_acceleration of 5.0 per second is 0.05 per tick."""
     cfg = RobotConfig()
     safety = dataclasses.replace(cfg.safety, max_acceleration=max_acceleration, on_stale=on_stale,
@@ -130,6 +130,10 @@ def test_watchdog_zero_names_the_stale_inputs():
     free = sf.tick(full(1.0), masked("audio"))
     assert not free.held and free.stale == ()
     close(free.command, each(0.5))
+    # the arm's own joint state is required (the default): a command without it is not trusted
+    blind = sf.tick(full(1.0), masked("joint_state"))
+    close(blind.command, np.zeros(DOF))
+    assert blind.held and blind.stale == ("joint_state",)
 
 
 def test_watchdog_zero_is_clamped_into_limits_when_zero_is_outside():
@@ -244,7 +248,7 @@ def test_command_is_read_only_and_bad_shapes_are_refused():
         out.command[0] = 5.0
     with pytest.raises(ValueError, match=r"shape \(7,\)"):
         sf.tick(np.zeros(6, np.float32), ALL_FRESH)
-    with pytest.raises(ValueError, match="mask must have 4"):
+    with pytest.raises(ValueError, match=f"mask must have {len(MODALITIES)}"):
         sf.tick(full(0.0), np.ones(3, np.float32))
     with pytest.raises(ValueError, match="finite"):
         sf.step(full(0.0), ALL_FRESH, math.nan)

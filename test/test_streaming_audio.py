@@ -107,7 +107,7 @@ def test_fusion_stream_with_window_ends_matches_whole_window_every_tick(default_
         expected_resyncs += fresh
         window = audio[end - n:end]
         t = 1.0 + 0.01 * i
-        args = (sensors.camera(t), window, sensors.imu(t), sensors.lidar(t), mask, 0.01)
+        args = (sensors.camera(t), window, sensors.imu(t), sensors.lidar(t), sensors.joint_vector(t), mask, 0.01)
         a = streaming.step(*args, audio_end=end - 1, audio_rewritten_from=rewritten)
         b = reference.step(*args)
         worst = max(worst, float(np.abs(a.action - b.action).max()),
@@ -132,7 +132,7 @@ def test_nonfinite_audio_never_enters_the_cache(default_config):
         if i == 10:
             window[5] = np.nan
         t = 1.0 + 0.01 * i
-        args = (sensors.camera(t), window, sensors.imu(t), sensors.lidar(t), mask, 0.01)
+        args = (sensors.camera(t), window, sensors.imu(t), sensors.lidar(t), sensors.joint_vector(t), mask, 0.01)
         a = streaming.step(*args, audio_end=end - 1)
         b = reference.step(*args)
         assert np.isfinite(streaming.audio_frames).all()
@@ -151,8 +151,9 @@ def test_stream_frames_equal_to_the_window_recomputes_in_the_step(default_config
     x = signal(n)
     sensors = SyntheticSensors(full, seed=1)
     inputs = {"camera": sensors.camera(1.0)[None], "audio": x[None], "imu": sensors.imu(1.0)[None],
-              "lidar": sensors.lidar(1.0)[None], "mask": np.ones((1, 4), np.float32),
-              "dt": np.array([[0.01]], np.float32), "state": np.zeros((1, 4, 64), np.float32)}
+              "lidar": sensors.lidar(1.0)[None], "joint_state": sensors.joint_vector(1.0)[None],
+              "mask": np.ones((1, len(MODALITIES)), np.float32),
+              "dt": np.array([[0.01]], np.float32), "state": np.zeros((1, len(MODALITIES), 64), np.float32)}
     engine = TorchEngine(model)
     zeros = engine.step({**inputs, "audio_frames": np.zeros((1, 64, cfg.audio.n_frames), np.float32)})
     junk = engine.step({**inputs, "audio_frames": np.full((1, 64, cfg.audio.n_frames), 7.0, np.float32)})
@@ -184,7 +185,8 @@ def test_a_failed_step_leaves_no_half_moved_cache(default_config):
     for i in range(12):
         end = n + 2 * i * hop
         t = 1.0 + 0.01 * i
-        args = (sensors.camera(t), audio[end - n:end], sensors.imu(t), sensors.lidar(t), mask, 0.01)
+        args = (sensors.camera(t), audio[end - n:end], sensors.imu(t), sensors.lidar(t), sensors.joint_vector(t), mask,
+                0.01)
         if i == 5:
             streaming.engine.step = lambda inputs: (_ for _ in ()).throw(RuntimeError("engine lost"))
             with pytest.raises(RuntimeError):
@@ -202,7 +204,7 @@ class _WholeWindow(FusionStream):
     """The reference: a FusionStream that is never told where the window ends."""
 
     def step(self, *args, audio_end=None, audio_rewritten_from=None):
-        return super().step(*args[:6])
+        return super().step(*args[:7])
 
 
 @pytest.mark.parametrize("source_rate, chunk", [(16000, 320), (48000, 1024), (44100, 1024)])
@@ -212,7 +214,7 @@ def test_runtime_on_resampled_microphones_keeps_the_cache_and_the_same_actions(d
     windows end wherever the chunks do. The streaming runtime matches one that recomputes the
     whole window every tick, and resyncs only on its first audio tick."""
     from mm_fusion_ros.runtime import Runtime
-    from mm_fusion_ros.samples import AudioSample, ImuSample, LidarSample
+    from mm_fusion_ros.samples import AudioSample, ImuSample, JointStateSample, LidarSample
 
     cfg = dataclasses.replace(default_config, engine=dataclasses.replace(default_config.engine, backend="torch"))
     model = build_model(cfg.model, seed=8)
@@ -233,6 +235,7 @@ def test_runtime_on_resampled_microphones_keeps_the_cache_and_the_same_actions(d
             next_chunk += chunk
         for rt in (streaming, reference):
             rt.add(ImuSample(t - 0.003, *np.split(sensors.imu(t - 0.003, n=1)[0], 2)), t)
+            rt.add(JointStateSample(t - 0.002, *sensors.joint_state(t - 0.002)), t)
             if i % 10 == 0:
                 rt.add(LidarSample(t - 0.01, sensors.lidar(t - 0.01)), t)
         a, b = streaming.tick(t), reference.tick(t)

@@ -37,12 +37,15 @@ from .typestore import distro_of, make_typestore
 from .writer import BagWriter
 
 FAULTS = ("dropout", "out_of_order", "duplicate", "nan", "corrupt_image")
-RATES_HZ = {"camera": 30.0, "audio": 50.0, "lidar": 10.0, "imu": 200.0}
+RATES_HZ = {"camera": 30.0, "audio": 50.0, "lidar": 10.0, "imu": 200.0, "joint_state": 100.0}
 AUDIO_CHUNK_S = 0.02
-FRAME_IDS = {"camera": "camera_optical_frame", "audio": "microphone", "imu": "imu_link", "lidar": "laser"}
+FRAME_IDS = {"camera": "camera_optical_frame", "audio": "microphone", "imu": "imu_link", "lidar": "laser",
+             "joint_state": ""}   # joint_state_broadcaster leaves frame_id empty
 # Capture -> receive delay (s), uniform in [lo, hi], on top of what the sensor itself takes.
-LATENCY_S = {"camera": (0.012, 0.025), "audio": (0.001, 0.004), "lidar": (0.002, 0.006), "imu": (0.0005, 0.002)}
-STAMP_JITTER_S = {"camera": 0.001, "audio": 0.0, "lidar": 0.0005, "imu": 0.0001}  # audio: a sample clock
+LATENCY_S = {"camera": (0.012, 0.025), "audio": (0.001, 0.004), "lidar": (0.002, 0.006), "imu": (0.0005, 0.002),
+             "joint_state": (0.0005, 0.002)}
+STAMP_JITTER_S = {"camera": 0.001, "audio": 0.0, "lidar": 0.0005, "imu": 0.0001,  # audio: a sample clock
+                  "joint_state": 0.0001}
 # The configured input types make-bag can write: all but PointCloud2 (its LiDAR is a LaserScan).
 MSGTYPES = {key: msgtype for key, msgtype in M.INPUT_MSGTYPES.items() if key != ("lidar", "point_cloud2")}
 AUDIO_INFO_TYPE = "audio_common_msgs/msg/AudioInfo"
@@ -248,6 +251,10 @@ def _build(ts, cfg: RobotConfig, sensors: _Sensors, ev: _Event, rng: np.random.G
             ranges[rng.choice(len(ranges), 10, replace=False)] = np.nan
         lidar = cfg.model.lidar
         return M.laser_scan(ts, ev.stamp_s, frame_id, ranges, lidar.range_min, lidar.range_max, 1.0 / RATES_HZ["lidar"])
+    if ev.sensor == "joint_state":
+        q, qd = sensors.synthetic.joint_state(ev.stamp_s)
+        return M.joint_state(ts, M.stamp_ns(ev.stamp_s), cfg.model.action.names, q, qd, np.zeros_like(q),
+                             frame_id=frame_id)
     raise AssertionError(ev.sensor)
 
 

@@ -23,6 +23,7 @@ INPUT_MSGTYPES = {
     ("imu", ""): "sensor_msgs/msg/Imu",
     ("lidar", "laser_scan"): "sensor_msgs/msg/LaserScan",
     ("lidar", "point_cloud2"): "sensor_msgs/msg/PointCloud2",
+    ("joint_state", ""): "sensor_msgs/msg/JointState",
 }
 
 # ROS 2 diagnostic levels (diagnostic_msgs/DiagnosticStatus)

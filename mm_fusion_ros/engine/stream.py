@@ -35,7 +35,7 @@ from .base import Engine, InputError
 _AUDIO = MODALITIES.index("audio")
 
 # Modalities whose windows must be finite; a non-finite value masks the modality for the tick.
-_MUST_BE_FINITE = {"audio": 1, "imu": 2}
+_MUST_BE_FINITE = {name: MODALITIES.index(name) for name in ("audio", "imu", "joint_state")}
 
 
 @dataclass(frozen=True)
@@ -90,9 +90,10 @@ class FusionStream:
         self.counters["audio_frame_resyncs"] += 1
 
     def step(self, camera: np.ndarray, audio: np.ndarray, imu: np.ndarray, lidar: np.ndarray,
-             mask: np.ndarray, dt: float, audio_end: int | None = None,
+             joint_state: np.ndarray, mask: np.ndarray, dt: float, audio_end: int | None = None,
              audio_rewritten_from: int | None = None) -> StepResult:
-        """One tick. Arrays are unbatched: camera (H, W, 3) uint8, audio (N,), imu (T, 6), lidar (beams,).
+        """One tick. Arrays are unbatched: camera (H, W, 3) uint8, audio (N,), imu (T, 6), lidar (beams,),
+        joint_state (2 * dof,).
 
         ``audio_end`` is the absolute index (at the model rate) of the audio window's last sample
         and ``audio_rewritten_from`` the lowest sample index written over since the previous tick
@@ -101,7 +102,7 @@ class FusionStream:
         if not np.isfinite(dt) or dt <= 0.0:
             raise InputError(f"dt must be a positive finite number of seconds, got {dt}")
         mask = np.asarray(mask, dtype=np.float32).reshape(1, len(MODALITIES)).copy()
-        windows = {"audio": audio, "imu": imu}
+        windows = {"audio": audio, "imu": imu, "joint_state": joint_state}
         for name, index in _MUST_BE_FINITE.items():
             window = windows[name]
             if window.dtype.kind == "f" and not np.isfinite(window).all():
@@ -113,7 +114,7 @@ class FusionStream:
             self._recompute_frames(windows["audio"])
         inputs = {
             "camera": camera[None], "audio": windows["audio"][None], "imu": windows["imu"][None],
-            "lidar": lidar[None], "mask": mask, "dt": np.array([[dt]], dtype=np.float32), "state": self.state,
+            "lidar": lidar[None], "joint_state": windows["joint_state"][None], "mask": mask, "dt": np.array([[dt]], dtype=np.float32), "state": self.state,
             "audio_frames": self.audio_frames,
         }
         # The cache was moved in place: until this step's frames are back (an engine may raise),

@@ -13,6 +13,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..config import MODALITIES
+
 # Large negative additive bias for masked keys. -1e4 rather than -inf or -1e9:
 # it survives fp16 engines (max 65504) and an all-masked row stays finite.
 MASKED = -1.0e4
@@ -124,11 +126,11 @@ class HybridFusion(nn.Module):
 class HierarchicalFusion(nn.Module):
     """Pairwise cross-attention inside modality groups, then global attention.
 
-    Groups pair modalities that describe the same thing: (camera, lidar) see the
-    scene, (audio, imu) feel contact and vibration.
+    Groups gather modalities that describe the same thing: (camera, lidar) see the
+    scene, (audio, imu, joint_state) feel the arm itself: contact, vibration, where it is.
     """
 
-    GROUPS = ((0, 3), (1, 2))  # indices into MODALITIES = (camera, audio, imu, lidar)
+    GROUPS = (("camera", "lidar"), ("audio", "imu", "joint_state"))
 
     def __init__(self, dim: int, modalities: int, heads: int):
         super().__init__()
@@ -136,10 +138,10 @@ class HierarchicalFusion(nn.Module):
         self.pairwise = ModalityAttention(dim, heads)
         self.global_attn = ModalityAttention(dim, heads)
         self.proj = nn.Linear(dim, dim)
-        same_group = torch.zeros(modalities, modalities)
+        same_group = torch.eye(modalities)
         for group in self.GROUPS:
-            for i in group:
-                for j in group:
+            for i in (MODALITIES.index(n) for n in group):
+                for j in (MODALITIES.index(n) for n in group):
                     same_group[i, j] = 1.0
         self.register_buffer("group_bias", (1.0 - same_group) * MASKED, persistent=False)
 

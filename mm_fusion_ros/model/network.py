@@ -2,7 +2,7 @@
 
 ``FusionNet.forward`` is a pure function of tensors::
 
-    (camera, audio, imu, lidar, mask, dt, state, audio_frames)
+    (camera, audio, imu, lidar, joint_state, mask, dt, state, audio_frames)
         -> (action, fused_state, new_state, attention, contribution, new_audio_frames)
 
 The state between ticks is explicit input and output: ``state`` is one CfC
@@ -18,18 +18,20 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import nn
 
 from ..config import MODALITIES, ActionConfig, ModelConfig, config_to_dict, model_config_from_dict
 from .fusion import make_fusion
 from .liquid import CfCCells
-from .preprocess import AudioEncoder, CameraEncoder, ImuEncoder, LidarEncoder
+from .preprocess import AudioEncoder, CameraEncoder, ImuEncoder, JointStateEncoder, LidarEncoder
 from .spiking import LeakyIntegrateFire
 
-INPUT_NAMES = ("camera", "audio", "imu", "lidar", "mask", "dt", "state", "audio_frames")
+INPUT_NAMES = ("camera", "audio", "imu", "lidar", "joint_state", "mask", "dt", "state", "audio_frames")
 OUTPUT_NAMES = ("action", "fused_state", "new_state", "attention", "contribution", "new_audio_frames")
-CHECKPOINT_FORMAT = "mm_fusion_ros.checkpoint/1"
+# /2: five modalities (joint states), normalisation statistics in the weights, training metadata.
+CHECKPOINT_FORMAT = "mm_fusion_ros.checkpoint/2"
 
 
 @dataclass(frozen=True)
@@ -49,6 +51,7 @@ def input_specs(cfg: ModelConfig, batch: int = 1) -> tuple[TensorSpec, ...]:
         TensorSpec("audio", (batch, cfg.audio.window_samples), "float32"),
         TensorSpec("imu", (batch, cfg.imu.window_samples, 6), "float32"),
         TensorSpec("lidar", (batch, cfg.lidar.beams), "float32"),
+        TensorSpec("joint_state", (batch, 2 * cfg.action.dof), "float32"),
         TensorSpec("mask", (batch, m), "float32"),
         TensorSpec("dt", (batch, 1), "float32"),
         TensorSpec("state", (batch, m, cfg.encoder.hidden), "float32"),
@@ -69,7 +72,12 @@ def output_specs(cfg: ModelConfig, batch: int = 1) -> tuple[TensorSpec, ...]:
 
 
 class ActionHead(nn.Module):
-    """Fused vector -> 7 values squashed into the configured per-DOF [lower, upper]."""
+    """Fused vector -> 7 values: a standardised action, de-standardised and clamped to [lower, upper].
+
+    ``mean``/``std`` are the training labels' statistics (robomimic's way: computed from the training
+    set, saved with the weights, applied inside the engine); training fits ``normalized`` to the
+    standardised labels, so small commands (a 1 cm/s press) weigh as much as fast approaches.
+    """
 
     def __init__(self, dim: int, cfg: ActionConfig):
         super().__init__()
@@ -77,10 +85,16 @@ class ActionHead(nn.Module):
         lower = torch.tensor(cfg.lower, dtype=torch.float32).unsqueeze(0)
         upper = torch.tensor(cfg.upper, dtype=torch.float32).unsqueeze(0)
         self.register_buffer("lower", lower, persistent=False)
-        self.register_buffer("span", upper - lower, persistent=False)
+        self.register_buffer("upper", upper, persistent=False)
+        # Until trained: centred in the range, a quarter of its span per unit.
+        self.register_buffer("mean", 0.5 * (lower + upper))
+        self.register_buffer("std", 0.25 * (upper - lower))
+
+    def normalized(self, fused: torch.Tensor) -> torch.Tensor:
+        return self.mlp(fused)
 
     def forward(self, fused: torch.Tensor) -> torch.Tensor:
-        return self.lower + self.span * (0.5 * (torch.tanh(self.mlp(fused)) + 1.0))
+        return torch.clamp(self.mean + self.std * self.mlp(fused), min=self.lower, max=self.upper)
 
 
 class FusionNet(nn.Module):
@@ -93,26 +107,57 @@ class FusionNet(nn.Module):
         self.audio = AudioEncoder(cfg.audio, dim)
         self.imu = ImuEncoder(cfg.imu, dim)
         self.lidar = LidarEncoder(cfg.lidar, dim)
+        self.joint_state = JointStateEncoder(cfg.action.dof, dim)
         self.lif = LeakyIntegrateFire(enc.beta, enc.threshold, enc.num_spike_steps)
         self.cells = CfCCells(len(MODALITIES), dim, dim, enc.cfc_mode, enc.backbone_units, enc.backbone_layers)
         self.fusion = make_fusion(cfg.fusion.strategy, dim, len(MODALITIES), cfg.fusion.heads,
                                   cfg.fusion.rank)
         self.action_head = ActionHead(dim, cfg.action)
+        used = torch.tensor([1.0 if m in cfg.modalities else 0.0 for m in MODALITIES]).unsqueeze(0)
+        self.register_buffer("used", used, persistent=False)
         self.state_head = nn.Linear(dim, cfg.fused_state_dim)
 
     def initial_state(self, batch: int = 1) -> torch.Tensor:
         return torch.zeros(batch, len(MODALITIES), self.cfg.encoder.hidden)
 
-    def forward(self, camera, audio, imu, lidar, mask, dt, state, audio_frames):
+    def forward(self, camera, audio, imu, lidar, joint_state, mask, dt, state, audio_frames):
+        mask = mask * self.used
         audio_token, frames = self.audio(audio, audio_frames)
-        currents = torch.stack([self.camera(camera), audio_token, self.imu(imu), self.lidar(lidar)], dim=1)
-        rates = self.lif(currents)  # all four modalities' LIF layers at once
+        currents = self.stack_tokens(self.camera(camera), audio_token, self.imu(imu), self.lidar(lidar),
+                                     self.joint_state(joint_state))
+        rates = self.lif(currents)  # every modality's LIF layer at once
+        new_state = self.recur(rates, mask, dt, state)
+        fused, attention, contribution = self.fusion(new_state, mask)
+        return self.action_head(fused), self.state_head(fused), new_state, attention, contribution, frames
+
+    # The step in its stateless and recurrent parts: training runs the encoders and the LIF layers
+    # (whose membranes start at rest every tick) over every tick of a chunk at once and only
+    # ``recur``, the fusion and the heads tick by tick (truncated BPTT): the same arithmetic.
+
+    @staticmethod
+    def stack_tokens(camera, audio, imu, lidar, joint_state) -> torch.Tensor:
+        """Per-modality encoder outputs (B, D) each -> (B, M, D) input currents of the LIF layers, in
+        MODALITIES order (the one place that order meets the network)."""
+        return torch.stack([camera, audio, imu, lidar, joint_state], dim=1)
+
+    def recur(self, rates, mask, dt, state) -> torch.Tensor:
+        """Spike rates (B, M, D) -> the CfC cells' new state, advanced by the real dt (B, 1)."""
         updated = self.cells(rates, state, dt)
         # A masked modality keeps its previous state: stale or missing data must not
         # drive the recurrent memory, and the cell resumes where it was when data returns.
-        new_state = torch.where(mask.unsqueeze(-1) > 0.5, updated, state)
-        fused, attention, contribution = self.fusion(new_state, mask)
-        return self.action_head(fused), self.state_head(fused), new_state, attention, contribution, frames
+        return torch.where(mask.unsqueeze(-1) > 0.5, updated, state)
+
+    def set_normalization(self, imu_mean, imu_std, joint_mean, joint_std, action_mean, action_std) -> None:
+        """Install the training set's statistics (numpy or tensors; std floored so a constant channel is 0)."""
+        def t(x):
+            return torch.as_tensor(np.asarray(x, dtype=np.float32))
+        with torch.no_grad():
+            self.imu.mean.copy_(t(imu_mean).view(1, 6, 1))
+            self.imu.inv_std.copy_(1.0 / torch.clamp(t(imu_std), min=1e-3).view(1, 6, 1))
+            self.joint_state.mean.copy_(t(joint_mean).view(1, -1))
+            self.joint_state.inv_std.copy_(1.0 / torch.clamp(t(joint_std), min=1e-3).view(1, -1))
+            self.action_head.mean.copy_(t(action_mean).view(1, -1))
+            self.action_head.std.copy_(torch.clamp(t(action_std), min=1e-3).view(1, -1))
 
 
 def build_model(cfg: ModelConfig, seed: int = 0) -> FusionNet:
@@ -120,17 +165,19 @@ def build_model(cfg: ModelConfig, seed: int = 0) -> FusionNet:
     return FusionNet(cfg).eval()
 
 
-def save_checkpoint(model: FusionNet, path: str | Path) -> None:
-    """Weights plus the ModelConfig that made them, written atomically."""
+def save_checkpoint(model: FusionNet, path: str | Path, extra: dict | None = None) -> None:
+    """Weights plus the ModelConfig that made them (and ``extra``: training config, dataset hashes,
+    normalisation, history), written under a temporary name and renamed when complete."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
     torch.save({"format": CHECKPOINT_FORMAT, "model_config": config_to_dict(model.cfg),
-                "state_dict": model.state_dict()}, tmp)
+                "state_dict": model.state_dict(), **(extra or {})}, tmp)
     os.replace(tmp, path)
 
 
-def load_checkpoint(path: str | Path) -> FusionNet:
+def read_checkpoint(path: str | Path) -> dict:
+    """The checkpoint's contents (weights_only: a checkpoint cannot run code when loaded)."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {path}")
@@ -139,7 +186,14 @@ def load_checkpoint(path: str | Path) -> FusionNet:
     except Exception as exc:  # torch raises many types for a file that is not a torch file at all
         raise ValueError(f"{path}: not an mm_fusion_ros checkpoint ({type(exc).__name__}: {exc})") from exc
     if not isinstance(blob, dict) or blob.get("format") != CHECKPOINT_FORMAT:
-        raise ValueError(f"{path}: not an mm_fusion_ros checkpoint (expected format {CHECKPOINT_FORMAT})")
+        found = blob.get("format") if isinstance(blob, dict) else None
+        raise ValueError(f"{path}: not an mm_fusion_ros checkpoint of format {CHECKPOINT_FORMAT}"
+                         + (f" (it is {found}: retrain it)" if found else ""))
+    return blob
+
+
+def load_checkpoint(path: str | Path) -> FusionNet:
+    blob = read_checkpoint(path)
     model = FusionNet(model_config_from_dict(blob["model_config"]))
     model.load_state_dict(blob["state_dict"])
     return model.eval()

@@ -6,6 +6,13 @@ Each module maps one raw sensor array to a feature vector of ``out_dim``:
 - audio:  raw samples -> log-mel spectrogram (two-stage STFT: grouped conv1d + matmul) -> small 2D conv stack
 - imu:    (T, 6) accel + gyro window -> 1D convs
 - lidar:  (beams,) ranges -> (normalised range, validity) -> 1D convs; invalid returns masked
+- joint_state: (2 * dof,) positions + velocities -> standardised -> MLP
+
+Pooling keeps what the robot needs to know: where (the camera's spatial
+softmax keypoints, the LiDAR's bearing), which pitch (audio pools over time,
+not over mel bands: a tone and its neighbour differ only by where they sit on
+the mel axis, which a mean over bands would erase), and whether a transient
+happened (the IMU's max over time, beside its mean).
 """
 
 from __future__ import annotations
@@ -52,7 +59,9 @@ class CameraEncoder(nn.Module):
                 layers += [nn.Conv2d(cin, cout, 3, stride=2, padding=1), nn.ReLU()]
             cin = cout
         self.features = nn.Sequential(*layers)
-        self.proj = nn.Linear(cin, out_dim)
+        # Mean activation plus each channel's expected image position under a spatial softmax
+        # (Levine et al. 2016): a global mean alone says what is in view, not where.
+        self.proj = nn.Linear(3 * cin, out_dim)
         # (x / 255 - mean) / std as one scale and one offset per channel.
         mean = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
         std = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
@@ -61,7 +70,14 @@ class CameraEncoder(nn.Module):
 
     def forward(self, image: torch.Tensor) -> torch.Tensor:
         x = image.permute(0, 3, 1, 2).to(torch.float32) * self.scale + self.offset
-        return self.proj(self.features(x).mean(dim=(2, 3)))
+        f = self.features(x)
+        b, c, h, w = f.shape
+        probs = torch.softmax(f.reshape(b, c, h * w), dim=-1).reshape(b, c, h, w)
+        ys = torch.linspace(-1.0, 1.0, h, device=f.device, dtype=f.dtype)
+        xs = torch.linspace(-1.0, 1.0, w, device=f.device, dtype=f.dtype)
+        key_y = (probs.sum(dim=3) * ys).sum(dim=2)
+        key_x = (probs.sum(dim=2) * xs).sum(dim=2)
+        return self.proj(torch.cat([f.mean(dim=(2, 3)), key_x, key_y], dim=1))
 
 
 # ---------------------------------------------------------------- audio
@@ -266,7 +282,10 @@ class AudioEncoder(nn.Module):
             layers += [nn.Conv2d(cin, cout, 3, stride=2, padding=1), nn.ReLU()]
             cin = cout
         self.features = nn.Sequential(*layers)
-        self.proj = nn.Linear(cin, out_dim)
+        bands = cfg.n_mels
+        for _ in cfg.channels:
+            bands = (bands - 1) // 2 + 1   # 3x3, stride 2, padding 1
+        self.proj = nn.Linear(cin * bands, out_dim)
 
     def forward(self, samples: torch.Tensor, cached: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         newest = self.frames(samples[:, samples.shape[1] - self.tail:])
@@ -274,8 +293,13 @@ class AudioEncoder(nn.Module):
             frames = torch.cat([cached[:, :, :self.n_frames - self.new_frames], newest], dim=2)
         else:
             frames = newest
-        # The conv stack sees the spectrogram mel-major (B, 1, n_mels, frames), as it comes.
-        return self.proj(self.features(frames.unsqueeze(1)).mean(dim=(2, 3))), frames
+        return self.token(frames), frames
+
+    def token(self, frames: torch.Tensor) -> torch.Tensor:
+        """A window's frames (B, n_mels, F) -> its token; training calls this on precomputed frames."""
+        # The conv stack sees the spectrogram mel-major (B, 1, n_mels, frames), as it comes; the mean
+        # is over time only, so the bands stay apart.
+        return self.proj(self.features(frames.unsqueeze(1)).mean(dim=3).flatten(1))
 
 
 # ---------------------------------------------------------------- IMU and LiDAR
@@ -294,14 +318,16 @@ class ImuEncoder(nn.Module):
     def __init__(self, cfg: ImuConfig, out_dim: int):
         super().__init__()
         self.features, width = _conv1d_stack(6, cfg.channels)
-        self.proj = nn.Linear(width, out_dim)
-        # Bring accel (gravity ~9.81) and gyro to comparable magnitudes.
-        scale = torch.tensor([1 / 9.81] * 3 + [1.0] * 3).view(1, 6, 1)
-        self.register_buffer("scale", scale, persistent=False)
+        self.proj = nn.Linear(2 * width, out_dim)
+        # Standardisation per channel: the training set's statistics once trained (``set_normalization``);
+        # until then gravity's ~9.81 brought to the gyro's magnitude. Persistent: saved in checkpoints
+        # and baked into exported engines, never applied by a caller.
+        self.register_buffer("mean", torch.zeros(1, 6, 1))
+        self.register_buffer("inv_std", torch.tensor([1 / 9.81] * 3 + [1.0] * 3).view(1, 6, 1))
 
     def forward(self, imu: torch.Tensor) -> torch.Tensor:
-        x = imu.transpose(1, 2) * self.scale
-        return self.proj(self.features(x).mean(dim=2))
+        f = self.features((imu.transpose(1, 2) - self.mean) * self.inv_std)
+        return self.proj(torch.cat([f.mean(dim=2), f.amax(dim=2)], dim=1))
 
 
 class LidarEncoder(nn.Module):
@@ -316,10 +342,28 @@ class LidarEncoder(nn.Module):
         super().__init__()
         self.range_min, self.range_max = cfg.range_min, cfg.range_max
         self.features, width = _conv1d_stack(2, cfg.channels)
-        self.proj = nn.Linear(width, out_dim)
+        beams = cfg.beams
+        for _ in cfg.channels:
+            beams = (beams - 1) // 2 + 1   # kernel 5, stride 2, padding 2
+        # Flattened, not pooled: the bearing of a return is what says whether it is in the protective field.
+        self.proj = nn.Linear(width * beams, out_dim)
 
     def forward(self, ranges: torch.Tensor) -> torch.Tensor:
         valid = torch.isfinite(ranges) & (ranges >= self.range_min) & (ranges <= self.range_max)
         r = torch.where(valid, ranges, torch.zeros_like(ranges)) * (1.0 / self.range_max)
         x = torch.stack([r, valid.to(ranges.dtype)], dim=1)
-        return self.proj(self.features(x).mean(dim=2))
+        return self.proj(self.features(x).flatten(1))
+
+
+class JointStateEncoder(nn.Module):
+    """(B, 2 * dof) joint positions then velocities -> (B, out_dim)."""
+
+    def __init__(self, dof: int, out_dim: int):
+        super().__init__()
+        self.mlp = nn.Sequential(nn.Linear(2 * dof, out_dim), nn.Tanh(), nn.Linear(out_dim, out_dim))
+        # The training set's statistics once trained (``set_normalization``); identity until then.
+        self.register_buffer("mean", torch.zeros(1, 2 * dof))
+        self.register_buffer("inv_std", torch.ones(1, 2 * dof))
+
+    def forward(self, joints: torch.Tensor) -> torch.Tensor:
+        return self.mlp((joints - self.mean) * self.inv_std)

@@ -34,6 +34,12 @@ lidar.missing_xyz           PointCloud2 without x, y and z fields
 lidar.bad_fields            unknown field datatype or a field past point_step
 lidar.bad_size              data shorter than height * row_step, or
                             row_step < width * point_step
+joint_state.missing_joint   a configured joint is not in ``name`` (the message
+                            is matched by name, extra joints are ignored)
+joint_state.bad_size        position / velocity not one value per name
+joint_state.no_velocity     velocity empty: the policy needs it, and a finite
+                            difference of stamps would be guessing
+joint_state.non_finite      NaN/Inf position or velocity of a configured joint
 ==========================  ====================================================
 """
 
@@ -49,7 +55,8 @@ from typing import Any, Callable, Iterable, Sequence
 import numpy as np
 
 from ..config import AudioConfig, LidarConfig
-from ..samples import RAW_ENCODINGS, AudioSample, BadSample, CameraSample, ImuSample, LidarSample
+from ..samples import (RAW_ENCODINGS, AudioSample, BadSample, CameraSample, ImuSample, JointStateSample,
+                       LidarSample)
 from ..sensors import lidar_beams, pcm_to_mono
 
 # ---------------------------------------------------------------- time
@@ -309,6 +316,33 @@ def imu_from_msg(msg: Any) -> ImuSample:
     return ImuSample(stamp=stamp, accel=accel, gyro=gyro)
 
 
+# ---------------------------------------------------------------- joint states
+
+
+def joint_state_from_msg(msg: Any, names: Sequence[str]) -> JointStateSample:
+    """sensor_msgs/JointState -> positions and velocities of ``names``, in that order (effort unused)."""
+    stamp = _stamp(msg, "joint_state")
+    listed = list(msg.name)
+    index = {n: i for i, n in enumerate(listed)}
+    missing = [n for n in names if n not in index]
+    if missing:
+        raise BadSample("joint_state.missing_joint",
+                        f"joint(s) {missing} not in the message (it names {listed}); the configured order is "
+                        f"model.action.names {list(names)}")
+    position, velocity = _typed(msg.position, np.float64), _typed(msg.velocity, np.float64)
+    if position.size != len(listed):
+        raise BadSample("joint_state.bad_size", f"{position.size} positions for {len(listed)} names")
+    if velocity.size == 0:
+        raise BadSample("joint_state.no_velocity", "velocity is empty; the policy needs joint velocities")
+    if velocity.size != len(listed):
+        raise BadSample("joint_state.bad_size", f"{velocity.size} velocities for {len(listed)} names")
+    pick = np.fromiter((index[n] for n in names), dtype=np.int64, count=len(names))
+    q, qd = position[pick], velocity[pick]
+    if not (np.isfinite(q).all() and np.isfinite(qd).all()):
+        raise BadSample("joint_state.non_finite", f"position {q.tolist()} velocity {qd.tolist()}")
+    return JointStateSample(stamp=stamp, position=q, velocity=qd)
+
+
 # ---------------------------------------------------------------- lidar
 
 
@@ -440,6 +474,7 @@ def sample_converter(modality: str, msgtype: str, cfg: Any,
         ("lidar", "sensor_msgs/msg/LaserScan"): lambda m: lidar_from_laser_scan(m, model.lidar),
         ("lidar", "sensor_msgs/msg/PointCloud2"):
             lambda m: lidar_from_point_cloud2(m, model.lidar, z_min=inputs.lidar.z_min, z_max=inputs.lidar.z_max),
+        ("joint_state", "sensor_msgs/msg/JointState"): lambda m: joint_state_from_msg(m, model.action.names),
     }
     return table.get((modality, msgtype))
 

@@ -327,9 +327,9 @@ class FusionNode(LifecycleNode):
     # ------------------------------------------------------------ wiring
 
     def _make_subscriptions(self) -> None:
-        from sensor_msgs.msg import CompressedImage, Image, Imu, LaserScan, PointCloud2
+        from sensor_msgs.msg import CompressedImage, Image, Imu, JointState, LaserScan, PointCloud2
         from std_msgs.msg import Bool
-        from std_srvs.srv import SetBool
+        from std_srvs.srv import SetBool, Trigger
 
         from . import convert
 
@@ -351,6 +351,7 @@ class FusionNode(LifecycleNode):
         subscribe("camera", CompressedImage if inputs.camera.type == "compressed_image" else Image, inputs.camera)
         subscribe("lidar", PointCloud2 if inputs.lidar.type == "point_cloud2" else LaserScan, inputs.lidar)
         subscribe("imu", Imu, inputs.imu)
+        subscribe("joint_state", JointState, inputs.joint_state)
 
         audio = inputs.audio
         kind, msg_type, info_type = audio_message_types(audio.type)
@@ -370,6 +371,7 @@ class FusionNode(LifecycleNode):
         self._made_subscriptions.append(self.create_subscription(Bool, out.estop_topic, self._on_estop, 10,
                                                             callback_group=group))
         self._made_services.append(self.create_service(SetBool, out.enable_service, self._on_enable, callback_group=group))
+        self._made_services.append(self.create_service(Trigger, out.reset_service, self._on_reset, callback_group=group))
 
     def _make_publishers(self) -> None:
         from diagnostic_msgs.msg import DiagnosticArray
@@ -490,6 +492,14 @@ class FusionNode(LifecycleNode):
             return response
         ok, message = self.runtime.set_enabled(bool(request.data))
         response.success, response.message = bool(ok), str(message)
+        return response
+
+    def _on_reset(self, request: Any, response: Any) -> Any:
+        if self.runtime is None:
+            response.success, response.message = False, f"not configured (state {self.state})"
+            return response
+        self.runtime.request_reset()
+        response.success, response.message = True, "input buffers, recurrent state and rate limiter reset at the next tick"
         return response
 
     # ------------------------------------------------------------ control thread

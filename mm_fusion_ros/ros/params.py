@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Literal, TypeVar
 
 # _build is config.py's dataclass builder: one set of type checks and error messages for every node.
-from ..config import ConfigError, RobotConfig, _build, check_topic_name, config_from_dict
+from ..config import DEFAULT_JOINTS, ConfigError, RobotConfig, _build, check_topic_name, config_from_dict
 from ..memory import keep_freed_memory
 from ..sim.config import CellConfig
 
@@ -141,24 +141,36 @@ class SimImu:
 
 
 @dataclass(frozen=True)
+class SimJoints:
+    enabled: bool = True
+    topic: str = "joint_states"
+    rate_hz: float = 100.0
+    names: tuple[str, ...] = DEFAULT_JOINTS
+    stop_after_s: float = 0.0
+
+
+@dataclass(frozen=True)
 class SensorSimConfig:
-    """sensor_sim_node: synthetic LaserScan and Imu streams from mm_fusion_ros.synthetic."""
+    """sensor_sim_node: synthetic LaserScan, Imu and JointState streams from mm_fusion_ros.synthetic."""
 
     seed: int = 0
     lidar: SimLidar = field(default_factory=SimLidar)
     imu: SimImu = field(default_factory=SimImu)
+    joint_states: SimJoints = field(default_factory=SimJoints)
     qos: QosName = "reliable"
     depth: int = 10
     wait_for_subscribers: int = 0
 
     def validate(self, key: str = "") -> None:
         p = f"{key}." if key else ""
-        for name in ("lidar", "imu"):
+        for name in ("lidar", "imu", "joint_states"):
             stream = getattr(self, name)
             _check_topic(stream.topic, f"{p}{name}.topic")
             _check(math.isfinite(stream.rate_hz) and 0 < stream.rate_hz <= 2000, f"{p}{name}.rate_hz",
                    f"must be in (0, 2000] Hz, got {stream.rate_hz}")
             _check(stream.stop_after_s >= 0, f"{p}{name}.stop_after_s", f"must be >= 0, got {stream.stop_after_s}")
+        _check(len(self.joint_states.names) >= 1 and len(set(self.joint_states.names)) == len(self.joint_states.names),
+               f"{p}joint_states.names", f"must be unique joint names, got {list(self.joint_states.names)}")
         _check(8 <= self.lidar.beams <= 100000, f"{p}lidar.beams", f"must be in [8, 100000], got {self.lidar.beams}")
         _check(0 <= self.lidar.range_min < self.lidar.range_max, f"{p}lidar.range_min",
                f"must satisfy 0 <= range_min < range_max, got {self.lidar.range_min} / {self.lidar.range_max}")

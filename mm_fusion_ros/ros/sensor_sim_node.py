@@ -1,6 +1,7 @@
-"""sensor_sim_node: synthetic LiDAR (sensor_msgs/LaserScan) and IMU (sensor_msgs/Imu) publishers.
+"""sensor_sim_node: synthetic LiDAR (sensor_msgs/LaserScan), IMU (sensor_msgs/Imu) and joint state
+(sensor_msgs/JointState, as joint_state_broadcaster) publishers.
 
-Stands in for the LiDAR and IMU drivers in the demo, the integration tests and
+Stands in for the LiDAR and IMU drivers and the arm's joint_state_broadcaster in the demo, the integration tests and
 the live benchmark. Data come from ``mm_fusion_ros.synthetic`` (a robot
 drifting in a 6 x 4 m room, gravity plus vibration), stamped at generation on
 the node clock. A stream can be told to stop after ``stop_after_s`` seconds, as
@@ -16,9 +17,9 @@ import time
 from typing import Any
 
 from rclpy.node import Node
-from sensor_msgs.msg import Imu, LaserScan
+from sensor_msgs.msg import Imu, JointState, LaserScan
 
-from ..config import LidarConfig, ModelConfig
+from ..config import ActionConfig, LidarConfig, ModelConfig
 from ..synthetic import SyntheticSensors
 from ..procs import print_stats
 from .convert import s_to_stamp_fields
@@ -52,6 +53,17 @@ def imu_msg(accel: Any, gyro: Any, stamp_s: float, frame_id: str) -> Imu:
     msg.linear_acceleration.x, msg.linear_acceleration.y, msg.linear_acceleration.z = (float(v) for v in accel)
     msg.angular_velocity.x, msg.angular_velocity.y, msg.angular_velocity.z = (float(v) for v in gyro)
     msg.orientation_covariance[0] = -1.0  # no orientation estimate (REP 145)
+    return msg
+
+
+def joint_states_msg(names: Any, position: Any, velocity: Any, stamp_s: float) -> JointState:
+    """As joint_state_broadcaster: names, positions, velocities, efforts, no frame."""
+    msg = JointState()
+    msg.header.stamp.sec, msg.header.stamp.nanosec = s_to_stamp_fields(stamp_s)
+    msg.name = list(names)
+    msg.position = array.array("d", (float(v) for v in position))
+    msg.velocity = array.array("d", (float(v) for v in velocity))
+    msg.effort = array.array("d", [0.0] * len(msg.name))
     return msg
 
 
@@ -91,9 +103,11 @@ class SensorSimNode(Node):
         super().__init__(NODE_NAME, context=context, parameter_overrides=parameter_overrides, cli_args=cli_args,
                          automatically_declare_parameters_from_overrides=True)
         self.cfg: SensorSimConfig = declare_config(self, SensorSimConfig)
-        lidar, imu = self.cfg.lidar, self.cfg.imu
+        lidar, imu, joints = self.cfg.lidar, self.cfg.imu, self.cfg.joint_states
         model = dataclasses.replace(ModelConfig(), lidar=LidarConfig(beams=lidar.beams, range_min=lidar.range_min,
-                                                                     range_max=lidar.range_max))
+                                                                     range_max=lidar.range_max),
+                                    action=ActionConfig(names=joints.names, lower=(-1.0,) * len(joints.names),
+                                                        upper=(1.0,) * len(joints.names)))
         self.sensors = SyntheticSensors(model, self.cfg.seed)
         self.streams: list[_Stream] = []
         if lidar.enabled:
@@ -101,6 +115,9 @@ class SensorSimNode(Node):
                                         self._scan))
         if imu.enabled:
             self.streams.append(_Stream(self, "imu", Imu, imu.topic, imu.rate_hz, imu.stop_after_s, self._imu))
+        if joints.enabled:
+            self.streams.append(_Stream(self, "joint_state", JointState, joints.topic, joints.rate_hz,
+                                        joints.stop_after_s, self._joints))
         self._spinner = Spinner(self)
         self.stopping = self._spinner.stopping
         self.get_logger().info("publishing " + ", ".join(
@@ -118,6 +135,10 @@ class SensorSimNode(Node):
     def _imu(self, t: float) -> Imu:
         sample = self.sensors.imu(t, n=1, rate=self.cfg.imu.rate_hz)[0]
         return imu_msg(sample[:3], sample[3:], t, self.cfg.imu.frame_id)
+
+    def _joints(self, t: float) -> JointState:
+        q, qd = self.sensors.joint_state(t)
+        return joint_states_msg(self.cfg.joint_states.names, q, qd, t)
 
     def published(self) -> dict[str, int]:
         return {s.name: s.published for s in self.streams}

@@ -2,7 +2,7 @@
 
 A recorded bag has the shape of one from a real robot: the sensor topics and
 types that the config's ``fusion_node`` block subscribes to (the same ones
-``sim_node`` publishes), ``/joint_states``, what the arm was commanded
+``sim_node`` publishes, ``/joint_states`` among them), what the arm was commanded
 (``outputs.action_topic``, Float64MultiArray as a forward velocity controller
 takes it) and the expert's clean command as the label (``/expert/joint_command``,
 a stamped JointState: with DART noise the two differ). Header stamps are capture
@@ -38,17 +38,15 @@ from typing import Callable
 import numpy as np
 
 from ..bag import messages as M
-from ..bag.typestore import distro_of, make_typestore
 from ..bag.writer import BagWriter
 from ..config import ConfigError, RobotConfig, load_config
 from ..files import write_json_atomic
-from .config import CellConfig, load_cell_config
+from .bridge import BridgeError, CellMessages, cell_topics
+from .config import load_cell_config
 from .gl import RenderBackendError, check_backend
 from .panda import JOINT_NAMES
-from .readings import (JPEG_FORMAT, ArrivalQueue, AudioChunk, CameraFrame, ImuReading, JointReading, LidarScan,
-                       encode_jpeg)
+from .readings import ArrivalQueue
 
-JOINT_STATES_TOPIC = "/joint_states"
 LABEL_TOPIC = "/expert/joint_command"
 INDEX = "index.json"
 TOOL = "mm-fusion record"
@@ -85,44 +83,6 @@ def episode_name(seed: int) -> str:
     return f"episode_{seed:06d}"
 
 
-@dataclass(frozen=True)
-class _Topics:
-    camera: tuple[str, str]
-    audio: tuple[str, str]
-    audio_info: str
-    lidar: tuple[str, str]
-    imu: tuple[str, str]
-    command: str
-
-
-def _topics(robot: RobotConfig, cell: CellConfig) -> _Topics:
-    """The bag's topics and types, from the fusion_node block; refuse combinations the cell cannot produce."""
-    robot = robot.absolute()   # a bag holds absolute names, as a node in the root namespace resolves them
-    inp = robot.inputs
-    want_camera = "compressed_image" if cell.camera.encoding == "jpeg" else "image"
-    if inp.camera.type != want_camera:
-        raise RecordError(f"inputs.camera.type is {inp.camera.type!r} but the cell's camera.encoding is "
-                          f"{cell.camera.encoding!r} (which needs inputs.camera.type: {want_camera}); make them agree")
-    if inp.audio.type not in ("audio_data_stamped", "image_pcm"):
-        raise RecordError(f"record writes audio as audio_data_stamped or image_pcm, not {inp.audio.type!r} "
-                          "(inputs.audio.type)")
-    if inp.audio.source_rate != cell.audio.sample_rate:
-        raise RecordError(f"inputs.audio.source_rate ({inp.audio.source_rate}) differs from the cell's "
-                          f"audio.sample_rate ({cell.audio.sample_rate})")
-    if inp.lidar.type != "laser_scan":
-        raise RecordError("the cell's LiDAR is planar: set inputs.lidar.type: laser_scan")
-    if tuple(robot.model.action.names) != JOINT_NAMES:
-        raise RecordError(f"model.action.names must be the Panda's joints {list(JOINT_NAMES)} in order, "
-                          f"got {list(robot.model.action.names)}")
-    return _Topics(
-        camera=(inp.camera.topic, M.INPUT_MSGTYPES[("camera", inp.camera.type)]),
-        audio=(inp.audio.topic, M.INPUT_MSGTYPES[("audio", inp.audio.type)]),
-        audio_info=inp.audio.info_topic,
-        lidar=(inp.lidar.topic, M.INPUT_MSGTYPES[("lidar", "laser_scan")]),
-        imu=(inp.imu.topic, M.INPUT_MSGTYPES[("imu", "")]),
-        command=robot.outputs.action_topic)
-
-
 def config_digest(path: str | Path) -> str:
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
@@ -136,32 +96,9 @@ class _EpisodeRecorder:
         from .cell import Cell
         self.robot = load_config(config_path)
         self.cell_cfg = load_cell_config(config_path)
-        self.topics = _topics(self.robot, self.cell_cfg)
-        self.ts = make_typestore(distro_of(self.robot), "ros_drivers")
+        self.bridge = CellMessages(self.robot, self.cell_cfg)
+        self.topics, self.ts = self.bridge.topics, self.bridge.ts
         self.cell = Cell(self.cell_cfg)
-
-    def _message(self, r):
-        ts, cfg = self.ts, self.cell_cfg
-        ids = cfg.frame_ids
-        if isinstance(r, CameraFrame):
-            if cfg.camera.encoding == "jpeg":
-                return self.topics.camera[0], M.compressed_image(ts, r.stamp, ids.camera,
-                                                                  encode_jpeg(r.pixels, cfg.camera.jpeg_quality),
-                                                                  fmt=JPEG_FORMAT)
-            return self.topics.camera[0], M.image(ts, r.stamp, ids.camera, r.pixels)
-        if isinstance(r, AudioChunk):
-            if self.robot.inputs.audio.type == "image_pcm":
-                return self.topics.audio[0], M.image_pcm(ts, r.stamp, ids.audio, r.pcm.astype("<i2"))
-            return self.topics.audio[0], M.audio_data_stamped(ts, r.stamp, ids.audio, r.pcm.astype("<i2"))
-        if isinstance(r, LidarScan):
-            return self.topics.lidar[0], M.laser_scan(ts, r.stamp, ids.lidar, r.ranges, r.range_min,
-                                                      r.range_max, r.scan_time)
-        if isinstance(r, ImuReading):
-            return self.topics.imu[0], M.imu(ts, r.stamp, ids.imu, r.accel, r.gyro)
-        if isinstance(r, JointReading):
-            return JOINT_STATES_TOPIC, M.joint_state(ts, M.stamp_ns(r.stamp), JOINT_NAMES, r.position, r.velocity,
-                                                     r.effort, frame_id=ids.joint_states)
-        raise TypeError(type(r))
 
     def record(self, out_dir: str, seed: int, noise: float, storage: str, control_rate_hz: float) -> dict:
         from .expert import Expert, expert_commands
@@ -178,7 +115,7 @@ class _EpisodeRecorder:
         with BagWriter(bag_path, ts, storage=storage, custom_data=custom) as bag:
             for topic, msgtype in (topics.camera, topics.audio, topics.lidar, topics.imu):
                 bag.add_topic(topic, msgtype)
-            bag.add_topic(JOINT_STATES_TOPIC, "sensor_msgs/msg/JointState")
+            bag.add_topic(self.topics.joint_states, "sensor_msgs/msg/JointState")
             bag.add_topic(topics.command, "std_msgs/msg/Float64MultiArray")
             bag.add_topic(LABEL_TOPIC, "sensor_msgs/msg/JointState")
             if topics.audio[1] == M.INPUT_MSGTYPES[("audio", "audio_data_stamped")]:
@@ -198,10 +135,10 @@ class _EpisodeRecorder:
                 t += period
                 queue.push(cell.advance(t))
                 for r in queue.pop_due(t):
-                    topic, msg = self._message(r)
+                    topic, msg = self.bridge.message(r)
                     bag.write(topic, M.stamp_ns(r.receive), msg)
             for r in queue.drain():   # in flight when the episode ended: a recorder would still get them
-                topic, msg = self._message(r)
+                topic, msg = self.bridge.message(r)
                 bag.write(topic, M.stamp_ns(r.receive), msg)
             counts = dict(bag.counts)
         o, st = cell.outcome, cell.stats
@@ -282,7 +219,10 @@ def record(out_dir: str | Path, config_path: str | Path, opts: RecordOptions, pr
     config_path = str(config_path)
     robot = load_config(config_path)           # ConfigError names the key, before any work
     cell_cfg = load_cell_config(config_path)
-    _topics(robot, cell_cfg)
+    try:
+        cell_topics(robot, cell_cfg)
+    except BridgeError as exc:
+        raise RecordError(str(exc)) from None
     check_backend()
     out = Path(out_dir)
     digest = config_digest(config_path)

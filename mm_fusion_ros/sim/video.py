@@ -21,16 +21,18 @@ FPS = 30
 
 
 class EpisodeVideo:
-    def __init__(self, cell: Cell, path: str | Path):
+    def __init__(self, cell: Cell, path: str | Path, panel=None):
         import cv2
         import mujoco
         self.cv2, self.cell, self.path = cv2, cell, Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._tmp = self.path.with_name(f".{self.path.stem}.partial-{os.getpid()}{self.path.suffix}")
         w, h = WITNESS_SIZE
+        # Drawn to the right of the cameras (``viz.PolicyPanel``: what the policy commanded and attended to).
+        self.panel = panel
         self._renderer = mujoco.Renderer(cell.model, h, w)
         self._overhead = mujoco.Renderer(cell.model, cell.cfg.camera.height, cell.cfg.camera.width)
-        self._writer = cv2.VideoWriter(str(self._tmp), cv2.VideoWriter_fourcc(*"mp4v"), FPS, (w + h, h))
+        self._writer = cv2.VideoWriter(str(self._tmp), cv2.VideoWriter_fourcc(*"mp4v"), FPS, (w + h + (panel.width if panel else 0), h))
         if not self._writer.isOpened():  # pragma: no cover - opencv-python-headless ships mp4v
             raise RuntimeError(f"OpenCV cannot write {self._tmp} (mp4v)")
         self._next = 0.0
@@ -50,7 +52,10 @@ class EpisodeVideo:
         self._overhead.update_scene(cell.data, camera="overhead")
         h = witness.shape[0]
         overhead = cv2.resize(self._overhead.render(), (h, h), interpolation=cv2.INTER_NEAREST)
-        frame = np.ascontiguousarray(np.concatenate([witness, overhead], axis=1)[:, :, ::-1])
+        frame = np.concatenate([witness, overhead], axis=1)[:, :, ::-1]
+        if self.panel is not None:
+            frame = np.concatenate([frame, self.panel.render(h)], axis=1)
+        frame = np.ascontiguousarray(frame)
         spec = cell.spec
         lines = [f"seed {spec.seed}  t {cell.elapsed:5.2f} s  cue: {COLOUR_NAMES[spec.target]}",
                  ("INTRUDER IN PROTECTIVE FIELD" if cell.in_protective_field() else ""),

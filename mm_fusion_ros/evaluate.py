@@ -1,0 +1,391 @@
+"""``mm-fusion eval``: the policy in closed loop in the simulated cell, in-process, on sim time.
+
+Every episode runs the live node's code path without DDS: the cell's readings
+become the ROS messages its drivers would send (``sim.bridge``, the same
+bytes ``mm-fusion record`` writes), are read back through replay's decoder
+into the ``Runtime`` (aligner, engine, safety filter, as ``fusion_node``)
+with their receive times, and the Runtime ticks at the control rate on the sim
+clock; each tick's command (rest while the safety filter holds) is what the
+cell's velocity controller gets. Ticks fall on the same grid as replay's, and a
+reading received exactly at a tick time is handed over after that tick, as
+replay and a sim-time timer order them.
+
+Episodes use seeds S, S+1, ...; each starts from a fresh Runtime (nothing
+carries over but the engine, which is stateless), so results do not depend
+on ``--workers``. ``--drop camera:2.0@3.0`` silences a sensor (its readings are
+never delivered) for 2.0 s from 3.0 s after the start of every episode.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import sys
+import time
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+
+from .config import MODALITIES, ConfigError, RobotConfig, load_config
+from .files import write_json_atomic
+from .stats import wilson_interval
+
+EVAL_SEED = 1000    # first evaluation seed: `make train` records seeds below it, never these
+_READING = {"camera": "CameraFrame", "audio": "AudioChunk", "imu": "ImuReading", "lidar": "LidarScan",
+            "joint_state": "JointReading"}
+
+
+class EvalError(ValueError):
+    """Options, a config or a checkpoint that eval cannot work with (refused before any episode runs)."""
+
+
+@dataclass(frozen=True)
+class Drop:
+    """A sensor silent for ``duration_s`` from ``at_s`` after the episode's start."""
+
+    modality: str
+    duration_s: float
+    at_s: float
+
+    @classmethod
+    def parse(cls, text: str) -> "Drop":
+        try:
+            modality, rest = text.split(":", 1)
+            duration, at = rest.split("@", 1)
+            drop = cls(modality.strip(), float(duration), float(at))
+        except ValueError:
+            raise EvalError(f"--drop {text!r}: expected MODALITY:DURATION@START, e.g. camera:2.0@3.0") from None
+        if drop.modality not in MODALITIES:
+            raise EvalError(f"--drop {text!r}: unknown modality {drop.modality!r}; choose from {', '.join(MODALITIES)}")
+        if not (math.isfinite(drop.duration_s) and drop.duration_s > 0 and math.isfinite(drop.at_s) and drop.at_s >= 0):
+            raise EvalError(f"--drop {text!r}: duration must be > 0 and start >= 0 seconds")
+        return drop
+
+    def silences(self, modality: str, elapsed: float) -> bool:
+        return modality == self.modality and self.at_s <= elapsed < self.at_s + self.duration_s
+
+    def __str__(self) -> str:
+        return f"{self.modality}:{self.duration_s:g}@{self.at_s:g}"
+
+
+@dataclass(frozen=True)
+class EvalOptions:
+    episodes: int = 200
+    seed: int = EVAL_SEED
+    workers: int = 1
+    backend: str = "onnxruntime"
+    drops: tuple[Drop, ...] = ()
+    video: str = ""                          # MP4 of the episodes in video_episodes
+    video_episodes: tuple[int, ...] = ()     # seeds to film (default: the first)
+
+    def validate(self) -> None:
+        if not 1 <= self.episodes <= 100_000:
+            raise EvalError(f"--episodes must be in [1, 100000], got {self.episodes}")
+        if self.seed < 0:
+            raise EvalError(f"--seed must be >= 0, got {self.seed}")
+        if not 1 <= self.workers <= 64:
+            raise EvalError(f"--workers must be in [1, 64], got {self.workers}")
+        if self.video and not self.video.endswith(".mp4"):
+            raise EvalError(f"--video writes an MP4; name it *.mp4, got {self.video!r}")
+        for s in self.video_episodes:
+            if not self.seed <= s < self.seed + self.episodes:
+                raise EvalError(f"--video-episodes: seed {s} is not among the evaluated seeds "
+                                f"{self.seed}..{self.seed + self.episodes - 1}")
+
+
+def eval_config(config_path: str | Path, checkpoint: str | Path, backend: str) -> RobotConfig:
+    """The config eval runs: ``config_path``'s fusion_node block with the checkpoint and what its training
+    command overrode (strategy, modalities); refused, listing the differences, where the checkpoint's model
+    config still disagrees."""
+    from .config import model_config_from_dict
+    from .model import config_mismatch, read_checkpoint
+    from .train import apply_overrides
+
+    cfg = load_config(config_path)
+    try:
+        blob = read_checkpoint(checkpoint)
+    except (FileNotFoundError, ValueError) as exc:
+        raise EvalError(str(exc)) from None
+    overrides = (blob.get("training") or {}).get("overrides") or {}
+    cfg = dataclasses.replace(apply_overrides(cfg, overrides), checkpoint=str(checkpoint))
+    diff = config_mismatch(model_config_from_dict(blob["model_config"]), cfg.model)
+    if diff:
+        raise EvalError(f"checkpoint {checkpoint} does not match {config_path}: " + "; ".join(diff))
+    if backend:
+        cfg = dataclasses.replace(cfg, engine=dataclasses.replace(cfg.engine, backend=backend))
+    return cfg
+
+
+# ---------------------------------------------------------------- one worker
+
+
+class Evaluator:
+    """A cell, its message bridge and an engine, kept for a worker's lifetime; one episode per call."""
+
+    def __init__(self, config_path: str, checkpoint: str, backend: str, log: Callable[[str], None] = lambda _: None):
+        from .engine import create_engine
+        from .replay import InputDecoder
+        from .runtime import load_model
+        from .sim.bridge import CellMessages
+        from .sim.cell import Cell
+        from .sim.config import load_cell_config
+
+        self.cfg = eval_config(config_path, checkpoint, backend).absolute()
+        self.cell_cfg = load_cell_config(config_path)
+        self.bridge = CellMessages(self.cfg, self.cell_cfg)
+        t = self.bridge.topics
+        topics = {t.camera[0]: t.camera[1], t.audio[0]: t.audio[1], t.lidar[0]: t.lidar[1], t.imu[0]: t.imu[1],
+                  t.joint_states: "sensor_msgs/msg/JointState"}
+        self.decoder = InputDecoder(self.cfg, topics, log)
+        self.engine = create_engine(self.cfg, load_model(self.cfg), log=log)
+        self.cell = Cell(self.cell_cfg)
+        self.log = log
+
+    def close(self) -> None:
+        self.cell.close()
+        self.engine.close()
+
+    def _samples(self, runtime, reading) -> list:
+        from .samples import BadSample
+        topic, msg = self.bridge.message(reading)
+        ts = self.bridge.ts
+        # Serialised and read back, as a bag reader (and a subscriber) gets it.
+        decoded = ts.deserialize_cdr(ts.serialize_cdr(msg, msg.__msgtype__), msg.__msgtype__)
+        try:
+            return self.decoder.samples(decoded, topic)
+        except BadSample as exc:   # counted and dropped, as fusion_node and replay do
+            runtime.count_bad(exc.cause)
+            return []
+
+    def episode(self, seed: int, drops: Sequence[Drop] = (), video: str | Path | None = None) -> dict:
+        from .bag.messages import stamp_ns
+        from .runtime import Runtime
+        from .sim.readings import ArrivalQueue
+
+        cell, cfg = self.cell, self.cfg
+        wall0 = time.perf_counter()
+        spec = cell.reset(seed)
+        runtime = Runtime(cfg, engine=self.engine, log=self.log)
+        runtime.set_enabled(True)
+        queue = ArrivalQueue()
+        period_ns = int(round(1e9 / cfg.control_rate_hz))
+        t_ns = (stamp_ns(cell.t) // period_ns) * period_ns
+        start = cell.t
+        held = ticks = 0
+        contribution = np.zeros(len(MODALITIES))
+        recorder = _Recorder(cell, video) if video else None
+        waiting: list = []   # received at exactly the tick time: handed over after the tick, as replay does
+        try:
+            while not cell.outcome.done:
+                result = runtime.tick(t_ns / 1e9)
+                for r in waiting:
+                    self._add(runtime, r, drops, start)
+                waiting = []
+                ticks += 1
+                held += result.safety.held
+                contribution += result.contribution
+                cell.command(result.safety.command)
+                if recorder:
+                    recorder.tick(result)
+                t_ns += period_ns
+                queue.push(cell.advance(t_ns / 1e9))
+                for r in queue.pop_due(t_ns / 1e9):
+                    if stamp_ns(r.receive) >= t_ns:
+                        waiting.append(r)
+                    else:
+                        self._add(runtime, r, drops, start)
+        except BaseException:
+            if recorder:
+                recorder.abort()
+            raise
+        if recorder:
+            recorder.close()
+        o, st = cell.outcome, cell.stats
+        summary = runtime.summary()
+        return {
+            "seed": seed, "outcome": o.status, "reason": o.reason, "detail": o.detail,
+            "duration_s": round(o.t, 4), "time_to_success_s": round(o.t, 4) if o.status == "success" else None,
+            "intruder_contacts": st.intruder_contacts, "max_joint_speed": round(st.max_joint_speed, 4),
+            "max_tool_force": round(st.max_tool_force, 3), "target": spec.target_colour, "ticks": ticks,
+            "held_ticks": held, "drops": summary["drops"],
+            "contribution": {m: round(float(c / max(ticks, 1)), 4) for m, c in zip(MODALITIES, contribution)},
+            "wall_s": round(time.perf_counter() - wall0, 3),
+        }
+
+    def _add(self, runtime, reading, drops: Sequence[Drop], start: float) -> None:
+        modality = next(m for m, cls in _READING.items() if type(reading).__name__ == cls)
+        if any(d.silences(modality, reading.stamp - start) for d in drops):
+            return
+        for sample in self._samples(runtime, reading):
+            runtime.add(sample, reading.receive)
+
+
+class _Recorder:
+    """The episode video: the cell and the policy's camera, with the commanded joints, each modality's
+    contribution and the attention between modalities drawn beside them, over time."""
+
+    def __init__(self, cell, path: str | Path):
+        from .sim.video import EpisodeVideo
+        from .viz import PolicyPanel
+        self.panel = PolicyPanel(MODALITIES, cell.cfg.control_rate_hz if hasattr(cell.cfg, "control_rate_hz") else 100.0)
+        self.video = EpisodeVideo(cell, path, panel=self.panel)
+
+    def tick(self, result) -> None:
+        self.panel.add(result)
+        self.video.maybe_frame("policy")
+
+    def close(self) -> None:
+        self.video.close("policy")
+
+    def abort(self) -> None:
+        self.video.abort()
+
+
+_worker: Evaluator | None = None
+
+
+def _init(config_path: str, checkpoint: str, backend: str) -> None:
+    global _worker
+    _worker = Evaluator(config_path, checkpoint, backend)
+
+
+def _run(args: tuple) -> dict:
+    seed, drops, video = args
+    return _worker.episode(seed, drops, video)
+
+
+# ---------------------------------------------------------------- many episodes
+
+
+def summarize(episodes: list[dict]) -> dict:
+    n = len(episodes)
+    wins = [e for e in episodes if e["outcome"] == "success"]
+    lo, hi = wilson_interval(len(wins), n)
+    sim_s = sum(e["duration_s"] for e in episodes)
+    return {
+        "episodes": n, "successes": len(wins), "success_rate": len(wins) / n if n else float("nan"),
+        "success_ci95": [lo, hi],
+        "failure_reasons": dict(Counter(e["reason"] for e in episodes if e["outcome"] != "success").most_common()),
+        "mean_time_to_success_s": float(np.mean([e["time_to_success_s"] for e in wins])) if wins else None,
+        "intruder_contacts": int(sum(e["intruder_contacts"] for e in episodes)),
+        "max_joint_speed": max((e["max_joint_speed"] for e in episodes), default=None),
+        "sim_s": round(sim_s, 2),
+        "contribution": {m: round(float(np.mean([e["contribution"][m] for e in episodes])), 4) for m in MODALITIES},
+    }
+
+
+def evaluate(config_path: str | Path, checkpoint: str | Path, opts: EvalOptions, out: str | Path | None = None,
+             progress: bool | None = None, log: Callable[[str], None] = print) -> dict:
+    """Run ``opts.episodes`` episodes; writes ``out`` (JSON) when given; returns the report."""
+    from tqdm import tqdm
+
+    opts.validate()
+    config_path, checkpoint = str(config_path), str(checkpoint)
+    cfg = eval_config(config_path, checkpoint, opts.backend)   # refuse a mismatched checkpoint before any work
+    seeds = list(range(opts.seed, opts.seed + opts.episodes))
+    filmed = set(opts.video_episodes or ((opts.seed,) if opts.video else ()))
+    videos = {s: _video_name(opts.video, s, len(filmed)) for s in filmed}
+    jobs = [(s, opts.drops, videos.get(s)) for s in seeds]
+    show = sys.stderr.isatty() if progress is None else progress
+    results: list[dict] = []
+    wall0 = time.perf_counter()
+    with tqdm(total=len(jobs), desc="eval", unit="episode", disable=not show, file=sys.stderr) as bar:
+        def done(r: dict) -> None:
+            results.append(r)
+            wins = sum(e["outcome"] == "success" for e in results)
+            bar.set_postfix(success=f"{wins}/{len(results)}")
+            bar.update()
+        if opts.workers == 1 or len(jobs) == 1:
+            _init(config_path, checkpoint, opts.backend)
+            try:
+                for j in jobs:
+                    done(_run(j))
+            finally:
+                _worker.close()
+        else:
+            import multiprocessing as mp
+            from concurrent.futures import ProcessPoolExecutor, as_completed
+            with ProcessPoolExecutor(opts.workers, mp_context=mp.get_context("spawn"), initializer=_init,
+                                     initargs=(config_path, checkpoint, opts.backend)) as pool:
+                for f in as_completed([pool.submit(_run, j) for j in jobs]):
+                    done(f.result())
+    wall = time.perf_counter() - wall0
+    results.sort(key=lambda e: e["seed"])
+    summary = summarize(results)
+    report = {
+        "tool": "mm-fusion eval", "config": config_path, "checkpoint": checkpoint,
+        "strategy": cfg.model.fusion.strategy, "modalities": list(cfg.model.modalities),
+        "backend": opts.backend, "seeds": [seeds[0], seeds[-1]], "drops": [str(d) for d in opts.drops],
+        "workers": opts.workers, "summary": summary, "videos": sorted(videos.values()),
+        "throughput": {"wall_s": round(wall, 2), "episodes_per_min": round(60 * len(results) / wall, 2),
+                       "x_realtime_per_worker": round(summary["sim_s"] / wall / opts.workers, 2)},
+        "episodes": results,
+    }
+    if out:
+        write_json_atomic(Path(out), report)
+    return report
+
+
+def _video_name(path: str, seed: int, count: int) -> str:
+    if count <= 1:
+        return path
+    p = Path(path)
+    return str(p.with_name(f"{p.stem}_{seed:06d}{p.suffix}"))
+
+
+def table(report: dict) -> str:
+    s = report["summary"]
+    lo, hi = s["success_ci95"]
+    lines = [f"{'seed':>7} {'outcome':<8} {'reason':<26} {'t (s)':>6} {'contacts':>8} {'max |qd|':>8}"]
+    for e in report["episodes"]:
+        lines.append(f"{e['seed']:>7} {e['outcome']:<8} {e['reason']:<26} {e['duration_s']:>6.2f} "
+                     f"{e['intruder_contacts']:>8} {e['max_joint_speed']:>8.3f}")
+    t = report["throughput"]
+    mtts = s["mean_time_to_success_s"]
+    lines += ["", f"success {s['successes']}/{s['episodes']} = {100 * s['success_rate']:.1f}% "
+              f"(95% CI {100 * lo:.1f}-{100 * hi:.1f}%), mean time to success "
+              f"{mtts:.2f} s" if mtts is not None else
+              f"success {s['successes']}/{s['episodes']} = {100 * s['success_rate']:.1f}% (95% CI {100 * lo:.1f}-{100 * hi:.1f}%)",
+              "failures: " + (", ".join(f"{k} {v}" for k, v in s["failure_reasons"].items()) or "none"),
+              "contribution: " + ", ".join(f"{k} {v:.2f}" for k, v in s["contribution"].items()),
+              f"{t['episodes_per_min']:.1f} episodes/min, {t['x_realtime_per_worker']:.1f}x real time per worker "
+              f"({report['workers']} worker(s))"]
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------- CLI
+
+
+def add_eval_command(add: Callable, default_config: str) -> None:
+    p = add("eval", "evaluate a checkpoint in closed loop in the simulated cell (in-process, sim time)")
+    p.set_defaults(config=default_config, func=cmd_eval)
+    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--episodes", type=int, default=EvalOptions.episodes)
+    p.add_argument("--seed", type=int, default=EVAL_SEED, help="first seed (episodes use seed, seed + 1, ...)")
+    p.add_argument("--workers", type=int, default=1, help="parallel processes (results do not depend on it)")
+    p.add_argument("--backend", default="onnxruntime", help="engine backend (default onnxruntime)")
+    p.add_argument("--drop", action="append", default=[], metavar="MODALITY:DURATION@START",
+                   help="silence a sensor mid-episode, e.g. camera:2.0@3.0 (repeatable)")
+    p.add_argument("--video", default="", help="MP4 of the first episode (or of --video-episodes)")
+    p.add_argument("--video-episodes", default="", help="comma-separated seeds to film")
+    p.add_argument("--out", default="", help="JSON report (default: CHECKPOINT with .eval.json)")
+
+
+def cmd_eval(args, _cfg: RobotConfig) -> int:
+    try:
+        drops = tuple(Drop.parse(d) for d in args.drop)
+        filmed = tuple(int(s) for s in args.video_episodes.split(",") if s.strip())
+        opts = EvalOptions(episodes=args.episodes, seed=args.seed, workers=args.workers, backend=args.backend,
+                           drops=drops, video=args.video, video_episodes=filmed)
+        out = args.out or str(Path(args.checkpoint).with_suffix(".eval.json"))
+        report = evaluate(args.config, args.checkpoint, opts, out)
+    except (EvalError, ConfigError, ValueError) as exc:
+        print(f"mm-fusion eval: {exc}", file=sys.stderr)
+        return 2
+    print(table(report))
+    print(f"eval: wrote {out}")
+    return 0
+

@@ -1,0 +1,557 @@
+"""``mm-fusion train``: behaviour cloning of the streaming policy from bags.
+
+The data are what replay feeds the engine (``mm_fusion_ros.dataset``); the
+model is the same ``FusionNet`` the engines export. Training respects the
+streaming model: a batch is a set of whole episodes, stepped through in
+chunks of ``chunk_ticks`` ticks (truncated backpropagation through time) with
+the recurrent state carried from chunk to chunk, detached, and the real dt of
+every tick. Within a chunk the stateless parts (the encoders and the LIF layers,
+whose membranes start at rest every tick, with their surrogate gradient) run on
+all ticks at once; the CfC cells, the fusion and the heads run tick by tick.
+
+Modality dropout masks whole modalities for a chunk, as the runtime's mask
+does when a sensor goes silent, so the policy learns to act without it.
+Normalisation statistics (IMU, joint state, action) come from the training
+episodes and are written into the model's buffers, so they are inside the
+checkpoint and the exported engine; no call site normalises anything.
+
+Distributed: under ``torchrun`` (``WORLD_SIZE`` > 1) each rank takes its share
+of every epoch's batches and DistributedDataParallel averages gradients (gloo
+on CPU, NCCL on CUDA); rank 0 validates and writes the checkpoint.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import resource
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from .config import MODALITIES, ConfigError, RobotConfig, config_to_dict
+from .dataset import DEFAULT_LABEL_TOPIC, DatasetError, Episode, load_episodes
+
+RESUME_SUFFIX = ".resume"
+
+
+class TrainingError(RuntimeError):
+    """Training stopped: a non-finite loss, a broken resume file. The last good checkpoint is kept."""
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    strategy: str = ""                 # overrides model.fusion.strategy ("" keeps the config's)
+    modalities: tuple[str, ...] = ()   # () keeps model.modalities; else the inputs the network may use
+    epochs: int = 40
+    seed: int = 0
+    batch_episodes: int = 8            # episodes per batch (each stepped through whole)
+    chunk_ticks: int = 40              # ticks per truncated-BPTT chunk (0.4 s at 100 Hz)
+    lr: float = 2e-3
+    weight_decay: float = 1e-4
+    grad_clip: float = 1.0
+    modality_dropout: float = 0.15     # probability per modality per chunk of masking it whole
+    val_fraction: float = 0.1          # of the episodes, held out for validation (at least one)
+    patience: int = 8                  # epochs without a better validation loss before stopping
+    label_topic: str = DEFAULT_LABEL_TOPIC
+    threads: int = 0                   # torch intra-op threads (0: all cores)
+
+    def validate(self) -> None:
+        from .config import FusionConfig
+        strategies = typing_args(FusionConfig, "strategy")
+        if self.strategy and self.strategy not in strategies:
+            raise ConfigError(f"--strategy must be one of {list(strategies)}, got {self.strategy!r}")
+        for m in self.modalities:
+            if m not in MODALITIES:
+                raise ConfigError(f"--modalities: unknown modality {m!r}; choose from {', '.join(MODALITIES)}")
+        if len(set(self.modalities)) != len(self.modalities):
+            raise ConfigError(f"--modalities lists one twice: {list(self.modalities)}")
+        checks = [(1 <= self.epochs <= 100000, "--epochs must be in [1, 100000]"),
+                  (1 <= self.batch_episodes <= 1024, "--batch-episodes must be in [1, 1024]"),
+                  (1 <= self.chunk_ticks <= 10000, "--chunk-ticks must be in [1, 10000]"),
+                  (0 < self.lr < 1, "--lr must be in (0, 1)"),
+                  (0 <= self.modality_dropout < 1, "--modality-dropout must be in [0, 1)"),
+                  (0 < self.val_fraction < 1, "--val-fraction must be in (0, 1)"),
+                  (self.patience >= 1, "--patience must be >= 1"),
+                  (self.threads >= 0, "--threads must be >= 0")]
+        for ok, msg in checks:
+            if not ok:
+                raise ConfigError(msg)
+
+
+def typing_args(cls, name: str) -> tuple:
+    import typing
+    return typing.get_args(typing.get_type_hints(cls)[name])
+
+
+def trained_config(cfg: RobotConfig, tc: TrainConfig) -> RobotConfig:
+    """The robot config with what the training command overrides: the strategy, the modalities."""
+    model = cfg.model
+    if tc.strategy:
+        model = dataclasses.replace(model, fusion=dataclasses.replace(model.fusion, strategy=tc.strategy))
+    if tc.modalities:
+        model = dataclasses.replace(model, modalities=tuple(m for m in MODALITIES if m in tc.modalities))
+    model.validate("model")
+    return dataclasses.replace(cfg, model=model)
+
+
+def overrides_of(tc: TrainConfig) -> dict:
+    """What eval must apply to its config to compare it with this checkpoint's model config."""
+    out = {}
+    if tc.strategy:
+        out["model.fusion.strategy"] = tc.strategy
+    if tc.modalities:
+        out["model.modalities"] = [m for m in MODALITIES if m in tc.modalities]
+    return out
+
+
+def apply_overrides(cfg: RobotConfig, overrides: dict) -> RobotConfig:
+    tc = TrainConfig(strategy=overrides.get("model.fusion.strategy", ""),
+                     modalities=tuple(overrides.get("model.modalities", ())))
+    return trained_config(cfg, tc)
+
+
+# ---------------------------------------------------------------- data
+
+
+def split_episodes(episodes: list[Episode], fraction: float) -> tuple[list[Episode], list[Episode]]:
+    """(train, validation): every ``1 / fraction``-th episode by name is held out, at least one."""
+    if len(episodes) < 2:
+        raise DatasetError(f"{len(episodes)} episode(s): at least two are needed to hold one out for validation")
+    ordered = sorted(episodes, key=lambda e: e.name)
+    n_val = max(1, int(round(fraction * len(ordered))))
+    every = len(ordered) / n_val
+    val_idx = {min(len(ordered) - 1, int(i * every + every / 2)) for i in range(n_val)}
+    return ([e for i, e in enumerate(ordered) if i not in val_idx], [e for i, e in enumerate(ordered) if i in val_idx])
+
+
+def normalization(episodes: Sequence[Episode]) -> dict[str, np.ndarray]:
+    """Mean and std of the IMU channels, the joint state and the labelled actions over the ticks
+    where each was present."""
+    def stats(chunks: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+        x = np.concatenate(chunks).astype(np.float64)
+        return x.mean(axis=0), x.std(axis=0)
+    imu_i, js_i = MODALITIES.index("imu"), MODALITIES.index("joint_state")
+    imu = [np.asarray(e.arrays["imu"])[np.asarray(e.arrays["mask"])[:, imu_i] > 0.5].reshape(-1, 6) for e in episodes]
+    joints = [np.asarray(e.arrays["joint_state"])[np.asarray(e.arrays["mask"])[:, js_i] > 0.5] for e in episodes]
+    actions = [np.asarray(e.arrays["action"])[np.asarray(e.arrays["labelled"]) > 0] for e in episodes]
+    out = {}
+    for name, chunks in (("imu", imu), ("joint_state", joints), ("action", actions)):
+        chunks = [c for c in chunks if len(c)]
+        if not chunks:
+            raise DatasetError(f"no {name} data in the training episodes: cannot compute its normalisation")
+        out[f"{name}_mean"], out[f"{name}_std"] = stats(chunks)
+    return out
+
+
+@dataclass
+class Chunk:
+    """Ticks [start, start + T) of B episodes, padded; ``valid`` is 0 on padding and unlabelled ticks.
+
+    Camera frames and LiDAR scans are held once each (a 30 Hz frame serves three ticks, a 10 Hz scan
+    ten) with a per-tick index, so their encoders run once per frame as live, not once per tick.
+    """
+
+    camera: torch.Tensor        # (U, H, W, 3) uint8: the chunk's distinct frames (row 0: none, zeros)
+    camera_index: torch.Tensor  # (B*T,) int64 into camera
+    frames: torch.Tensor        # (B*T, n_mels, n_frames)
+    imu: torch.Tensor           # (B*T, window, 6)
+    lidar: torch.Tensor         # (S, beams) distinct scans (row 0: none, zeros)
+    lidar_index: torch.Tensor   # (B*T,)
+    joint_state: torch.Tensor   # (B*T, 2 dof)
+    mask: torch.Tensor          # (B, T, M)
+    dt: torch.Tensor            # (B, T, 1)
+    action: torch.Tensor        # (B, T, dof)
+    valid: torch.Tensor         # (B, T)
+
+
+def _distinct(ep_index: list[tuple[int, np.ndarray]], store_of: Callable[[int], np.ndarray],
+              empty: np.ndarray, B: int, T: int) -> tuple[np.ndarray, np.ndarray]:
+    """Distinct rows referenced by per-episode tick indices, and each tick's row (0: none)."""
+    rows = [empty]
+    out = np.zeros((B, T), np.int64)
+    for b, index in ep_index:
+        seen: dict[int, int] = {}
+        for i, k in enumerate(index):
+            if k < 0:
+                continue
+            if k not in seen:
+                seen[k] = len(rows)
+                rows.append(store_of(b)[k])
+            out[b, i] = seen[k]
+    return np.stack(rows), out.reshape(-1)
+
+
+def make_chunk(episodes: Sequence[Episode], start: int, T: int, cfg) -> Chunk:
+    m = cfg
+    B = len(episodes)
+    shape = (m.camera.height, m.camera.width, 3)
+    frames = np.zeros((B, T, m.audio.n_mels, m.audio.n_frames), np.float32)
+    imu = np.zeros((B, T, m.imu.window_samples, 6), np.float32)
+    joints = np.zeros((B, T, 2 * m.action.dof), np.float32)
+    mask = np.zeros((B, T, len(MODALITIES)), np.float32)
+    dt = np.full((B, T, 1), 0.01, np.float32)
+    action = np.zeros((B, T, m.action.dof), np.float32)
+    valid = np.zeros((B, T), np.float32)
+    cam_index, lidar_index = [], []
+    for b, ep in enumerate(episodes):
+        lo, hi = start, min(start + T, ep.ticks)
+        if hi <= lo:
+            continue
+        ticks = np.arange(lo, hi)
+        n = hi - lo
+        a = ep.arrays
+        cam_index.append((b, np.asarray(a["camera_index"][lo:hi])))
+        lidar_index.append((b, np.asarray(a["lidar_index"][lo:hi])))
+        frames[b, :n] = ep.audio_windows(ticks, m.audio.n_frames)
+        imu[b, :n] = a["imu"][lo:hi]
+        joints[b, :n] = a["joint_state"][lo:hi]
+        mask[b, :n] = a["mask"][lo:hi]
+        dt[b, :n, 0] = a["dt"][lo:hi]
+        action[b, :n] = a["action"][lo:hi]
+        valid[b, :n] = a["labelled"][lo:hi]
+    cams, cam_rows = _distinct(cam_index, lambda b: episodes[b].arrays["camera_frames"], np.zeros(shape, np.uint8),
+                               B, T)
+    scans, scan_rows = _distinct(lidar_index, lambda b: episodes[b].arrays["lidar_scans"],
+                                 np.zeros(m.lidar.beams, np.float32), B, T)
+    flat = lambda x: torch.from_numpy(x.reshape(B * T, *x.shape[2:]))  # noqa: E731
+    return Chunk(torch.from_numpy(cams), torch.from_numpy(cam_rows), flat(frames), flat(imu),
+                 torch.from_numpy(scans.astype(np.float32)), torch.from_numpy(scan_rows), flat(joints),
+                 torch.from_numpy(mask), torch.from_numpy(dt), torch.from_numpy(action), torch.from_numpy(valid))
+
+
+class SequenceModel(nn.Module):
+    """One truncated-BPTT chunk through FusionNet: what DistributedDataParallel wraps."""
+
+    def __init__(self, net, autocast_device: str | None = None):
+        super().__init__()
+        self.net = net
+        self.autocast_device = autocast_device
+
+    def forward(self, c: Chunk, state: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        net = self.net
+        B, T, M = c.mask.shape
+        mask = c.mask * net.used.view(1, 1, M)
+        with torch.autocast(self.autocast_device or "cpu", dtype=torch.bfloat16,
+                            enabled=self.autocast_device == "cuda"):
+            camera = net.camera(c.camera)[c.camera_index]
+            lidar = net.lidar(c.lidar)[c.lidar_index]
+            currents = net.stack_tokens(camera, net.audio.token(c.frames), net.imu(c.imu), lidar,
+                                        net.joint_state(c.joint_state))
+            rates = net.lif(currents.float())
+        rates = rates.float().view(B, T, M, -1)
+        preds = []
+        # The recurrence in fp32: dt = 1e-4 s would vanish in bf16.
+        for k in range(T):
+            state = net.recur(rates[:, k], mask[:, k], c.dt[:, k], state)
+            fused, _, _ = net.fusion(state, mask[:, k])
+            preds.append(net.action_head.normalized(fused))
+        return torch.stack(preds, dim=1), state
+
+
+# ---------------------------------------------------------------- the loop
+
+
+@dataclass
+class History:
+    epoch: list[int] = field(default_factory=list)
+    train_loss: list[float] = field(default_factory=list)
+    val_loss: list[float] = field(default_factory=list)
+    ticks_per_s: list[float] = field(default_factory=list)
+
+
+def _dist() -> tuple[int, int]:
+    return int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def _batches(episodes: list[Episode], B: int, rng: np.random.Generator, rank: int, world: int) -> list[list[Episode]]:
+    order = rng.permutation(len(episodes))
+    batches = [[episodes[i] for i in order[k:k + B]] for k in range(0, len(order), B)]
+    per_rank = len(batches) // world if world > 1 else len(batches)
+    return batches[rank * per_rank:(rank + 1) * per_rank] if world > 1 else batches
+
+
+def _run_batch(model: nn.Module, net, batch: list[Episode], tc: TrainConfig, targets: tuple, rng, device,
+               optimizer=None, world: int = 1, on_chunk: Callable | None = None) -> tuple[float, float]:
+    """Step a batch of episodes through in chunks; returns (sum of squared errors, valid tick count)."""
+    act_mean, act_std = targets
+    T = tc.chunk_ticks
+    longest = max(e.ticks for e in batch)
+    chunks = math.ceil(longest / T)
+    if world > 1:   # every rank must run as many forward/backward passes as the others
+        n = torch.tensor([chunks])
+        torch.distributed.all_reduce(n, op=torch.distributed.ReduceOp.MAX)
+        chunks = int(n)
+    state = net.initial_state(len(batch)).to(device)
+    train = optimizer is not None
+    sse, count = 0.0, 0.0
+    for k in range(chunks):
+        c = make_chunk(batch, k * T, T, net.cfg)
+        if train and tc.modality_dropout > 0:
+            keep = (rng.random((len(batch), 1, len(MODALITIES))) >= tc.modality_dropout).astype(np.float32)
+            c.mask = c.mask * torch.from_numpy(keep)
+        c = Chunk(*(getattr(c, f.name).to(device) for f in dataclasses.fields(Chunk)))
+        target = (c.action - act_mean) / act_std
+        with torch.set_grad_enabled(train):
+            pred, state = model(c, state)
+            err = ((pred - target) ** 2).mean(dim=-1) * c.valid
+            n = c.valid.sum()
+            loss = err.sum() / torch.clamp(n, min=1.0)
+        if not torch.isfinite(loss):
+            raise TrainingError(f"non-finite loss ({float(loss.detach())}) in chunk {k} (ticks {k * T}..{(k + 1) * T - 1}) "
+                                f"of the batch of episodes {[e.name for e in batch]}")
+        if train:
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
+            optimizer.step()
+        state = state.detach()
+        sse += float(err.detach().sum())
+        count += float(n)
+        if on_chunk is not None:
+            on_chunk(len(batch) * T, float(loss.detach()))
+    return sse, count
+
+
+def train(bags: Sequence[str | Path], cfg: RobotConfig, tc: TrainConfig, out: str | Path, *,
+          cache: str | Path | None = None, resume: bool = False, workers: int = 1, plot: str | Path | None = None,
+          progress: bool | None = None, log: Callable[[str], None] = print) -> dict:
+    """Train on ``bags``; writes the best checkpoint to ``out`` (+ ``out.resume`` while running); returns a report."""
+    from tqdm import tqdm
+
+    from .model import build_model, save_checkpoint
+
+    tc.validate()
+    cfg = trained_config(cfg, tc)
+    out = Path(out)
+    rank, world = _dist()
+    if world > 1 and not torch.distributed.is_initialized():
+        torch.distributed.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu")
+    if tc.threads:
+        torch.set_num_threads(tc.threads)
+    torch.manual_seed(tc.seed)
+    rng = np.random.default_rng([tc.seed, rank])
+    cache = Path(cache) if cache else cfg.engine.artifact_path / "datasets"
+    # Rank 0 builds the cache first; the others then find every bag in it.
+    if world > 1 and rank != 0:
+        torch.distributed.barrier()
+    episodes = load_episodes(bags, cfg, cache, tc.label_topic, workers=workers if rank == 0 else 1,
+                             progress=progress if rank == 0 else False, log=log)
+    if world > 1 and rank == 0:
+        torch.distributed.barrier()
+    train_eps, val_eps = split_episodes(episodes, tc.val_fraction)
+    if world > 1 and len(train_eps) < world * tc.batch_episodes:
+        raise DatasetError(f"{len(train_eps)} training episodes cannot give {world} ranks a batch of "
+                           f"{tc.batch_episodes} each; lower --batch-episodes")
+    stats = normalization(train_eps)
+    net = build_model(cfg.model, seed=tc.seed)
+    net.set_normalization(stats["imu_mean"], stats["imu_std"], stats["joint_state_mean"], stats["joint_state_std"],
+                          stats["action_mean"], stats["action_std"])
+    net = net.to(device)
+    targets = (net.action_head.mean.detach().clone(), net.action_head.std.detach().clone())
+    optimizer = torch.optim.AdamW(net.parameters(), lr=tc.lr, weight_decay=tc.weight_decay)
+    history, best, best_epoch, start_epoch, best_state = History(), math.inf, -1, 0, None
+    resume_path = out.with_name(out.name + RESUME_SUFFIX)
+    if resume:
+        if not resume_path.is_file():
+            raise TrainingError(f"--resume: no {resume_path} (nothing to resume: train without --resume)")
+        blob = torch.load(resume_path, map_location=device, weights_only=True)
+        if blob.get("train_config") != config_to_dict(tc) or blob.get("dataset") != sorted(e.key for e in episodes):
+            raise TrainingError(f"--resume: {resume_path} was written for other options or other bags; "
+                                "resume with the same command, or train afresh")
+        net.load_state_dict(blob["state_dict"])
+        optimizer.load_state_dict(blob["optimizer"])
+        history = History(**blob["history"])
+        best, best_epoch, start_epoch = blob["best"], blob["best_epoch"], blob["epoch"] + 1
+        best_state = blob["best_state"]
+        rng.bit_generator.state = blob["np_rng"]
+        torch.set_rng_state(blob["torch_rng"])
+        log(f"train: resuming after epoch {blob['epoch']} (best validation loss {best:.4f} at epoch {best_epoch})")
+    model: nn.Module = SequenceModel(net, "cuda" if device.type == "cuda" else None)
+    if world > 1:
+        # find_unused_parameters: the fused-state head is not part of the behaviour-cloning loss.
+        model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
+                                                    find_unused_parameters=True)
+    show = (sys.stderr.isatty() if progress is None else progress) and rank == 0
+    ticks_per_epoch = sum(e.ticks for e in train_eps)
+    wall0 = time.perf_counter()
+    log(f"train: {len(train_eps)} training / {len(val_eps)} validation episodes ({ticks_per_epoch} / "
+        f"{sum(e.ticks for e in val_eps)} ticks), strategy {cfg.model.fusion.strategy}, modalities "
+        f"{','.join(cfg.model.modalities)}, {world} rank(s) on {device}")
+    epoch = start_epoch - 1
+    for epoch in range(start_epoch, tc.epochs):
+        net.train()
+        t0 = time.perf_counter()
+        sse = count = 0.0
+        seen = 0
+        batches = _batches(train_eps, tc.batch_episodes, rng, rank, world)
+        with tqdm(total=sum(math.ceil(max(e.ticks for e in b) / tc.chunk_ticks) for b in batches) * tc.chunk_ticks
+                  * tc.batch_episodes, desc=f"epoch {epoch + 1}/{tc.epochs}", unit="tick", unit_scale=True,
+                  disable=not show, file=sys.stderr) as bar:
+            def on_chunk(ticks: int, loss: float) -> None:
+                nonlocal seen
+                seen += ticks
+                bar.update(ticks)
+                bar.set_postfix(loss=f"{loss:.4f}", ticks_s=f"{seen / max(time.perf_counter() - t0, 1e-9):.0f}")
+            for batch in batches:
+                s, n = _run_batch(model, net, batch, tc, targets, rng, device, optimizer, world, on_chunk)
+                sse, count = sse + s, count + n
+        elapsed = time.perf_counter() - t0
+        if world > 1:   # the epoch's loss over every rank's batches, not this rank's alone
+            totals = torch.tensor([sse, count], dtype=torch.float64)
+            torch.distributed.all_reduce(totals)
+            sse, count = float(totals[0]), float(totals[1])
+        train_loss = sse / max(count, 1.0)
+        net.eval()
+        vs = vn = 0.0
+        for k in range(0, len(val_eps), tc.batch_episodes):
+            s, n = _run_batch(SequenceModel(net), net, val_eps[k:k + tc.batch_episodes], tc, targets, rng, device)
+            vs, vn = vs + s, vn + n
+        val_loss = vs / max(vn, 1.0)
+        history.epoch.append(epoch + 1)
+        history.train_loss.append(train_loss)
+        history.val_loss.append(val_loss)
+        history.ticks_per_s.append(seen * world / elapsed if elapsed > 0 else 0.0)
+        improved = val_loss < best
+        if improved:
+            best, best_epoch = val_loss, epoch + 1
+            best_state = {k: v.detach().cpu().clone() for k, v in net.state_dict().items()}
+        if rank == 0:
+            report = _report(cfg, tc, episodes, train_eps, val_eps, history, best, best_epoch, stats, wall0,
+                             device, world, epoch + 1)
+            best_net = build_model(cfg.model)
+            best_net.load_state_dict(best_state)
+            save_checkpoint(best_net, out, {"training": report})
+            tmp = resume_path.with_name(resume_path.name + ".tmp")
+            torch.save({"train_config": config_to_dict(tc), "dataset": sorted(e.key for e in episodes),
+                        "state_dict": net.state_dict(), "optimizer": optimizer.state_dict(),
+                        "history": dataclasses.asdict(history), "best": best, "best_epoch": best_epoch,
+                        "best_state": best_state, "epoch": epoch, "np_rng": rng.bit_generator.state,
+                        "torch_rng": torch.get_rng_state()}, tmp)
+            os.replace(tmp, resume_path)
+            if plot:
+                plot_history(history, best_epoch, plot, f"{cfg.model.fusion.strategy}: {','.join(cfg.model.modalities)}")
+        # After the epoch's checkpoint is in place: an interruption from here on loses nothing of it.
+        log(f"train: epoch {epoch + 1}: train loss {train_loss:.4f}, validation loss {val_loss:.4f}"
+            f"{' (best)' if improved else ''}, {history.ticks_per_s[-1]:.0f} ticks/s")
+        if epoch + 1 - best_epoch >= tc.patience:
+            log(f"train: no better validation loss for {tc.patience} epochs: stopping (best epoch {best_epoch})")
+            break
+    report = _report(cfg, tc, episodes, train_eps, val_eps, history, best, best_epoch, stats, wall0, device, world,
+                     epoch + 1)
+    # This rank's final weights (not the best epoch's): under DDP every rank must hold the same.
+    digest = hashlib.sha256()
+    for k, v in sorted(net.state_dict().items()):
+        digest.update(k.encode())
+        digest.update(v.detach().cpu().contiguous().numpy().tobytes())
+    report["final_weights_sha256"] = digest.hexdigest()
+    if rank == 0:
+        resume_path.unlink(missing_ok=True)   # complete: the checkpoint under its final name is the result
+        log(f"train: wrote {out} (best validation loss {best:.4f} at epoch {best_epoch})")
+    if world > 1:
+        torch.distributed.barrier()
+    return report
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0   # KiB on Linux
+
+
+def _report(cfg, tc, episodes, train_eps, val_eps, history, best, best_epoch, stats, wall0, device, world, epochs):
+    return {
+        "train_config": config_to_dict(tc), "overrides": overrides_of(tc),
+        "model_config": config_to_dict(cfg.model), "control_rate_hz": cfg.control_rate_hz,
+        "dataset": [{"bag": e.meta["bag"], "key": e.key, "seed": e.meta.get("episode", {}).get("seed"),
+                     "ticks": e.ticks, "split": "validation" if e in val_eps else "train"} for e in episodes],
+        "train_seeds": sorted(s for s in (e.meta.get("episode", {}).get("seed") for e in episodes) if s is not None),
+        "history": dataclasses.asdict(history), "best_val_loss": best, "best_epoch": best_epoch, "epochs_run": epochs,
+        "normalization": {k: np.asarray(v).tolist() for k, v in stats.items()},
+        "wall_s": round(time.perf_counter() - wall0, 1), "device": str(device), "world_size": world,
+        "ticks_per_s_median": float(np.median(history.ticks_per_s)) if history.ticks_per_s else None,
+        "peak_memory_mb": round(peak_memory_mb(device), 1), "torch": str(torch.__version__),
+    }
+
+
+def plot_history(history: History, best_epoch: int, path: str | Path, title: str) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ax.plot(history.epoch, history.train_loss, label="train")
+    ax.plot(history.epoch, history.val_loss, label="validation")
+    if best_epoch > 0:
+        ax.axvline(best_epoch, color="grey", linestyle=":", label=f"best (epoch {best_epoch})")
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("loss (standardised action MSE)")
+    ax.set_yscale("log")
+    ax.set_title(title)
+    ax.legend()
+    fig.tight_layout()
+    tmp = path.with_name(path.stem + ".tmp" + path.suffix)
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
+# ---------------------------------------------------------------- CLI
+
+
+def add_train_command(add: Callable) -> None:
+    p = add("train", "train the policy from bags (behaviour cloning through the live aligner)")
+    p.add_argument("bags", nargs="+", help="bag folders, or folders of bags (mm-fusion record's OUT_DIR)")
+    p.add_argument("--out", required=True, help="the checkpoint to write (best validation loss)")
+    p.add_argument("--strategy", default="", help="fusion strategy (default: the config's)")
+    p.add_argument("--modalities", default="", help=f"comma-separated subset of {','.join(MODALITIES)}")
+    d = TrainConfig()
+    p.add_argument("--epochs", type=int, default=d.epochs)
+    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--batch-episodes", type=int, default=d.batch_episodes)
+    p.add_argument("--chunk-ticks", type=int, default=d.chunk_ticks, help="truncated-BPTT length in ticks")
+    p.add_argument("--lr", type=float, default=d.lr)
+    p.add_argument("--modality-dropout", type=float, default=d.modality_dropout)
+    p.add_argument("--patience", type=int, default=d.patience)
+    p.add_argument("--label-topic", default=d.label_topic, help="the command topic to learn")
+    p.add_argument("--threads", type=int, default=d.threads)
+    p.add_argument("--workers", type=int, default=1, help="processes building the dataset cache")
+    p.add_argument("--cache", default="", help="dataset cache folder (default: engine.artifact_dir/datasets)")
+    p.add_argument("--plot", default="", help="loss curves PNG (default: OUT with .png)")
+    p.add_argument("--resume", action="store_true", help="continue an interrupted run of the same command")
+
+
+def cmd_train(args, cfg: RobotConfig) -> int:
+    modalities = tuple(m.strip() for m in args.modalities.split(",") if m.strip())
+    tc = TrainConfig(strategy=args.strategy, modalities=modalities, epochs=args.epochs, seed=args.seed,
+                     batch_episodes=args.batch_episodes, chunk_ticks=args.chunk_ticks, lr=args.lr,
+                     modality_dropout=args.modality_dropout, patience=args.patience, label_topic=args.label_topic,
+                     threads=args.threads)
+    try:
+        tc.validate()
+        trained_config(cfg, tc)
+    except ConfigError as exc:
+        print(f"mm-fusion train: {exc}", file=sys.stderr)
+        return 2
+    plot = args.plot or str(Path(args.out).with_suffix(".png"))
+    try:
+        report = train(args.bags, cfg, tc, args.out, cache=args.cache or None, resume=args.resume,
+                       workers=args.workers, plot=plot)
+    except (DatasetError, TrainingError) as exc:
+        print(f"mm-fusion train: {exc}", file=sys.stderr)
+        return 1
+    print(json.dumps({k: report[k] for k in ("best_val_loss", "best_epoch", "epochs_run", "wall_s",
+                                             "ticks_per_s_median", "peak_memory_mb")}))
+    return 0

@@ -1,0 +1,183 @@
+"""``mm-fusion eval``: closed loop in the cell through the Runtime, per-episode results, workers, faults, video,
+and the refusals (a checkpoint for another model, bad options)."""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from pathlib import Path
+
+import pytest
+import yaml
+
+from mm_fusion_ros.cli import main as cli_main
+from mm_fusion_ros.config import load_config
+from mm_fusion_ros.evaluate import Drop, EvalError, EvalOptions, Evaluator, eval_config, evaluate, summarize
+from mm_fusion_ros.model import build_model, save_checkpoint
+
+REPO = Path(__file__).resolve().parents[1]
+SIM_YAML = REPO / "config" / "sim.yaml"
+
+
+def _quiet(_msg: str) -> None:
+    pass
+
+
+@pytest.fixture(scope="module")
+def short_cell(tmp_path_factory) -> Path:
+    """config/sim.yaml with 2.5 s episodes (an untrained policy times out; that is all these tests need)."""
+    doc = yaml.safe_load(SIM_YAML.read_text())
+    doc["sim_node"]["ros__parameters"]["episode"]["time_limit_s"] = 2.5
+    path = tmp_path_factory.mktemp("cell") / "sim_short.yaml"
+    path.write_text(yaml.safe_dump(doc))
+    return path
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory) -> Path:
+    """Untrained weights of the cell's model (eval must not care how they were made)."""
+    path = tmp_path_factory.mktemp("ckpt") / "policy.pt"
+    save_checkpoint(build_model(load_config(SIM_YAML).model, seed=3), path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def artifacts(tmp_path_factory, monkeypatch_module):
+    monkeypatch_module.setenv("ROS_HOME", str(tmp_path_factory.mktemp("ros_home")))
+
+
+@pytest.fixture(scope="module")
+def monkeypatch_module():
+    mp = pytest.MonkeyPatch()
+    yield mp
+    mp.undo()
+
+
+@pytest.fixture(scope="module")
+def two_episodes(short_cell, checkpoint, artifacts):
+    return evaluate(short_cell, checkpoint, EvalOptions(episodes=2, seed=1000), progress=False, log=_quiet)
+
+
+def _without_wall(episodes: list[dict]) -> list[dict]:
+    return [{k: v for k, v in e.items() if k != "wall_s"} for e in episodes]
+
+
+def test_every_episode_is_reported_and_aggregated_with_an_interval(two_episodes):
+    r = two_episodes
+    assert [e["seed"] for e in r["episodes"]] == [1000, 1001]
+    for e in r["episodes"]:
+        assert {"seed", "outcome", "reason", "time_to_success_s", "intruder_contacts", "max_joint_speed",
+                "duration_s", "ticks", "held_ticks", "contribution"} <= set(e)
+        assert e["ticks"] == pytest.approx(e["duration_s"] * 100, abs=2)   # the control rate on sim time
+        # The policy's commands reached the arm (the untrained network's are far from zero).
+        assert e["max_joint_speed"] > 0.05
+    s = r["summary"]
+    lo, hi = s["success_ci95"]
+    assert 0.0 <= lo <= s["success_rate"] <= hi <= 1.0
+    assert sum(s["failure_reasons"].values()) == s["episodes"] - s["successes"]
+    assert r["throughput"]["x_realtime_per_worker"] > 0
+
+
+def test_results_do_not_depend_on_the_number_of_workers(short_cell, checkpoint, artifacts, two_episodes):
+    again = evaluate(short_cell, checkpoint, EvalOptions(episodes=2, seed=1000, workers=2), progress=False,
+                     log=_quiet)
+    assert _without_wall(again["episodes"]) == _without_wall(two_episodes["episodes"])
+
+
+def test_a_silenced_sensor_is_masked_and_the_watchdog_holds(short_cell, checkpoint, artifacts):
+    ev = Evaluator(str(short_cell), str(checkpoint), "onnxruntime")
+    try:
+        plain = ev.episode(1000)
+        dropped = ev.episode(1000, (Drop("lidar", 1.0, 0.5),))
+    finally:
+        ev.close()
+    # LiDAR is required: the output is held from max_age (0.25 s) after the last scan before the gap (stamped
+    # 0.4 s) until the first scan after it (stamped 1.5 s) has been swept and delivered, 0.1 s later: ~0.95 s.
+    assert 85 <= dropped["held_ticks"] - plain["held_ticks"] <= 115
+
+
+def test_the_video_shows_the_episode_with_the_policy_beside_it(short_cell, checkpoint, artifacts, tmp_path):
+    import cv2
+    out = tmp_path / "ep.mp4"
+    report = evaluate(short_cell, checkpoint, EvalOptions(episodes=1, seed=1000, video=str(out)), progress=False,
+                      log=_quiet)
+    assert report["videos"] == [str(out)]
+    cap = cv2.VideoCapture(str(out))
+    frames, width = int(cap.get(cv2.CAP_PROP_FRAME_COUNT)), int(cap.get(cv2.CAP_PROP_FRAME_WIDTH))
+    cap.release()
+    assert frames >= 2.5 * 30 and width > 480 + 360   # witness + policy camera + the policy panel
+
+
+def test_a_checkpoint_for_another_model_is_refused_listing_the_differences(tmp_path):
+    robot = load_config(REPO / "config" / "robot.yaml")
+    other = tmp_path / "robot_policy.pt"
+    save_checkpoint(build_model(robot.model), other)
+    with pytest.raises(EvalError, match=r"does not match .*sim\.yaml") as err:
+        eval_config(SIM_YAML, other, "onnxruntime")
+    assert "model.action.names: ['joint_1'" in str(err.value) and "model.lidar.range_max: 30.0 != 8.0" in str(err.value)
+
+
+def test_a_checkpoint_trained_with_overrides_is_compared_with_them_applied(tmp_path):
+    cfg = load_config(SIM_YAML)
+    model_cfg = dataclasses.replace(cfg.model, fusion=dataclasses.replace(cfg.model.fusion, strategy="late"),
+                                    modalities=("camera", "joint_state"))
+    path = tmp_path / "late.pt"
+    overrides = {"model.fusion.strategy": "late", "model.modalities": ["camera", "joint_state"]}
+    save_checkpoint(build_model(model_cfg), path, {"training": {"overrides": overrides}})
+    c = eval_config(SIM_YAML, path, "onnxruntime")
+    assert c.model.fusion.strategy == "late" and c.model.modalities == ("camera", "joint_state")
+    # Without the overrides recorded, the same weights do not match the cell's config.
+    bare = tmp_path / "bare.pt"
+    save_checkpoint(build_model(model_cfg), bare)
+    with pytest.raises(EvalError, match="model.fusion.strategy: 'late' != 'hybrid'"):
+        eval_config(SIM_YAML, bare, "onnxruntime")
+
+
+@pytest.mark.parametrize("text, message", [
+    ("camera", "expected MODALITY:DURATION@START"),
+    ("radar:2@1", "unknown modality 'radar'"),
+    ("camera:-1@2", "duration must be > 0"),
+    ("camera:x@2", "expected MODALITY:DURATION@START"),
+])
+def test_bad_drop_specs_are_refused(text, message):
+    with pytest.raises(EvalError, match=re.escape(message)):
+        Drop.parse(text)
+
+
+def test_drop_silences_its_modality_for_its_stretch_only():
+    d = Drop.parse("camera:2.0@3.0")
+    assert (d.modality, d.duration_s, d.at_s) == ("camera", 2.0, 3.0)
+    assert d.silences("camera", 3.0) and d.silences("camera", 4.99)
+    assert not d.silences("camera", 5.0) and not d.silences("camera", 2.99) and not d.silences("audio", 4.0)
+
+
+def test_cli_refuses_bad_options_before_any_episode(checkpoint, tmp_path, capsys):
+    assert cli_main(["eval", "--checkpoint", str(checkpoint), "--episodes", "0"]) == 2
+    assert "--episodes" in capsys.readouterr().err
+    assert cli_main(["eval", "--checkpoint", str(checkpoint), "--video", "x.gifv"]) == 2
+    assert "MP4" in capsys.readouterr().err
+    assert cli_main(["eval", "--checkpoint", str(tmp_path / "missing.pt")]) == 2
+    assert "checkpoint not found" in capsys.readouterr().err
+    assert cli_main(["eval", "--checkpoint", str(checkpoint), "--drop", "sonar:1@1"]) == 2
+    with pytest.raises(EvalError, match="--video-episodes"):
+        EvalOptions(episodes=2, seed=1000, video="a.mp4", video_episodes=(999,)).validate()
+
+
+def test_summary_counts_reasons_and_mean_time_to_success():
+    eps = [{"outcome": "success", "reason": "success", "time_to_success_s": 6.0, "duration_s": 6.0,
+            "intruder_contacts": 0, "max_joint_speed": 0.5, "contribution": {m: 0.2 for m in
+                                                                              ("camera", "audio", "imu", "lidar",
+                                                                               "joint_state")}},
+           {"outcome": "success", "reason": "success", "time_to_success_s": 8.0, "duration_s": 8.0,
+            "intruder_contacts": 0, "max_joint_speed": 0.7, "contribution": {m: 0.2 for m in
+                                                                              ("camera", "audio", "imu", "lidar",
+                                                                               "joint_state")}},
+           {"outcome": "failure", "reason": "overtravel", "time_to_success_s": None, "duration_s": 5.0,
+            "intruder_contacts": 1, "max_joint_speed": 0.9, "contribution": {m: 0.2 for m in
+                                                                              ("camera", "audio", "imu", "lidar",
+                                                                               "joint_state")}}]
+    s = summarize(eps)
+    assert s["successes"] == 2 and s["failure_reasons"] == {"overtravel": 1}
+    assert s["mean_time_to_success_s"] == pytest.approx(7.0) and s["intruder_contacts"] == 1
+    lo, hi = s["success_ci95"]
+    assert lo < 2 / 3 < hi

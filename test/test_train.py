@@ -1,0 +1,329 @@
+"""Training data and training: no train/serve skew, the cache, normalisation inside the engine,
+determinism, resume, modality subsets, torchrun, and what bad bags and bad options get."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from mm_fusion_ros.bag.reader import BagReader
+from mm_fusion_ros.bag.writer import BagWriter
+from mm_fusion_ros.config import MODALITIES, ConfigError, load_config
+from mm_fusion_ros.dataset import DatasetCache, DatasetError, build_episode, load_episodes
+from mm_fusion_ros.model import build_model, load_checkpoint, read_checkpoint
+from mm_fusion_ros.model.preprocess import LogMelFrames
+from mm_fusion_ros.replay import ReplayOptions, replay
+from mm_fusion_ros.runtime import Runtime
+from mm_fusion_ros.sim.record import LABEL_TOPIC, RecordOptions, episode_name, record
+from mm_fusion_ros.train import (TrainConfig, TrainingError, normalization, split_episodes, train,
+                                 trained_config)
+
+REPO = Path(__file__).resolve().parents[1]
+SIM_YAML = REPO / "config" / "sim.yaml"
+
+
+def _quiet(_msg: str) -> None:
+    pass
+
+
+@pytest.fixture(scope="module", autouse=True)
+def two_threads():
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def cfg():
+    return load_config(SIM_YAML)
+
+
+@pytest.fixture(scope="module")
+def demos(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("demos") / "demos"
+    record(out, SIM_YAML, RecordOptions(episodes=3, seed=0, noise=0.1), progress=False, log=_quiet)
+    return out
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("cache")
+
+
+@pytest.fixture(scope="module")
+def episodes(demos, cfg, cache):
+    return load_episodes([demos], cfg, cache, progress=False, log=_quiet)
+
+
+class RecordingEngine:
+    """Wraps an engine and keeps a copy of every step's inputs (what replay feeds it)."""
+
+    def __init__(self, real):
+        self.real, self.inputs = real, []
+
+    def step(self, inputs):
+        self.inputs.append({k: v.copy() for k, v in inputs.items()})
+        return self.real.step(inputs)
+
+    def __getattr__(self, name):
+        return getattr(self.real, name)
+
+
+def test_dataset_is_exactly_what_replay_feeds_the_engine(demos, cfg, episodes, tmp_path):
+    from mm_fusion_ros.engine import create_engine
+    from mm_fusion_ros.runtime import load_model
+
+    bag = demos / episode_name(0)
+    engine = RecordingEngine(create_engine(cfg, load_model(cfg), "torch", log=_quiet))
+    runtime = Runtime(cfg.absolute(), engine=engine, log=_quiet)
+    replay(bag, cfg, ReplayOptions(out=tmp_path / "out", progress=False), runtime=runtime, log=_quiet)
+    fed = engine.inputs
+    ep = next(e for e in episodes if e.name == episode_name(0))
+    assert ep.ticks == len(fed) > 500
+    m = cfg.model
+    ticks = np.arange(ep.ticks)
+    a = ep.arrays
+    np.testing.assert_array_equal(ep.camera(ticks, (m.camera.height, m.camera.width, 3)),
+                                  np.stack([x["camera"][0] for x in fed]))
+    np.testing.assert_array_equal(ep.lidar(ticks, m.lidar.beams), np.stack([x["lidar"][0] for x in fed]))
+    for name in ("imu", "joint_state", "mask"):
+        np.testing.assert_array_equal(a[name], np.stack([x[name][0] for x in fed]), err_msg=name)
+    np.testing.assert_array_equal(a["dt"], np.array([x["dt"][0, 0] for x in fed]))
+    # Audio: the dataset holds log-mel frames; they are the frames of the very windows replay fed.
+    audio_i = MODALITIES.index("audio")
+    used = np.flatnonzero(a["mask"][:, audio_i] > 0.5)
+    assert len(used) > 0.9 * ep.ticks
+    logmel = LogMelFrames(m.audio).eval()
+    pick = used[:: max(1, len(used) // 40)]
+    with torch.inference_mode():
+        expected = logmel(torch.from_numpy(np.stack([fed[i]["audio"][0] for i in pick]))).numpy()
+    np.testing.assert_allclose(ep.audio_windows(pick, m.audio.n_frames), expected, rtol=0, atol=2e-4)
+    assert ep.meta["audio_inexact_ticks"] == 0
+    # Every labelled tick carries the expert's command stamped at or before it.
+    assert a["labelled"].mean() > 0.99 and np.abs(a["action"]).max() > 0.05
+
+
+def test_the_cache_is_keyed_by_bag_and_config_and_never_rebuilt(demos, cfg, cache, episodes, monkeypatch):
+    import mm_fusion_ros.dataset as dataset
+
+    def refuse(*a, **k):
+        raise AssertionError("rebuilt a cached bag")
+    monkeypatch.setattr(dataset, "build_episode", refuse)
+    again = load_episodes([demos], cfg, cache, progress=False, log=_quiet)
+    assert [e.key for e in again] == [e.key for e in episodes]
+    other = dataclasses.replace(cfg, control_rate_hz=50.0)
+    c = DatasetCache(cache)
+    bag = demos / episode_name(0)
+    assert c.key(bag, other, LABEL_TOPIC) != c.key(bag, cfg, LABEL_TOPIC)
+    assert isinstance(again[0].arrays["imu"], np.memmap)
+
+
+def _copy_without(src: Path, dst: Path, drop: str, rename: dict[str, list[str]] | None = None) -> Path:
+    from mm_fusion_ros.bag.typestore import make_typestore
+    ts = make_typestore()
+    with BagReader(src, log=_quiet) as reader, BagWriter(dst, ts) as out:
+        for name, info in reader.topics.items():
+            if name != drop:
+                out.add_topic(name, info.msgtype)
+        for m in reader.messages():
+            if m.topic == drop:
+                continue
+            if rename and m.topic in rename:
+                msg = reader.decode(m)
+                msg = dataclasses.replace(msg, name=rename[m.topic])
+                out.write(m.topic, m.t_ns, msg)
+            else:
+                out.write_raw(m.topic, m.t_ns, m.data)
+    return dst
+
+
+def test_a_bag_without_the_label_topic_is_refused_naming_bag_and_topic(demos, cfg, tmp_path):
+    bag = _copy_without(demos / episode_name(1), tmp_path / "no_label", LABEL_TOPIC)
+    with pytest.raises(DatasetError, match=rf"no_label: no label topic {LABEL_TOPIC}"):
+        build_episode(bag, cfg)
+
+
+def test_joint_names_that_do_not_match_the_config_are_refused(demos, cfg, tmp_path):
+    bag = _copy_without(demos / episode_name(1), tmp_path / "renamed", "",
+                        rename={"/joint_states": [f"arm_j{i}" for i in range(1, 8)]})
+    with pytest.raises(DatasetError, match=r"renamed: joint state topic /joint_states names joints .*arm_j1"):
+        build_episode(bag, cfg)
+
+
+def test_one_episode_cannot_be_split_for_validation(episodes):
+    with pytest.raises(DatasetError, match="at least two"):
+        split_episodes(episodes[:1], 0.1)
+    train_eps, val_eps = split_episodes(episodes, 0.1)
+    assert len(val_eps) == 1 and len(train_eps) == 2 and not set(e.key for e in val_eps) & set(e.key for e in train_eps)
+
+
+def test_bad_options_are_refused_before_any_work(cfg):
+    with pytest.raises(ConfigError, match="--strategy"):
+        TrainConfig(strategy="deep").validate()
+    with pytest.raises(ConfigError, match="unknown modality 'radar'"):
+        TrainConfig(modalities=("camera", "radar")).validate()
+    with pytest.raises(ConfigError, match="--epochs"):
+        TrainConfig(epochs=0).validate()
+
+
+QUICK = dict(epochs=1, batch_episodes=2, chunk_ticks=50, val_fraction=0.34, threads=2)
+
+
+@pytest.fixture(scope="module")
+def trained(demos, cfg, cache, tmp_path_factory):
+    out = tmp_path_factory.mktemp("ckpt") / "policy.pt"
+    report = train([demos], cfg, TrainConfig(**QUICK), out, cache=cache, plot=out.with_suffix(".png"),
+                   progress=False, log=_quiet)
+    return out, report
+
+
+def test_checkpoint_holds_config_weights_normalisation_training_and_dataset(trained, episodes, cfg):
+    out, report = trained
+    blob = read_checkpoint(out)
+    t = blob["training"]
+    assert t["train_config"]["epochs"] == 1 and t["best_epoch"] == 1
+    assert sorted(d["key"] for d in t["dataset"]) == sorted(e.key for e in episodes)
+    assert t["train_seeds"] == [0, 1, 2]
+    assert out.with_suffix(".png").stat().st_size > 1000
+    assert not out.with_name(out.name + ".resume").exists()   # complete: no resume state left behind
+    model = load_checkpoint(out)
+    train_eps, _ = split_episodes(episodes, QUICK["val_fraction"])
+    stats = normalization(train_eps)
+    np.testing.assert_allclose(model.action_head.mean.numpy()[0], stats["action_mean"], rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(1.0 / model.joint_state.inv_std.numpy()[0], np.maximum(stats["joint_state_std"], 1e-3),
+                               rtol=1e-4)
+    # The Runtime loads it unchanged from the config's checkpoint parameter.
+    rt = Runtime(dataclasses.replace(cfg, checkpoint=str(out), engine=dataclasses.replace(cfg.engine, backend="torch")),
+                 log=_quiet)
+    assert rt.engine is not None
+
+
+def test_normalisation_is_inside_the_exported_engine(trained, cfg, tmp_path, make_inputs):
+    from mm_fusion_ros.engine import create_engine
+    out, _ = trained
+    model = load_checkpoint(out)
+    c = dataclasses.replace(cfg, engine=dataclasses.replace(cfg.engine, artifact_dir=str(tmp_path)))
+    ort = create_engine(c, model, "onnxruntime", log=_quiet)
+    ref = create_engine(c, model, "torch", log=_quiet)
+    inputs = make_inputs(model.cfg, 3, 1, as_torch=False)
+    a, b = ort.step(inputs), ref.step(inputs)
+    np.testing.assert_allclose(a["action"], b["action"], rtol=1e-4, atol=1e-4)
+    # An untrained model with identity statistics gives another action for the same inputs.
+    plain = create_engine(c, build_model(model.cfg), "torch", log=_quiet).step(inputs)
+    assert not np.allclose(plain["action"], b["action"], atol=1e-3)
+
+
+def test_training_is_deterministic_for_a_seed_on_cpu(demos, cfg, cache, trained, tmp_path):
+    out, _ = trained
+    again = tmp_path / "again.pt"
+    train([demos], cfg, TrainConfig(**QUICK), again, cache=cache, progress=False, log=_quiet)
+    a, b = read_checkpoint(out)["state_dict"], read_checkpoint(again)["state_dict"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    other = tmp_path / "other.pt"
+    train([demos], cfg, TrainConfig(**{**QUICK, "seed": 1}), other, cache=cache, progress=False, log=_quiet)
+    c = read_checkpoint(other)["state_dict"]
+    assert not all(torch.equal(a[k], c[k]) for k in a)
+
+
+def test_nan_loss_stops_training_naming_the_chunk_and_keeps_the_last_checkpoint(demos, cfg, cache, trained, tmp_path,
+                                                                               monkeypatch):
+    import mm_fusion_ros.train as train_mod
+    out = tmp_path / "policy.pt"
+    out.write_bytes(trained[0].read_bytes())   # the last good checkpoint of an earlier run
+    before = out.read_bytes()
+    real = train_mod.make_chunk
+
+    def poisoned(episodes, start, T, model_cfg):
+        c = real(episodes, start, T, model_cfg)
+        if start >= 2 * T:
+            c.action[:] = float("nan")
+        return c
+    monkeypatch.setattr(train_mod, "make_chunk", poisoned)
+    with pytest.raises(TrainingError, match=r"non-finite loss .* chunk 2 \(ticks 100\.\.149\) of the batch of episodes"):
+        train([demos], cfg, TrainConfig(**QUICK), out, cache=cache, progress=False, log=_quiet)
+    assert out.read_bytes() == before
+
+
+def test_an_interrupted_training_resumes_to_the_same_result(demos, cfg, cache, tmp_path):
+    two = dict(QUICK, epochs=2, patience=5)
+    straight = tmp_path / "straight.pt"
+    done = train([demos], cfg, TrainConfig(**two), straight, cache=cache, progress=False, log=_quiet)
+    out = tmp_path / "interrupted.pt"
+
+    def stop_after_first_epoch(msg: str) -> None:
+        if msg.startswith("train: epoch 1:"):
+            raise KeyboardInterrupt
+    with pytest.raises(KeyboardInterrupt):
+        train([demos], cfg, TrainConfig(**two), out, cache=cache, progress=False, log=stop_after_first_epoch)
+    # The last complete checkpoint is under its final name, and the run can go on from it.
+    assert read_checkpoint(out)["training"]["epochs_run"] == 1
+    assert out.with_name(out.name + ".resume").is_file()
+    with pytest.raises(TrainingError, match="other options or other bags"):
+        train([demos], cfg, TrainConfig(**dict(two, lr=1e-4)), out, cache=cache, resume=True, progress=False,
+              log=_quiet)
+    resumed = train([demos], cfg, TrainConfig(**two), out, cache=cache, resume=True, progress=False, log=_quiet)
+    assert resumed["final_weights_sha256"] == done["final_weights_sha256"]
+    assert resumed["history"]["val_loss"] == done["history"]["val_loss"]
+    with pytest.raises(TrainingError, match="--resume: no"):
+        train([demos], cfg, TrainConfig(**two), tmp_path / "never.pt", cache=cache, resume=True, progress=False,
+              log=_quiet)
+
+
+def test_modalities_option_masks_the_others_inside_the_network(demos, cfg, cache, tmp_path, make_inputs):
+    out = tmp_path / "camera_joints.pt"
+    tc = TrainConfig(**QUICK, modalities=("camera", "joint_state"))
+    train([demos], cfg, tc, out, cache=cache, progress=False, log=_quiet)
+    model = load_checkpoint(out)
+    assert model.cfg.modalities == ("camera", "joint_state")
+    assert read_checkpoint(out)["training"]["overrides"] == {"model.modalities": ["camera", "joint_state"]}
+    inputs = make_inputs(model.cfg, 1, 1)
+    changed = dict(inputs, lidar=inputs["lidar"] * 0.1, imu=inputs["imu"] * 5.0)
+    with torch.no_grad():
+        a, b = model(*inputs.values()), model(*changed.values())
+    torch.testing.assert_close(a[0], b[0])
+    # And the config the other modalities' checkpoint was trained for is refused by the runtime.
+    from mm_fusion_ros.runtime import load_model
+    with pytest.raises(ConfigError, match=r"model.modalities"):
+        load_model(dataclasses.replace(cfg, checkpoint=str(out)))
+    assert trained_config(cfg, tc).model.modalities == ("camera", "joint_state")
+
+
+def test_torchrun_two_ranks_on_cpu_end_with_identical_weights(demos, cfg, cache, tmp_path):
+    script = tmp_path / "ddp_train.py"
+    script.write_text(f"""
+import os, sys, torch
+sys.path.insert(0, {str(REPO)!r})
+from mm_fusion_ros.config import load_config
+from mm_fusion_ros.train import TrainConfig, train
+torch.set_num_threads(1)
+report = train([{str(demos)!r}], load_config({str(SIM_YAML)!r}),
+               TrainConfig(epochs=1, batch_episodes=1, chunk_ticks=50, val_fraction=0.34, threads=1),
+               {str(tmp_path / "ddp.pt")!r}, cache={str(cache)!r}, progress=False, log=lambda m: None)
+open(os.path.join({str(tmp_path)!r}, "rank" + os.environ["RANK"] + ".sha"), "w").write(report["final_weights_sha256"])
+""")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MASTER_ADDR": "127.0.0.1"}
+    torchrun = Path(sys.executable).with_name("torchrun")
+    proc = subprocess.run([str(torchrun), "--nproc-per-node", "2", "--master-addr", "127.0.0.1", "--master-port",
+                           str(_free_port()), str(script)], env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    a, b = (tmp_path / "rank0.sha").read_text(), (tmp_path / "rank1.sha").read_text()
+    assert a == b
+    # Trained (not the initial weights), and one checkpoint, from rank 0.
+    assert (tmp_path / "ddp.pt").is_file()
+    assert json.dumps(read_checkpoint(tmp_path / "ddp.pt")["training"]["world_size"]) == "2"
+
+
+def _free_port() -> int:
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
