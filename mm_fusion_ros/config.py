@@ -207,6 +207,11 @@ class ModelConfig:
     # The inputs the network uses; the others are masked inside it, at every tick, as if absent
     # (a modality ablation's checkpoint: `mm-fusion train --modalities`).
     modalities: tuple[str, ...] = MODALITIES
+    # Whether the network sees the joint velocities (the joint_state input's second half) or only the
+    # positions. A velocity-controlled arm's measured velocity is its previous command: a policy cloned
+    # from demonstrations with it learns to copy it (open loop it tracks the expert, closed loop it never
+    # starts moving; measured, see README "Learning"). The input keeps its shape either way.
+    joint_velocity: bool = True
 
     def validate(self, key: str) -> None:
         for name in ("camera", "audio", "imu", "lidar", "encoder", "action"):

@@ -133,7 +133,10 @@ def config_key(cfg: RobotConfig, label_topic: str) -> str:
     """What in the config and the code the stored arrays depend on."""
     root = Path(__file__).resolve().parent
     h = hashlib.sha256(DATASET_FORMAT.encode())
-    h.update(json.dumps({"model": config_to_dict(cfg.model), "inputs": config_to_dict(cfg.inputs),
+    # The model's input shapes and preprocessing, not what the network does with them (strategy, sizes,
+    # modalities): ablations and strategies share one cache.
+    shapes = {k: v for k, v in config_to_dict(cfg.model).items() if k in ("camera", "audio", "imu", "lidar", "action")}
+    h.update(json.dumps({"model": shapes, "inputs": config_to_dict(cfg.inputs),
                          "control_rate_hz": cfg.control_rate_hz, "ros_distro": cfg.ros_distro,
                          "label_topic": label_topic}, sort_keys=True).encode())
     for rel in _SOURCES:

@@ -369,3 +369,42 @@ def test_the_launched_processes_make_the_graph_the_launch_file_describes(descrip
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
+
+
+# ---------------------------------------------------------------- launch/sim.launch.py (what `make demo` runs)
+
+@pytest.fixture(scope="module")
+def sim_description(tmp_path_factory, monkeypatch_module):
+    share = tmp_path_factory.mktemp("sim_share")
+    (share / "config").symlink_to(REPO / "config")
+    for name, stub in _stub_modules(share).items():
+        monkeypatch_module.setitem(sys.modules, name, stub)
+    result = runpy.run_path(str(REPO / "launch" / "sim.launch.py"))["generate_launch_description"]()
+    return result.args[0], share
+
+
+def test_sim_launch_starts_the_cell_and_the_policy_with_valid_blocks(sim_description):
+    description, share = sim_description
+    args = launch_arguments(description)
+    assert args["checkpoint"] == str(share / "policies" / "sim_policy.pt")
+    assert int(args["seed"]) >= 1000   # not a training seed (make train records seeds below 1000)
+    params_file = Path(args["params_file"])
+    doc = yaml.safe_load(params_file.read_text())
+    started = nodes(description, namespace="cell")
+    assert sorted(n.kwargs["executable"] for n in started) == ["fusion_node", "sim_node"]
+    assert {n.kwargs["namespace"] for n in started} == {"cell"}
+    for node in started:
+        exe, name = node.kwargs["executable"], node.kwargs["name"]
+        block, overrides = node.kwargs["parameters"]
+        assert block == flatten(doc[name]["ros__parameters"])
+        undeclared = (set(block) | set(overrides)) - declared_names(exe)
+        assert not undeclared, f"{name} does not declare {sorted(undeclared)}"
+        build_config(NODE_CONFIGS[exe], block)
+    fusion = next(n for n in started if n.kwargs["executable"] == "fusion_node")
+    # The policy follows the cell's clock; the cell is the clock.
+    assert flatten(doc["fusion_node"]["ros__parameters"])["use_sim_time"] is True
+    assert fusion.kwargs["parameters"][1]["checkpoint"].kwargs.get("value_type") is str
+
+
+def test_setup_py_installs_the_shipped_policy():
+    assert 'glob("policies/*.pt")' in (REPO / "setup.py").read_text()

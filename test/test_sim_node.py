@@ -443,7 +443,14 @@ def test_fusion_node_closes_the_loop_over_dds_with_every_input_fresh(tmp_path):
     cfg = load_config(SIM_YAML)   # the cell's fusion_node block: Panda joints, compressed camera, use_sim_time
     assert cfg.use_sim_time
     artifacts = tmp_path / "artifacts"
-    ensure_onnx(load_model(cfg), artifacts, log=lambda m: None)   # a checkpoint-less (seeded random) policy
+    # An untrained policy whose commands are large enough to measure the arm following them: seeded random
+    # weights with the action's spread widened (the loop is under test here, not the policy).
+    from mm_fusion_ros.model import save_checkpoint
+    model = load_model(cfg)
+    model.action_head.std.mul_(6.0)
+    checkpoint = tmp_path / "wide.pt"
+    save_checkpoint(model, checkpoint)
+    ensure_onnx(model, artifacts, log=lambda m: None)
     # Its own domain, away from conftest's 100-199, the Makefile's 42 and test_integration's choice of the moment.
     domain = 1 + (os.getpid() + int(time.time()) + 50) % 99
     domain = 43 if domain == 42 else domain
@@ -463,6 +470,7 @@ def test_fusion_node_closes_the_loop_over_dds_with_every_input_fresh(tmp_path):
     monitor.node.create_subscription(DiagnosticArray, "/diagnostics", on_diagnostics, 100)
     try:
         fusion = pipeline.start("fusion_node", {"engine.artifact_dir": str(artifacts), "engine.backend": "onnxruntime",
+                                                "checkpoint": str(checkpoint),
                                                 "inputs.audio.type": audio_type_here(cfg.inputs.audio.type)})
         assert procs.wait_for_log(fusion, "ticking at", 120), f"fusion_node did not start:\n{fusion.log()[-3000:]}"
         sim = pipeline.start("sim_node", {"intruder.probability": 0.0, "node.wait_for_subscribers": 1})

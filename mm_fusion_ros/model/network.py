@@ -107,8 +107,17 @@ class FusionNet(nn.Module):
         self.audio = AudioEncoder(cfg.audio, dim)
         self.imu = ImuEncoder(cfg.imu, dim)
         self.lidar = LidarEncoder(cfg.lidar, dim)
-        self.joint_state = JointStateEncoder(cfg.action.dof, dim)
+        self.joint_state = JointStateEncoder(cfg.action.dof, dim, cfg.joint_velocity)
         self.lif = LeakyIntegrateFire(enc.beta, enc.threshold, enc.num_spike_steps)
+        # Each token is standardised and then scaled into the LIF layer's working range before it becomes
+        # a current: between the first onset (one spike in num_spike_steps, ~0.06 x threshold for the
+        # defaults) and the threshold (a spike every step). Unscaled encoder outputs sit mostly below the
+        # first onset, where a neuron never fires and its surrogate gradient all but vanishes: measured,
+        # 70-80 % of the camera's and audio's neurons silent at initialisation and all of them after
+        # training, so the policy could not learn to use those sensors. Per-modality gain and offset,
+        # learned, starting at half the threshold.
+        self.current_gain = nn.Parameter(torch.full((len(MODALITIES), dim), 0.5 * enc.threshold))
+        self.current_offset = nn.Parameter(torch.full((len(MODALITIES), dim), 0.5 * enc.threshold))
         self.cells = CfCCells(len(MODALITIES), dim, dim, enc.cfc_mode, enc.backbone_units, enc.backbone_layers)
         self.fusion = make_fusion(cfg.fusion.strategy, dim, len(MODALITIES), cfg.fusion.heads,
                                   cfg.fusion.rank)
@@ -134,11 +143,12 @@ class FusionNet(nn.Module):
     # (whose membranes start at rest every tick) over every tick of a chunk at once and only
     # ``recur``, the fusion and the heads tick by tick (truncated BPTT): the same arithmetic.
 
-    @staticmethod
-    def stack_tokens(camera, audio, imu, lidar, joint_state) -> torch.Tensor:
+    def stack_tokens(self, camera, audio, imu, lidar, joint_state) -> torch.Tensor:
         """Per-modality encoder outputs (B, D) each -> (B, M, D) input currents of the LIF layers, in
         MODALITIES order (the one place that order meets the network)."""
-        return torch.stack([camera, audio, imu, lidar, joint_state], dim=1)
+        tokens = torch.stack([camera, audio, imu, lidar, joint_state], dim=1)
+        normed = nn.functional.layer_norm(tokens, (tokens.shape[-1],))
+        return normed * self.current_gain + self.current_offset
 
     def recur(self, rates, mask, dt, state) -> torch.Tensor:
         """Spike rates (B, M, D) -> the CfC cells' new state, advanced by the real dt (B, 1)."""

@@ -356,14 +356,16 @@ class LidarEncoder(nn.Module):
 
 
 class JointStateEncoder(nn.Module):
-    """(B, 2 * dof) joint positions then velocities -> (B, out_dim)."""
+    """(B, 2 * dof) joint positions then velocities -> (B, out_dim); ``velocity=False`` reads the positions only."""
 
-    def __init__(self, dof: int, out_dim: int):
+    def __init__(self, dof: int, out_dim: int, velocity: bool = True):
         super().__init__()
         self.mlp = nn.Sequential(nn.Linear(2 * dof, out_dim), nn.Tanh(), nn.Linear(out_dim, out_dim))
         # The training set's statistics once trained (``set_normalization``); identity until then.
         self.register_buffer("mean", torch.zeros(1, 2 * dof))
         self.register_buffer("inv_std", torch.ones(1, 2 * dof))
+        self.register_buffer("keep", torch.tensor([1.0] * dof + [1.0 if velocity else 0.0] * dof).view(1, -1),
+                             persistent=False)
 
     def forward(self, joints: torch.Tensor) -> torch.Tensor:
-        return self.mlp((joints - self.mean) * self.inv_std)
+        return self.mlp((joints - self.mean) * self.inv_std * self.keep)
