@@ -21,7 +21,8 @@ clean command is what gets recorded as the label, so a cloned policy sees
 states slightly off the expert's path and how to get back. Only while the
 expert is moving freely (``perturbable``): noise while it holds still for the
 intruder, or during the last millimetres of a press, would not show a recovery,
-only fail the episode (a protective-stop violation, an overtravel).
+only fail the episode (a protective-stop violation, an overtravel). And while it
+listens for the cue: see ``perturbable``.
 """
 
 from __future__ import annotations
@@ -65,8 +66,12 @@ class Expert:
 
     @property
     def perturbable(self) -> bool:
-        """Whether DART noise may be added to the command now (free motion, no intruder near)."""
-        if self._intruder_near() or self.phase not in ("approach", "descend", "hold"):
+        """Whether DART noise may be added to the command now (free motion, or waiting for the cue; no intruder
+        near). Noise while it waits for the cue matters most for cloning: the arm then moves (the motors hum,
+        the IMU shakes) while the label says "hold still", so a cloned policy cannot learn "move because the
+        arm moves" (measured: trained without it, open loop it tracked the expert, closed loop it never left
+        the start pose)."""
+        if self._intruder_near() or self.phase not in ("listen", "approach", "descend", "hold"):
             return False
         if self.phase == "descend":
             p, _ = self.cell.tcp()
