@@ -17,7 +17,6 @@ node that configures and activates itself (``autostart``).
 
 import os
 
-import yaml
 from ament_index_python.packages import get_package_share_directory
 from launch import LaunchDescription
 from launch.actions import DeclareLaunchArgument, OpaqueFunction, SetEnvironmentVariable
@@ -26,24 +25,11 @@ from launch.substitutions import LaunchConfiguration
 from launch_ros.actions import Node
 from launch_ros.parameter_descriptions import ParameterValue
 
+from mm_fusion_ros.config import launch_parameters as node_block
+
 PACKAGE = "mm_fusion_ros"
 
 
-def node_block(params_file, node_name):
-    """The node's ``ros__parameters`` from a parameters file, flattened to dotted names."""
-    with open(params_file, encoding="utf-8") as f:
-        doc = yaml.safe_load(f) or {}
-    out = {}
-
-    def walk(value, prefix):
-        for key, item in value.items():
-            if isinstance(item, dict):
-                walk(item, f"{prefix}{key}.")
-            else:
-                out[f"{prefix}{key}"] = item
-
-    walk(doc.get(node_name, {}).get("ros__parameters", {}), "")
-    return out
 
 
 def _nodes(context):

@@ -621,6 +621,24 @@ def read_node_parameters(path: str | Path, node: str = NODE_NAME) -> dict:
     return dict(block["ros__parameters"])
 
 
+def launch_parameters(path: str | Path, node: str) -> dict:
+    """A node's ``ros__parameters`` from a parameters file, flattened to dotted names (what the launch files
+    hand each node, so that its block matches under any namespace); {} when the file has no such block."""
+    with open(path, encoding="utf-8") as f:
+        doc = yaml.safe_load(f) or {}
+    out: dict = {}
+
+    def walk(value: dict, prefix: str) -> None:
+        for key, item in value.items():
+            if isinstance(item, dict):
+                walk(item, f"{prefix}{key}.")
+            else:
+                out[f"{prefix}{key}"] = item
+
+    walk((doc.get(node) or {}).get("ros__parameters") or {}, "")
+    return out
+
+
 def load_config(path: str | Path) -> RobotConfig:
     """Load ``fusion_node.ros__parameters`` from a ROS 2 parameters YAML file."""
     params = read_node_parameters(path)
