@@ -176,7 +176,7 @@ class Evaluator:
         start = cell.t
         held = ticks = 0
         contribution = np.zeros(len(MODALITIES))
-        recorder = _Recorder(cell, video) if video else None
+        recorder = _Recorder(cell, video, cfg.control_rate_hz) if video else None
         waiting: list = []   # received at exactly the tick time: handed over after the tick, as replay does
         try:
             while not cell.outcome.done:
@@ -227,10 +227,10 @@ class _Recorder:
     """The episode video: the cell and the policy's camera, with the commanded joints, each modality's
     contribution and the attention between modalities drawn beside them, over time."""
 
-    def __init__(self, cell, path: str | Path):
+    def __init__(self, cell, path: str | Path, control_rate_hz: float):
         from .sim.video import EpisodeVideo
         from .viz import PolicyPanel
-        self.panel = PolicyPanel(MODALITIES, cell.cfg.control_rate_hz if hasattr(cell.cfg, "control_rate_hz") else 100.0)
+        self.panel = PolicyPanel(MODALITIES, control_rate_hz)
         self.video = EpisodeVideo(cell, path, panel=self.panel)
 
     def tick(self, result) -> None:

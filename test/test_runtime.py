@@ -194,6 +194,23 @@ def test_a_backwards_clock_jump_resets_state_buffers_and_rate_limiter(torch_engi
     assert runtime.counters["resets"] == 1
 
 
+def test_a_requested_reset_forgets_state_buffers_and_rate_limiter_at_the_next_tick(torch_engine):
+    runtime, engine, logs, sensors = warm(torch_engine, start_enabled=True)
+    results = run(runtime, sensors, 30, T0)
+    assert np.abs(runtime.stream.state).max() > 0
+    t = T0 + 30 * PERIOD
+    runtime.request_reset()   # as fusion_node's mm_fusion/reset service does, from another thread
+    assert np.abs(runtime.stream.state).max() > 0   # nothing happens before the tick
+    result = runtime.tick(t)
+    assert np.all(engine.states[-1] == 0.0)   # that tick's step started from a zero state
+    assert result.mask.sum() == 0 and result.dt == pytest.approx(PERIOD)   # the buffers went with the past
+    assert runtime.counters["resets_requested"] == 1 and runtime.safety.counters["resets"] == 1
+    assert runtime.summary()["resets_requested"] == 1 and any("reset requested" in line for line in logs)
+    assert results[-1].t < t   # the clock did not jump: only the request reset anything
+    after = runtime.tick(t + PERIOD)
+    assert runtime.counters["resets_requested"] == 1 and after.dt == pytest.approx(PERIOD)
+
+
 def test_dt_follows_the_real_spacing_of_ticks_and_is_clamped(torch_engine):
     runtime, engine, _ = make_runtime(torch_engine)
     times = T0 + np.cumsum([0.0, 0.008, 0.012, 0.01, 0.0002, 0.5, 0.01])
