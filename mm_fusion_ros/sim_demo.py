@@ -13,7 +13,6 @@ the nodes.
 from __future__ import annotations
 
 import json
-import math
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -21,7 +20,7 @@ from typing import Any, Callable
 from . import procs
 from .config import load_config
 from .files import write_json_atomic
-from .live_demo import READY_TIMEOUT_S, Monitor, apply_ros_env, fusion_env, tick_times_in, window_summary
+from .live_demo import READY_TIMEOUT_S, Monitor, _pct, apply_ros_env, fusion_env, tick_times_in, window_summary
 from .stats import wilson_interval
 
 DEFAULT_CHECKPOINT = "policies/sim_policy.pt"
@@ -70,7 +69,6 @@ def run_sim_demo(config: str | Path, checkpoint: str | Path, episodes: int, work
             if not procs.wait_for_log(sim, "cell at", timeout=60):
                 raise RuntimeError(f"sim_node did not start; see {sim.log_path}:\n{sim.log()[-2000:]}")
             monitor.recording = True
-            t0 = monitor.now()
             started = time.monotonic()
             while len(outcomes) < episodes:
                 n = len(outcomes)
@@ -86,7 +84,6 @@ def run_sim_demo(config: str | Path, checkpoint: str | Path, episodes: int, work
                 if len(outcomes) < episodes:
                     _call(reset_policy, cfg.outputs.reset_service)
                     _call(next_episode, "/sim/reset")
-            t1 = monitor.now()
             wall = time.monotonic() - started
             monitor.recording = False
             monitor.wait_for(lambda: not sim.alive(), 30.0)   # it shuts down by itself after the last episode
@@ -97,6 +94,8 @@ def run_sim_demo(config: str | Path, checkpoint: str | Path, episodes: int, work
                 procs.stop_all(nodes)
         sim_stats = sim.stats() or {}
         stats = json.loads(stats_path.read_text()) if stats_path.is_file() else {}
+        # The episodes' span on the sim clock (the ticks' clock; this process's own clock is wall time).
+        t0, t1 = outcomes[0]["clock_start"], outcomes[-1]["clock_end"]
         summary = _summary(cfg, monitor, outcomes, stats, sim_stats, t0, t1, wall)
         summary["exit_codes"] = codes
     finally:
@@ -129,13 +128,11 @@ def _summary(cfg, monitor: Monitor, outcomes: list[dict], stats: dict, sim_stats
     names = {"joint_states": "joint_state"}   # sim_node counts by sensor, fusion_node by modality
     lost = {names.get(k, k): max(0, v - int(received.get(names.get(k, k), 0)))
             for k, v in published.items() if k != "clock"}
-    pct = (lambda q: round(float(sorted(tick_s)[min(len(tick_s) - 1, int(math.ceil(q / 100 * len(tick_s))) - 1)]) * 1e3, 3)
-           if len(tick_s) else None)
     return {
         "episodes": n, "successes": wins, "success_rate": wins / n if n else None, "success_ci95": [lo, hi],
         "outcomes": [{k: e[k] for k in ("episode", "seed", "status", "reason", "duration")} for e in outcomes],
         "ticks": window.get("ticks"), "achieved_hz": window.get("achieved_hz"),
-        "tick_ms": {"p50": pct(50), "p99": pct(99)},
+        "tick_ms": {"p50": _pct(tick_s, 50), "p99": _pct(tick_s, 99)},
         "over_budget_share": round(float((tick_s > 1.0 / cfg.control_rate_hz).mean()), 5) if len(tick_s) else None,
         "mask_rate": window.get("mask_rate", {}), "held_share": window.get("held_share"),
         "lost": lost, "bad": stats.get("bad", {}),
