@@ -24,7 +24,6 @@ import dataclasses
 import json
 import os
 import platform
-import signal
 import subprocess
 import sys
 import tempfile
@@ -37,6 +36,7 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from mm_fusion_ros import procs  # noqa: E402
 from mm_fusion_ros.config import MODALITIES, RobotConfig, load_config  # noqa: E402
 from mm_fusion_ros.engine import create_engine, model_fingerprint  # noqa: E402
 from mm_fusion_ros.engine.remote_engine import RemoteEngine, RemoteError  # noqa: E402
@@ -67,12 +67,7 @@ def start_server(config: str, backend: str, endpoint: str, keys: Path | None = N
 
 
 def stop(proc) -> None:
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGINT)
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+    procs.stop_process(proc)
 
 
 def inputs_for(specs, seed: int) -> dict[str, np.ndarray]:

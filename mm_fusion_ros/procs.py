@@ -156,20 +156,26 @@ class NodeProcess:
 
     def stop(self, timeout: float = 10.0) -> int:
         """SIGINT, then SIGTERM, then SIGKILL, each to this PID only; returns the exit status."""
-        for sig, wait in ((signal.SIGINT, timeout), (signal.SIGTERM, 5.0), (signal.SIGKILL, 5.0)):
-            if self.popen.poll() is not None:
-                break
-            try:
-                os.kill(self.popen.pid, sig)
-            except ProcessLookupError:
-                break
-            try:
-                self.popen.wait(timeout=wait)
-            except subprocess.TimeoutExpired:
-                continue
-        self.returncode = self.popen.wait()
+        self.returncode = stop_process(self.popen, timeout)
         _running.pop(self.popen.pid, None)
         return self.returncode
+
+
+def stop_process(popen: subprocess.Popen, timeout: float = 10.0) -> int:
+    """SIGINT (a node's or a server's clean shutdown), then SIGTERM, then SIGKILL, each to this PID only;
+    returns the exit status."""
+    for sig, wait in ((signal.SIGINT, timeout), (signal.SIGTERM, 5.0), (signal.SIGKILL, 5.0)):
+        if popen.poll() is not None:
+            break
+        try:
+            os.kill(popen.pid, sig)
+        except ProcessLookupError:
+            break
+        try:
+            popen.wait(timeout=wait)
+        except subprocess.TimeoutExpired:
+            continue
+    return popen.wait()
 
 
 def start_node(name: str, log_dir: str | Path, *, params_file: str | Path | None = None,

@@ -107,17 +107,20 @@ def _stub_modules(share_dir: Path) -> dict[str, types.ModuleType]:
     }
 
 
-@pytest.fixture(scope="module")
-def description(tmp_path_factory, monkeypatch_module):
-    # The installed layout: share/mm_fusion_ros/{config,launch}, as setup.py's data_files put them.
-    share = tmp_path_factory.mktemp("share")
+def _describe(launch_file: Path, share: Path, monkeypatch) -> list:
+    """Run a launch file's generate_launch_description against the stand-ins, in the installed layout
+    (share/mm_fusion_ros/{config,launch}, as setup.py's data_files put them); its actions."""
     (share / "config").symlink_to(REPO / "config")
     for name, stub in _stub_modules(share).items():
-        monkeypatch_module.setitem(sys.modules, name, stub)
-    namespace = runpy.run_path(str(LAUNCH_FILE))
-    result = namespace["generate_launch_description"]()
+        monkeypatch.setitem(sys.modules, name, stub)
+    result = runpy.run_path(str(launch_file))["generate_launch_description"]()
     assert isinstance(result, LaunchDescription)
     return result.args[0]
+
+
+@pytest.fixture(scope="module")
+def description(tmp_path_factory, monkeypatch_module):
+    return _describe(LAUNCH_FILE, tmp_path_factory.mktemp("share"), monkeypatch_module)
 
 
 def launch_arguments(description) -> dict[str, str]:
@@ -376,11 +379,7 @@ def test_the_launched_processes_make_the_graph_the_launch_file_describes(descrip
 @pytest.fixture(scope="module")
 def sim_description(tmp_path_factory, monkeypatch_module):
     share = tmp_path_factory.mktemp("sim_share")
-    (share / "config").symlink_to(REPO / "config")
-    for name, stub in _stub_modules(share).items():
-        monkeypatch_module.setitem(sys.modules, name, stub)
-    result = runpy.run_path(str(REPO / "launch" / "sim.launch.py"))["generate_launch_description"]()
-    return result.args[0], share
+    return _describe(REPO / "launch" / "sim.launch.py", share, monkeypatch_module), share
 
 
 def test_sim_launch_starts_the_cell_and_the_policy_with_valid_blocks(sim_description):

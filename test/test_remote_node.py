@@ -10,7 +10,6 @@ import socket
 import subprocess
 import sys
 import threading
-import time
 from pathlib import Path
 
 import numpy as np
@@ -21,6 +20,7 @@ rclpy = pytest.importorskip("rclpy", reason="ROS 2 wheels not installed (pip ins
 from diagnostic_msgs.msg import DiagnosticArray  # noqa: E402
 from sensor_msgs.msg import JointState  # noqa: E402
 
+from mm_fusion_ros import procs  # noqa: E402
 from mm_fusion_ros.config import load_config  # noqa: E402
 from test_fusion_node import _imu_feeder  # noqa: E402
 from test_nodes import ROBOT_YAML, Spinner, args, wait_until  # noqa: E402
@@ -106,9 +106,4 @@ def test_killed_server_the_node_rests_within_a_tick_reports_it_and_resumes_with_
         node.close()
         io.destroy_node()
         for proc in servers:
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGINT)
-                try:
-                    proc.wait(timeout=10)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
+            procs.stop_process(proc)
