@@ -87,6 +87,7 @@ class Episode:
     key: str
     arrays: dict[str, np.ndarray]
     meta: dict
+    weight: np.ndarray | None = None    # per-tick loss weight (training's keyframes); None: every tick 1
 
     @property
     def ticks(self) -> int:

@@ -7,7 +7,9 @@ chunks of ``chunk_ticks`` ticks (truncated backpropagation through time) with
 the recurrent state carried from chunk to chunk, detached, and the real dt of
 every tick. Within a chunk the stateless parts (the encoders and the LIF layers,
 whose membranes start at rest every tick, with their surrogate gradient) run on
-all ticks at once; the CfC cells, the fusion and the heads run tick by tick.
+all ticks at once (the audio windows cut from each episode's log-mel track
+after one convolution over it); only the state's part of the CfC cells runs
+tick by tick, and the fusion and the heads take all ticks at once again.
 
 Modality dropout masks whole modalities for a chunk, as the runtime's mask
 does when a sensor goes silent, so the policy learns to act without it.
@@ -57,12 +59,17 @@ class TrainConfig:
     batch_episodes: int = 8            # episodes per batch (each stepped through whole)
     chunk_ticks: int = 40              # ticks per truncated-BPTT chunk (0.4 s at 100 Hz)
     lr: float = 5e-4                   # 2e-3 and above measured unstable (the loss stalls at the mean or diverges)
+    lr_final: float = 0.1              # cosine decay over the epochs to this fraction of lr (1: constant)
     weight_decay: float = 1e-4
     grad_clip: float = 1.0
     modality_dropout: float = 0.15     # probability per modality per chunk of masking it whole
     val_fraction: float = 0.1          # of the episodes, held out for validation (at least one)
     patience: int = 8                  # epochs without a better validation loss before stopping
     label_topic: str = DEFAULT_LABEL_TOPIC
+    include_failures: bool = False     # also learn from episodes their recorder marked as failed
+    keyframe_weight: float = 10.0      # extra loss weight on the ticks just after the expert's command jumps
+    keyframe_ticks: int = 10           # how many ticks after the jump
+    keyframe_jump: float = 0.3         # a jump: the standardised command's RMS change in one tick above this
     threads: int = 0                   # torch intra-op threads (0: all cores)
 
     def validate(self) -> None:
@@ -79,9 +86,13 @@ class TrainConfig:
                   (1 <= self.batch_episodes <= 1024, "--batch-episodes must be in [1, 1024]"),
                   (1 <= self.chunk_ticks <= 10000, "--chunk-ticks must be in [1, 10000]"),
                   (0 < self.lr < 1, "--lr must be in (0, 1)"),
+                  (0 < self.lr_final <= 1, "--lr-final must be in (0, 1]"),
                   (0 <= self.modality_dropout < 1, "--modality-dropout must be in [0, 1)"),
                   (0 < self.val_fraction < 1, "--val-fraction must be in (0, 1)"),
                   (self.patience >= 1, "--patience must be >= 1"),
+                  (self.keyframe_weight >= 0, "--keyframe-weight must be >= 0"),
+                  (1 <= self.keyframe_ticks <= 1000, "--keyframe-ticks must be in [1, 1000]"),
+                  (self.keyframe_jump > 0, "--keyframe-jump must be > 0"),
                   (self.threads >= 0, "--threads must be >= 0")]
         for ok, msg in checks:
             if not ok:
@@ -134,6 +145,43 @@ def split_episodes(episodes: list[Episode], fraction: float) -> tuple[list[Episo
     return ([e for i, e in enumerate(ordered) if i not in val_idx], [e for i, e in enumerate(ordered) if i in val_idx])
 
 
+def _silent(_msg: str) -> None:
+    pass
+
+
+def successful(episodes: list[Episode], include_failures: bool, log: Callable[[str], None]) -> list[Episode]:
+    """The episodes to clone: those whose recorder (``mm-fusion record``'s JSON beside the bag) did not mark
+    them failed. A demonstration that timed out teaches the policy to dither; a team's own bags, without
+    that JSON, are all kept."""
+    if include_failures:
+        return episodes
+    failed = [e for e in episodes if e.meta.get("episode", {}).get("outcome") not in (None, "success")]
+    if failed:
+        reasons = sorted({str(e.meta["episode"].get("reason")) for e in failed})
+        log(f"train: leaving out {len(failed)} episode(s) their recording marked failed ({', '.join(reasons)}): "
+            f"{', '.join(e.name for e in failed[:8])}{' ...' if len(failed) > 8 else ''} "
+            "(--include-failures keeps them)")
+    out = {id(e) for e in failed}
+    return [e for e in episodes if id(e) not in out]
+
+
+def keyframe_weights(episode: Episode, action_std: np.ndarray, tc: TrainConfig) -> np.ndarray:
+    """Per-tick loss weights: 1, plus ``keyframe_weight`` on the ``keyframe_ticks`` ticks from each jump of
+    the expert's command (the cue heard, the click felt, the intruder gone).
+
+    Keyframe-focused imitation (Wen et al. 2021) against the copycat a cloned policy becomes: measured here,
+    it started moving two ticks *after* the expert did, read from the arm's own motion, and so, in closed
+    loop with nobody to start the motion, never started. A two-tick lag is nothing to an unweighted loss
+    (the onset is 0.3 % of the ticks); weighted, the onset has to come from the sensors that announce it.
+    """
+    a = np.asarray(episode.arrays["action"], np.float64) / np.maximum(action_std, 1e-3)
+    jump = np.zeros(len(a), bool)
+    if len(a) > 1:
+        jump[1:] = np.sqrt(np.mean(np.diff(a, axis=0) ** 2, axis=1)) > tc.keyframe_jump
+    near = np.convolve(jump.astype(np.float64), np.ones(tc.keyframe_ticks))[:len(a)] > 0
+    return (1.0 + tc.keyframe_weight * near).astype(np.float32)
+
+
 def normalization(episodes: Sequence[Episode]) -> dict[str, np.ndarray]:
     """Mean and std of the IMU channels, the joint state and the labelled actions over the ticks
     where each was present."""
@@ -155,7 +203,8 @@ def normalization(episodes: Sequence[Episode]) -> dict[str, np.ndarray]:
 
 @dataclass
 class Chunk:
-    """Ticks [start, start + T) of B episodes, padded; ``valid`` is 0 on padding and unlabelled ticks.
+    """Ticks [start, start + T) of B episodes, padded; ``valid`` is 0 on padding and unlabelled ticks, else the
+    tick's loss weight (``keyframe_weights``).
 
     Camera frames and LiDAR scans are held once each (a 30 Hz frame serves three ticks, a 10 Hz scan
     ten) with a per-tick index, so their encoders run once per frame as live, not once per tick.
@@ -163,7 +212,8 @@ class Chunk:
 
     camera: torch.Tensor        # (U, H, W, 3) uint8: the chunk's distinct frames (row 0: none, zeros)
     camera_index: torch.Tensor  # (B*T,) int64 into camera
-    frames: torch.Tensor        # (B*T, n_mels, n_frames)
+    audio_track: torch.Tensor   # (B, n_mels, L): each episode's log-mel frames that the chunk's windows cover
+    audio_start: torch.Tensor   # (B*T,) int64: each tick's window start in its row of audio_track (-1: none)
     imu: torch.Tensor           # (B*T, window, 6)
     lidar: torch.Tensor         # (S, beams) distinct scans (row 0: none, zeros)
     lidar_index: torch.Tensor   # (B*T,)
@@ -195,7 +245,9 @@ def make_chunk(episodes: Sequence[Episode], start: int, T: int, cfg) -> Chunk:
     m = cfg
     B = len(episodes)
     shape = (m.camera.height, m.camera.width, 3)
-    frames = np.zeros((B, T, m.audio.n_mels, m.audio.n_frames), np.float32)
+    F = m.audio.n_frames
+    segments: list[np.ndarray | None] = [None] * B
+    audio_start = np.full((B, T), -1, np.int64)
     imu = np.zeros((B, T, m.imu.window_samples, 6), np.float32)
     joints = np.zeros((B, T, 2 * m.action.dof), np.float32)
     mask = np.zeros((B, T, len(MODALITIES)), np.float32)
@@ -207,24 +259,37 @@ def make_chunk(episodes: Sequence[Episode], start: int, T: int, cfg) -> Chunk:
         lo, hi = start, min(start + T, ep.ticks)
         if hi <= lo:
             continue
-        ticks = np.arange(lo, hi)
         n = hi - lo
         a = ep.arrays
         cam_index.append((b, np.asarray(a["camera_index"][lo:hi])))
         lidar_index.append((b, np.asarray(a["lidar_index"][lo:hi])))
-        frames[b, :n] = ep.audio_windows(ticks, m.audio.n_frames)
+        # The frames the chunk's windows span, once: the encoder cuts the windows from them.
+        ends = np.asarray(a["audio_index"][lo:hi])
+        full = ends >= F - 1
+        if full.any():
+            first, last = int(ends[full].min()) - (F - 1), int(ends[full].max()) + 1
+            segments[b] = np.asarray(a["audio_mel"][:, first:last])
+            audio_start[b, :n] = np.where(full, ends - (F - 1) - first, -1)
         imu[b, :n] = a["imu"][lo:hi]
         joints[b, :n] = a["joint_state"][lo:hi]
         mask[b, :n] = a["mask"][lo:hi]
         dt[b, :n, 0] = a["dt"][lo:hi]
         action[b, :n] = a["action"][lo:hi]
         valid[b, :n] = a["labelled"][lo:hi]
+        if ep.weight is not None:
+            valid[b, :n] *= ep.weight[lo:hi]
     cams, cam_rows = _distinct(cam_index, lambda b: episodes[b].arrays["camera_frames"], np.zeros(shape, np.uint8),
                                B, T)
     scans, scan_rows = _distinct(lidar_index, lambda b: episodes[b].arrays["lidar_scans"],
                                  np.zeros(m.lidar.beams, np.float32), B, T)
+    length = max([F] + [seg.shape[1] for seg in segments if seg is not None])
+    track = np.zeros((B, m.audio.n_mels, length), np.float32)
+    for b, seg in enumerate(segments):
+        if seg is not None:
+            track[b, :, :seg.shape[1]] = seg
     flat = lambda x: torch.from_numpy(x.reshape(B * T, *x.shape[2:]))  # noqa: E731
-    return Chunk(torch.from_numpy(cams), torch.from_numpy(cam_rows), flat(frames), flat(imu),
+    return Chunk(torch.from_numpy(cams), torch.from_numpy(cam_rows), torch.from_numpy(track),
+                 torch.from_numpy(audio_start.reshape(-1)), flat(imu),
                  torch.from_numpy(scans.astype(np.float32)), torch.from_numpy(scan_rows), flat(joints),
                  torch.from_numpy(mask), torch.from_numpy(dt), torch.from_numpy(action), torch.from_numpy(valid))
 
@@ -241,21 +306,23 @@ class SequenceModel(nn.Module):
         net = self.net
         B, T, M = c.mask.shape
         mask = c.mask * net.used.view(1, 1, M)
+        episode = torch.arange(B, device=c.mask.device).repeat_interleave(T)
         with torch.autocast(self.autocast_device or "cpu", dtype=torch.bfloat16,
                             enabled=self.autocast_device == "cuda"):
             camera = net.camera(c.camera)[c.camera_index]
             lidar = net.lidar(c.lidar)[c.lidar_index]
-            currents = net.stack_tokens(camera, net.audio.token(c.frames), net.imu(c.imu), lidar,
-                                        net.joint_state(c.joint_state))
+            audio = net.audio.track_tokens(c.audio_track, episode, c.audio_start)
+            currents = net.stack_tokens(camera, audio, net.imu(c.imu), lidar, net.joint_state(c.joint_state))
             rates = net.lif(currents.float())
-        rates = rates.float().view(B, T, M, -1)
-        preds = []
-        # The recurrence in fp32: dt = 1e-4 s would vanish in bf16.
+        # The recurrence in fp32 (dt = 1e-4 s would vanish in bf16), and only what depends on the
+        # state runs tick by tick: the cells' input half, the fusion and the heads take every tick at once.
+        drive = net.recur_input(rates.float().view(B, T, M, -1))
+        states = []
         for k in range(T):
-            state = net.recur(rates[:, k], mask[:, k], c.dt[:, k], state)
-            fused, _, _ = net.fusion(state, mask[:, k])
-            preds.append(net.action_head.normalized(fused))
-        return torch.stack(preds, dim=1), state
+            state = net.recur_advance(drive[:, k], mask[:, k], c.dt[:, k], state)
+            states.append(state)
+        fused, _, _ = net.fusion(torch.stack(states, dim=1).flatten(0, 1), mask.flatten(0, 1))
+        return net.action_head.normalized(fused).view(B, T, -1), state
 
 
 # ---------------------------------------------------------------- the loop
@@ -267,6 +334,13 @@ class History:
     train_loss: list[float] = field(default_factory=list)
     val_loss: list[float] = field(default_factory=list)
     ticks_per_s: list[float] = field(default_factory=list)
+
+
+def epoch_lr(tc: TrainConfig, epoch: int) -> float:
+    """Cosine from lr at the first epoch to lr * lr_final at the last."""
+    if tc.epochs <= 1:
+        return tc.lr
+    return tc.lr * (tc.lr_final + (1.0 - tc.lr_final) * 0.5 * (1.0 + math.cos(math.pi * epoch / (tc.epochs - 1))))
 
 
 def _dist() -> tuple[int, int]:
@@ -349,11 +423,14 @@ def train(bags: Sequence[str | Path], cfg: RobotConfig, tc: TrainConfig, out: st
                              progress=progress if rank == 0 else False, log=log)
     if world > 1 and rank == 0:
         torch.distributed.barrier()
+    episodes = successful(episodes, tc.include_failures, log if rank == 0 else _silent)
     train_eps, val_eps = split_episodes(episodes, tc.val_fraction)
     if world > 1 and len(train_eps) < world * tc.batch_episodes:
         raise DatasetError(f"{len(train_eps)} training episodes cannot give {world} ranks a batch of "
                            f"{tc.batch_episodes} each; lower --batch-episodes")
     stats = normalization(train_eps)
+    for e in episodes:
+        e.weight = keyframe_weights(e, stats["action_std"], tc) if tc.keyframe_weight > 0 else None
     net = build_model(cfg.model, seed=tc.seed)
     net.set_normalization(stats["imu_mean"], stats["imu_std"], stats["joint_state_mean"], stats["joint_state_std"],
                           stats["action_mean"], stats["action_std"])
@@ -391,6 +468,8 @@ def train(bags: Sequence[str | Path], cfg: RobotConfig, tc: TrainConfig, out: st
     epoch = start_epoch - 1
     for epoch in range(start_epoch, tc.epochs):
         net.train()
+        for group in optimizer.param_groups:   # a function of the epoch alone: --resume needs no state for it
+            group["lr"] = epoch_lr(tc, epoch)
         t0 = time.perf_counter()
         sse = count = 0.0
         seen = 0
@@ -523,9 +602,17 @@ def add_train_command(add: Callable) -> None:
     p.add_argument("--batch-episodes", type=int, default=d.batch_episodes)
     p.add_argument("--chunk-ticks", type=int, default=d.chunk_ticks, help="truncated-BPTT length in ticks")
     p.add_argument("--lr", type=float, default=d.lr)
+    p.add_argument("--lr-final", type=float, default=d.lr_final, help="cosine decay to this fraction of --lr")
     p.add_argument("--modality-dropout", type=float, default=d.modality_dropout)
     p.add_argument("--patience", type=int, default=d.patience)
+    p.add_argument("--keyframe-weight", type=float, default=d.keyframe_weight,
+                   help="extra loss weight after each jump of the expert's command (0: off)")
+    p.add_argument("--keyframe-ticks", type=int, default=d.keyframe_ticks)
+    p.add_argument("--keyframe-jump", type=float, default=d.keyframe_jump,
+                   help="a jump: RMS change of the standardised command in one tick above this")
     p.add_argument("--label-topic", default=d.label_topic, help="the command topic to learn")
+    p.add_argument("--include-failures", action="store_true",
+                   help="also learn from episodes the recording marked as failed (left out by default)")
     p.add_argument("--threads", type=int, default=d.threads)
     p.add_argument("--workers", type=int, default=1, help="processes building the dataset cache")
     p.add_argument("--cache", default="", help="dataset cache folder (default: engine.artifact_dir/datasets)")
@@ -537,8 +624,10 @@ def cmd_train(args, cfg: RobotConfig) -> int:
     modalities = tuple(m.strip() for m in args.modalities.split(",") if m.strip())
     tc = TrainConfig(strategy=args.strategy, modalities=modalities, epochs=args.epochs, seed=args.seed,
                      batch_episodes=args.batch_episodes, chunk_ticks=args.chunk_ticks, lr=args.lr,
-                     modality_dropout=args.modality_dropout, patience=args.patience, label_topic=args.label_topic,
-                     threads=args.threads)
+                     lr_final=args.lr_final, modality_dropout=args.modality_dropout, patience=args.patience,
+                     keyframe_weight=args.keyframe_weight, keyframe_ticks=args.keyframe_ticks,
+                     keyframe_jump=args.keyframe_jump,
+                     label_topic=args.label_topic, include_failures=args.include_failures, threads=args.threads)
     try:
         tc.validate()
         trained_config(cfg, tc)

@@ -23,8 +23,8 @@ from mm_fusion_ros.model.preprocess import LogMelFrames
 from mm_fusion_ros.replay import ReplayOptions, replay
 from mm_fusion_ros.runtime import Runtime
 from mm_fusion_ros.sim.record import LABEL_TOPIC, RecordOptions, episode_name, record
-from mm_fusion_ros.train import (TrainConfig, TrainingError, normalization, split_episodes, train,
-                                 trained_config)
+from mm_fusion_ros.train import (SequenceModel, TrainConfig, TrainingError, epoch_lr, make_chunk, normalization,
+                                 split_episodes, successful, train, trained_config)
 
 REPO = Path(__file__).resolve().parents[1]
 SIM_YAML = REPO / "config" / "sim.yaml"
@@ -110,6 +110,36 @@ def test_dataset_is_exactly_what_replay_feeds_the_engine(demos, cfg, episodes, t
     assert ep.meta["audio_inexact_ticks"] == 0
     # Every labelled tick carries the expert's command stamped at or before it.
     assert a["labelled"].mean() > 0.99 and np.abs(a["action"]).max() > 0.05
+
+
+def test_a_training_chunk_computes_what_the_streaming_step_computes_tick_by_tick(episodes, cfg):
+    """Training's shortcuts (audio windows cut from one convolution over the track, the cells' input
+    half and the fusion over all ticks at once) change nothing: the same predictions and state as
+    the step's own parts fed each tick's tensors, the way replay feeds them."""
+    m = cfg.model
+    net = build_model(m, seed=3)
+    batch, start, T = episodes[:2], 0, 90        # from before the first full audio window into the task
+    chunk = make_chunk(batch, start, T, m)
+    assert (chunk.audio_start < 0).any() and (chunk.audio_start >= 0).any()
+    with torch.no_grad():
+        pred, state = SequenceModel(net)(chunk, net.initial_state(len(batch)))
+        ref_state = net.initial_state(len(batch))
+        for k in range(T):
+            ticks = np.array([start + k])
+            step = [torch.from_numpy(np.concatenate([f(ep) for ep in batch])) for f in (
+                lambda ep: ep.camera(ticks, (m.camera.height, m.camera.width, 3)),
+                lambda ep: ep.audio_windows(ticks, m.audio.n_frames),
+                lambda ep: np.asarray(ep.arrays["imu"][ticks]),
+                lambda ep: ep.lidar(ticks, m.lidar.beams),
+                lambda ep: np.asarray(ep.arrays["joint_state"][ticks]))]
+            cam, frames, imu, lidar, joints = step
+            currents = net.stack_tokens(net.camera(cam), net.audio.token(frames), net.imu(imu), net.lidar(lidar),
+                                        net.joint_state(joints))
+            mask = chunk.mask[:, k] * net.used
+            ref_state = net.recur(net.lif(currents), mask, chunk.dt[:, k], ref_state)
+            fused, _, _ = net.fusion(ref_state, mask)
+            torch.testing.assert_close(pred[:, k], net.action_head.normalized(fused), rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(state, ref_state, rtol=1e-4, atol=1e-5)
 
 
 def test_the_cache_is_keyed_by_bag_and_config_and_never_rebuilt(demos, cfg, cache, episodes, monkeypatch):
@@ -327,3 +357,38 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def test_the_learning_rate_decays_by_a_cosine_from_lr_to_its_final_fraction():
+    tc = TrainConfig(epochs=11, lr=1e-3, lr_final=0.1)
+    rates = [epoch_lr(tc, e) for e in range(tc.epochs)]
+    assert rates[0] == pytest.approx(1e-3) and rates[-1] == pytest.approx(1e-4)
+    assert rates[5] == pytest.approx(0.55e-3)
+    assert all(a > b for a, b in zip(rates, rates[1:]))
+    assert epoch_lr(dataclasses.replace(tc, lr_final=1.0), 7) == pytest.approx(1e-3)
+
+
+def test_episodes_their_recording_marked_failed_are_left_out_and_named(episodes):
+    failed = dataclasses.replace(episodes[0], name="episode_000099",
+                                 meta={**episodes[0].meta, "episode": {"seed": 99, "outcome": "failure",
+                                                                       "reason": "timeout"}})
+    foreign = dataclasses.replace(episodes[1], name="robot_bag", meta={"bag": "robot_bag"})   # no recorder JSON
+    said = []
+    kept = successful([*episodes, failed, foreign], False, said.append)
+    assert [e.name for e in kept] == [e.name for e in episodes] + ["robot_bag"]
+    assert len(said) == 1 and "episode_000099" in said[0] and "timeout" in said[0]
+    assert len(successful([*episodes, failed], True, said.append)) == len(episodes) + 1
+
+
+def test_keyframe_weights_mark_the_ticks_after_each_jump_of_the_command():
+    from mm_fusion_ros.dataset import Episode
+    from mm_fusion_ros.train import keyframe_weights
+    action = np.zeros((300, 7), np.float32)
+    action[100:] = 0.5                                          # the cue: the expert starts
+    action[100:200, 0] += 0.001 * np.arange(100)                 # then changes smoothly: no jump
+    action[250:] = 0.0                                          # and stops at once
+    ep = Episode("e", "k", {"action": action}, {})
+    tc = TrainConfig(keyframe_weight=10.0, keyframe_ticks=5, keyframe_jump=0.3)
+    w = keyframe_weights(ep, np.full(7, 0.25), tc)
+    assert set(np.flatnonzero(w > 1)) == set(range(100, 105)) | set(range(250, 255))
+    assert np.all(w[w > 1] == 11.0) and np.all(w[w <= 1] == 1.0)

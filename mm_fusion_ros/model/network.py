@@ -152,7 +152,15 @@ class FusionNet(nn.Module):
 
     def recur(self, rates, mask, dt, state) -> torch.Tensor:
         """Spike rates (B, M, D) -> the CfC cells' new state, advanced by the real dt (B, 1)."""
-        updated = self.cells(rates, state, dt)
+        return self.recur_advance(self.recur_input(rates), mask, dt, state)
+
+    def recur_input(self, rates) -> torch.Tensor:
+        """The part of ``recur`` that does not depend on the state (any leading shape before (M, D))."""
+        return self.cells.input_part(rates)
+
+    def recur_advance(self, drive, mask, dt, state) -> torch.Tensor:
+        """The rest of ``recur``, given ``recur_input(rates)``."""
+        updated = self.cells.advance(drive, state, dt)
         # A masked modality keeps its previous state: stale or missing data must not
         # drive the recurrent memory, and the cell resumes where it was when data returns.
         return torch.where(mask.unsqueeze(-1) > 0.5, updated, state)

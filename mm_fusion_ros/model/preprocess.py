@@ -278,13 +278,23 @@ class AudioEncoder(nn.Module):
         self.tail = (self.new_frames - 1) * cfg.hop + cfg.n_fft  # the samples the newest frames read
         layers: list[nn.Module] = []
         cin = 1
+        # 3x3, stride 2; padded on the mel axis only. Unpadded in time, a window's features are a slice
+        # of the features of the whole recording (``track_tokens``), which is what lets training compute
+        # them once per chunk instead of once per tick (97 frames each, 96 of them shared with the
+        # previous tick): 1.06 s -> ~0.05 s forward+backward for a chunk of 16 x 120 ticks.
         for cout in cfg.channels:
-            layers += [nn.Conv2d(cin, cout, 3, stride=2, padding=1), nn.ReLU()]
+            layers += [nn.Conv2d(cin, cout, 3, stride=2, padding=(1, 0)), nn.ReLU()]
             cin = cout
         self.features = nn.Sequential(*layers)
-        bands = cfg.n_mels
+        bands, steps = cfg.n_mels, cfg.n_frames
         for _ in cfg.channels:
-            bands = (bands - 1) // 2 + 1   # 3x3, stride 2, padding 1
+            bands = (bands - 1) // 2 + 1
+            steps = (steps - 3) // 2 + 1
+        if steps < 1:
+            raise ValueError(f"audio window of {cfg.n_frames} frames is too short for {len(cfg.channels)} "
+                             "stride-2 conv layers")
+        self.steps = steps           # feature columns per window
+        self.stride = 2 ** len(cfg.channels)
         self.proj = nn.Linear(cin * bands, out_dim)
 
     def forward(self, samples: torch.Tensor, cached: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -300,6 +310,33 @@ class AudioEncoder(nn.Module):
         # The conv stack sees the spectrogram mel-major (B, 1, n_mels, frames), as it comes; the mean
         # is over time only, so the bands stay apart.
         return self.proj(self.features(frames.unsqueeze(1)).mean(dim=3).flatten(1))
+
+    def track_tokens(self, track: torch.Tensor, episode: torch.Tensor, start: torch.Tensor) -> torch.Tensor:
+        """Tokens of many windows cut from a few recordings, each recording's features computed once.
+
+        track (E, n_mels, L): log-mel frames; window ``n`` is ``track[episode[n], :, start[n]:start[n] +
+        n_frames]``, or all zeros where ``start[n] < 0``. The same result as ``token`` of each window:
+        the conv stack runs densely over the track (stride 1 in time, each layer dilated by the strides
+        before it), and a window's columns are every ``stride``-th dense column from its start.
+        """
+        x = track.unsqueeze(1)
+        dilation = 1
+        for layer in self.features:
+            if isinstance(layer, nn.Conv2d):
+                x = nn.functional.conv2d(x, layer.weight, layer.bias, stride=(2, 1), padding=(1, 0),
+                                         dilation=(1, dilation))
+                dilation *= 2
+            else:
+                x = layer(x)
+        dense = x.permute(0, 3, 1, 2).flatten(2)                        # (E, L', C * bands)
+        have = start >= 0
+        cols = start.clamp(min=0).unsqueeze(1) + self.stride * torch.arange(self.steps, device=start.device)
+        pooled = dense[episode.unsqueeze(1), cols.clamp(max=dense.shape[1] - 1)].mean(dim=1)
+        tokens = self.proj(pooled)
+        if bool((~have).any()):
+            zero = self.token(torch.zeros(1, track.shape[1], self.n_frames, dtype=track.dtype, device=track.device))
+            tokens = torch.where(have.unsqueeze(1), tokens, zero)
+        return tokens
 
 
 # ---------------------------------------------------------------- IMU and LiDAR

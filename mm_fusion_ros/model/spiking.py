@@ -120,6 +120,9 @@ class LeakyIntegrateFire(nn.Module):
         onsets = spike_onsets(self.beta, self.threshold, self.num_steps)
         self.exact_onsets = onsets_hold_near_each_onset(onsets, self.beta, self.threshold)
         self.register_buffer("onsets", torch.from_numpy(onsets.copy()), persistent=False)
+        grid = torch.linspace(SLOPE_LO, SLOPE_HI, SLOPE_POINTS, dtype=torch.float64).float()
+        self.register_buffer("slope_table", surrogate_slope(grid, self.beta, self.threshold, self.num_steps),
+                             persistent=False)
 
     def step(self, current: torch.Tensor, mem: torch.Tensor, spk: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """One step; the reset uses the previous spike, H(mem_{t-1} - threshold), detached as in snnTorch."""
@@ -136,10 +139,64 @@ class LeakyIntegrateFire(nn.Module):
         return count * (1.0 / self.num_steps)
 
     def forward(self, current: torch.Tensor) -> torch.Tensor:
-        if (self.training and torch.is_grad_enabled()) or not self.exact_onsets:
+        if not self.exact_onsets:
             return self.unrolled(current)
+        if self.training and torch.is_grad_enabled():
+            return _SurrogateRate.apply(current, self.onsets, self.slope_table.to(current.dtype), self.num_steps)
         # One Heaviside per onset, H(current - onset[k]): 1 when the current fires at least k + 1 times.
         # Written as a comparison and a cast (the same values): a Where against constant ones and
         # zeros the size of the comparison costs the runtime more than the rest of the layer.
         count = (current.unsqueeze(-1) > self.onsets).to(current.dtype).sum(dim=-1)
         return count * (1.0 / self.num_steps)
+
+
+
+# The surrogate gradient's table: currents in [SLOPE_LO, SLOPE_HI] on a grid fine against the width of
+# one ATan bump in current (~0.015 for the defaults: 40 grid steps), clamped to the ends outside it.
+SLOPE_LO, SLOPE_HI, SLOPE_POINTS = -4.0, 8.0, 32769
+
+
+def surrogate_slope(current: torch.Tensor, beta: float, threshold: float, steps: int,
+                    alpha: float = 2.0) -> torch.Tensor:
+    """d rate / d current of ``LeakyIntegrateFire.unrolled`` under autograd (ATan surrogate), exactly.
+
+    The reset term is detached (as in snnTorch), so d mem_t / d current = (1 - beta^t) / (1 - beta)
+    whatever spiked, and the unrolled graph's gradient is sum_t ATan'(mem_t - threshold) times that.
+    """
+    with torch.no_grad():
+        mem = torch.zeros_like(current)
+        fired = torch.zeros_like(current)
+        slope = torch.zeros_like(current)
+        gain = 0.0
+        for _ in range(steps):
+            mem = beta * mem + current - fired * threshold
+            fired = heaviside(mem - threshold)
+            gain = beta * gain + 1.0
+            x = 0.5 * math.pi * alpha * (mem - threshold)
+            slope += (0.5 * alpha * gain) / (1.0 + x * x)
+        return slope / steps
+
+
+class _SurrogateRate(torch.autograd.Function):
+    """The spike rate (from the onsets: the same counts as the unrolled steps) with the unrolled steps'
+    surrogate gradient, read from a table of ``surrogate_slope`` instead of differentiating 32 steps.
+
+    The layer runs on every tick of a training chunk (16 episodes x 120 ticks x 5 x 64 neurons); the
+    32-step graph was a third of a training step's time and most of its memory.
+    """
+
+    @staticmethod
+    def forward(ctx, current, onsets, table, steps: int):
+        count = torch.searchsorted(onsets, current.contiguous(), right=False).to(current.dtype)
+        ctx.save_for_backward(current, table)
+        return count * (1.0 / steps)
+
+    @staticmethod
+    def backward(ctx, grad):
+        current, table = ctx.saved_tensors
+        pos = (current.clamp(SLOPE_LO, SLOPE_HI) - SLOPE_LO) * ((SLOPE_POINTS - 1) / (SLOPE_HI - SLOPE_LO))
+        lo = pos.floor().clamp(max=SLOPE_POINTS - 2)
+        frac = pos - lo
+        lo = lo.long()
+        slope = table[lo] * (1.0 - frac) + table[lo + 1] * frac
+        return grad * slope, None, None, None
