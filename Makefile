@@ -45,12 +45,12 @@ demo-sim: $(STAMP)
 # behaviour cloning through the live aligner. Evaluation seeds start at 1000, never these.
 POLICY ?= policies/sim_policy.pt
 TRAIN_EPISODES ?= 200
-TRAIN_EPOCHS ?= 12
+TRAIN_EPOCHS ?= 30
 train: $(STAMP)
 	$(VENV)/bin/mm-fusion record artifacts/demos --config config/sim.yaml --episodes $(TRAIN_EPISODES) --seed 0 \
-	  --noise 0.1 --workers 2 --resume
+	  --noise 0.1 --noise-tau 0.5 --workers 2 --resume
 	$(VENV)/bin/mm-fusion train artifacts/demos --config config/sim.yaml --out $(POLICY) --epochs $(TRAIN_EPOCHS) \
-	  --batch-episodes 16 --chunk-ticks 120 --workers 2 --cache artifacts/dataset_cache --plot artifacts/train_loss.png
+	  --batch-episodes 8 --chunk-ticks 120 --workers 2 --cache artifacts/dataset_cache --plot artifacts/train_loss.png
 
 # Closed-loop evaluation of the shipped policy: 200 episodes on seeds 1000..1199 (none trained on).
 eval: $(STAMP)

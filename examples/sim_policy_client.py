@@ -61,13 +61,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--backend", help="in-process backend instead (torch, onnxruntime, ...)")
     parser.add_argument("--server-key", help="CURVE: the server's public key file")
     parser.add_argument("--client-key", help="CURVE: this client's key pair")
+    parser.add_argument("--timeout-ms", type=float, help="a remote step's deadline (default: the config's)")
     parser.add_argument("--seconds", type=float, default=5.0, help="sim time per episode")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
 
     cfg = load_config(args.config)
     client = PolicyClient(cfg, endpoint=args.endpoint, backend=args.backend, server_key=args.server_key,
-                          client_key=args.client_key, log=lambda m: print(m, file=sys.stderr))
+                          client_key=args.client_key, timeout_ms=args.timeout_ms, log=lambda m: print(m, file=sys.stderr))
     period = 1.0 / cfg.control_rate_hz
     with client, Cell(load_cell_config(args.config)) as cell:
         cell.reset(args.seed)

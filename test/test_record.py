@@ -13,6 +13,7 @@ from mm_fusion_ros.bag.reader import BagReader
 from mm_fusion_ros.cli import main as cli_main
 from mm_fusion_ros.config import MODALITIES, load_config
 from mm_fusion_ros.sim.cell import Cell
+from mm_fusion_ros.sim.expert import DartNoise
 from mm_fusion_ros.sim.panda import JOINT_NAMES
 from mm_fusion_ros.sim.record import LABEL_TOPIC, RecordError, RecordOptions, episode_name, record
 
@@ -118,6 +119,38 @@ def test_dart_noise_perturbs_the_executed_command_not_the_label(tmp_path):
     assert json.loads((out / f"{episode_name(3)}.json").read_text())["noise"] == 0.05
 
 
+def _listening(seed: int) -> bool:
+    return DartNoise(np.random.default_rng([seed, 7]), 0.1, 0.5, 0.01).listening
+
+
+def test_drifting_dart_noise_is_correlated_over_its_time_constant_and_recorded(tmp_path):
+    loud = next(s for s in range(50) if _listening(s))
+    quiet = next(s for s in range(50) if not _listening(s))
+    cfg = load_config(SIM_YAML).absolute()
+    for seed in (loud, quiet):
+        out = tmp_path / f"drift{seed}"
+        record(out, SIM_YAML, RecordOptions(episodes=1, seed=seed, noise=0.1, noise_tau=0.5), progress=False,
+               log=_quiet)
+        with BagReader(out / episode_name(seed), log=_quiet) as bag:
+            executed = np.array([bag.decode(m).data for m in bag.messages(topics=[cfg.outputs.action_topic])])
+            labels = np.array([bag.decode(m).velocity for m in bag.messages(topics=[LABEL_TOPIC])])
+        diff = executed - labels
+        on = np.abs(diff).max(axis=1) > 0           # the ticks the expert let the noise through
+        if seed == quiet:                           # a still start: this episode's cue is heard unperturbed
+            assert not on[:50].any() and on.any()
+            continue
+        assert on[:50].all()                        # listening for the cue: perturbed
+        d = diff[:np.argmin(on) if not on.all() else len(on)]   # the first stretch of noise, whole
+        assert len(d) > 60
+        lag1 = np.mean([np.corrcoef(d[:-1, j], d[1:, j])[0, 1] for j in range(7)])
+        assert lag1 > 0.9, lag1                     # a drift (exp(-0.01 / 0.5) = 0.98), not white noise
+        assert 0.03 < d.std() < 0.2
+        meta = json.loads((out / f"{episode_name(seed)}.json").read_text())
+        assert (meta["noise"], meta["noise_tau"]) == (0.1, 0.5)
+    # Half the episodes listen unperturbed, half perturbed.
+    assert 0.3 < np.mean([_listening(s) for s in range(200)]) < 0.7
+
+
 def test_interrupted_recording_leaves_whole_episodes_and_resume_finishes(tmp_path, monkeypatch):
     out = tmp_path / "interrupted"
     calls = {"n": 0}
@@ -171,6 +204,7 @@ def test_bad_options_are_refused_before_any_work(tmp_path, capsys):
     for argv, message in [
         (["--episodes", "0"], "--episodes must be in"),
         (["--episodes", "2", "--noise", "-0.1"], "--noise must be in"),
+        (["--episodes", "2", "--noise", "0.1", "--noise-tau", "-1"], "--noise-tau must be in"),
         (["--episodes", "2", "--workers", "0"], "--workers must be in"),
         (["--episodes", "2", "--video", "ep.avi"], "name it *.mp4"),
     ]:

@@ -309,6 +309,10 @@ def test_expert_solves_episodes_with_and_without_an_intruder(cfg, cell):
     # DART noise pushes the arm off the expert's path; the expert brings it back.
     run_expert_episode(cell, early[0], noise=0.1)
     assert cell.outcome.status == "success", cell.outcome
+    # ... and from a drift, which holds it off its path for half a second at a time.
+    for seed in (early[0], _seed_with(cfg, False)):
+        run_expert_episode(cell, seed, noise=0.1, noise_tau_s=0.5)
+        assert cell.outcome.status == "success", (seed, cell.outcome)
 
 
 class _WrongButtonExpert(Expert):

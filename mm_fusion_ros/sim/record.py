@@ -61,6 +61,7 @@ class RecordOptions:
     episodes: int
     seed: int = 0                 # first seed; episodes use seed, seed + 1, ...
     noise: float = 0.0            # rad/s: DART perturbation of the executed command (the label stays clean)
+    noise_tau: float = 0.0        # s: its drift's time constant (0: white noise; see expert.DartNoise)
     workers: int = 1
     resume: bool = False
     storage: str = "mcap"
@@ -73,6 +74,8 @@ class RecordOptions:
             raise RecordError(f"--seed must be >= 0, got {self.seed}")
         if not (math.isfinite(self.noise) and 0 <= self.noise <= 1.0):
             raise RecordError(f"--noise must be in [0, 1] rad/s, got {self.noise}")
+        if not (math.isfinite(self.noise_tau) and 0 <= self.noise_tau <= 60.0):
+            raise RecordError(f"--noise-tau must be in [0, 60] s, got {self.noise_tau}")
         if not 1 <= self.workers <= 64:
             raise RecordError(f"--workers must be in [1, 64], got {self.workers}")
         if self.storage not in ("mcap", "sqlite3"):
@@ -100,13 +103,14 @@ class _EpisodeRecorder:
         self.topics, self.ts = self.bridge.topics, self.bridge.ts
         self.cell = Cell(self.cell_cfg)
 
-    def record(self, out_dir: str, seed: int, noise: float, storage: str, control_rate_hz: float) -> dict:
-        from .expert import Expert, expert_commands
+    def record(self, out_dir: str, seed: int, noise: float, noise_tau: float, storage: str,
+               control_rate_hz: float) -> dict:
+        from .expert import DartNoise, Expert, expert_commands
         cell, ts, topics = self.cell, self.ts, self.topics
         wall0 = time.perf_counter()
         spec = cell.reset(seed)
         expert = Expert(cell)
-        rng = np.random.default_rng([seed, 7])
+        dart = DartNoise(np.random.default_rng([seed, 7]), noise, noise_tau, 1.0 / control_rate_hz)
         queue = ArrivalQueue()
         name = episode_name(seed)
         bag_path = Path(out_dir) / name
@@ -123,7 +127,7 @@ class _EpisodeRecorder:
             info_next = cell.t
             t = cell.t
             while not cell.outcome.done:
-                clean, executed = expert_commands(expert, rng, noise)
+                clean, executed = expert_commands(expert, dart)
                 cell.command(executed)
                 t_ns = M.stamp_ns(t)
                 bag.write(topics.command, t_ns, M.float64_array(ts, executed))
@@ -146,7 +150,7 @@ class _EpisodeRecorder:
             "seed": seed, "task": spec.task, "bag": name, "outcome": o.status, "reason": o.reason,
             "detail": o.detail, "duration_s": round(o.t, 4),
             "time_to_success_s": round(o.t, 4) if o.status == "success" else None,
-            "noise": noise, "spec": spec.as_dict(),
+            "noise": noise, "noise_tau": noise_tau, "spec": spec.as_dict(),
             "stats": {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in asdict(st).items()},
             "messages": counts, "bytes": _size(bag_path), "wall_s": round(time.perf_counter() - wall0, 3),
         }
@@ -256,7 +260,7 @@ def record(out_dir: str | Path, config_path: str | Path, opts: RecordOptions, pr
         write_json_atomic(index_path, index)
 
     wall0 = time.perf_counter()
-    args = [(str(out), s, opts.noise, opts.storage, opts.control_rate_hz) for s in todo]
+    args = [(str(out), s, opts.noise, opts.noise_tau, opts.storage, opts.control_rate_hz) for s in todo]
     bar = tqdm(total=len(todo), desc="record", unit="episode", disable=not show, file=sys.stderr)
     try:
         if opts.workers == 1 or len(todo) <= 1:
@@ -304,6 +308,8 @@ def add_record_command(add: Callable[[str, str], object], default_config: str) -
     p.add_argument("--seed", type=int, default=None, help="first seed (default: the config's sim_node seed)")
     p.add_argument("--noise", type=float, default=0.0,
                    help="DART noise: std (rad/s) added to the executed command; the label stays clean")
+    p.add_argument("--noise-tau", type=float, default=0.0,
+                   help="time constant (s) of the DART noise's drift (0: white noise, new each tick)")
     p.add_argument("--workers", type=int, default=1, help="parallel processes (results do not depend on it)")
     p.add_argument("--resume", action="store_true", help="skip episodes already recorded in OUT")
     p.add_argument("--storage", choices=["mcap", "sqlite3"], default="mcap")
@@ -314,14 +320,16 @@ def add_record_command(add: Callable[[str, str], object], default_config: str) -
 def cmd_record(args, cfg: RobotConfig) -> int:
     try:
         seed = args.seed if args.seed is not None else load_cell_config(args.config).seed
-        opts = RecordOptions(episodes=args.episodes, seed=seed, noise=args.noise, workers=args.workers,
+        opts = RecordOptions(episodes=args.episodes, seed=seed, noise=args.noise, noise_tau=args.noise_tau,
+                             workers=args.workers,
                              resume=args.resume, storage=args.storage, control_rate_hz=cfg.control_rate_hz)
         if args.video and not args.video.endswith(".mp4"):
             raise RecordError(f"--video writes an MP4; name it *.mp4, got {args.video!r}")
         record(args.out, args.config, opts)
         if args.video:
             from .video import expert_video
-            v = expert_video(args.config, seed, args.video, noise=args.noise, control_rate_hz=cfg.control_rate_hz)
+            v = expert_video(args.config, seed, args.video, noise=args.noise, noise_tau_s=args.noise_tau,
+                             control_rate_hz=cfg.control_rate_hz)
             print(f"record: episode {seed} ({v['reason']}) rendered to {v['video']} ({v['frames']} frames)")
     except (RecordError, ConfigError, RenderBackendError) as exc:
         print(f"mm-fusion record: {exc}", file=sys.stderr)

@@ -90,20 +90,20 @@ class EpisodeVideo:
 
 
 def expert_video(config_path: str | Path, seed: int, path: str | Path, noise: float = 0.0,
-                 control_rate_hz: float = 100.0) -> dict:
+                 control_rate_hz: float = 100.0, noise_tau_s: float = 0.0) -> dict:
     """Run the scripted expert on ``seed`` (the same episode ``record`` writes for it) into an MP4."""
     from .config import load_cell_config
-    from .expert import Expert, expert_commands
+    from .expert import DartNoise, Expert, expert_commands
 
     with Cell(load_cell_config(config_path), render=False) as cell:
         cell.reset(seed)
         expert = Expert(cell)
-        rng = np.random.default_rng([seed, 7])
+        dart = DartNoise(np.random.default_rng([seed, 7]), noise, noise_tau_s, 1.0 / control_rate_hz)
         video = EpisodeVideo(cell, path)
         try:
             t = cell.t
             while not cell.outcome.done:
-                _, executed = expert_commands(expert, rng, noise)
+                _, executed = expert_commands(expert, dart)
                 cell.command(executed)
                 t += 1.0 / control_rate_hz
                 cell.advance(t)
