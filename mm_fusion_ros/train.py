@@ -155,14 +155,15 @@ def successful(episodes: list[Episode], include_failures: bool, log: Callable[[s
     that JSON, are all kept."""
     if include_failures:
         return episodes
-    failed = [e for e in episodes if e.meta.get("episode", {}).get("outcome") not in (None, "success")]
+    def marked_failed(e: Episode) -> bool:
+        return e.meta.get("episode", {}).get("outcome") not in (None, "success")
+    failed = [e for e in episodes if marked_failed(e)]
     if failed:
         reasons = sorted({str(e.meta["episode"].get("reason")) for e in failed})
         log(f"train: leaving out {len(failed)} episode(s) their recording marked failed ({', '.join(reasons)}): "
             f"{', '.join(e.name for e in failed[:8])}{' ...' if len(failed) > 8 else ''} "
             "(--include-failures keeps them)")
-    out = {id(e) for e in failed}
-    return [e for e in episodes if id(e) not in out]
+    return [e for e in episodes if not marked_failed(e)]
 
 
 def keyframe_weights(episode: Episode, action_std: np.ndarray, tc: TrainConfig) -> np.ndarray:
