@@ -171,7 +171,8 @@ def test_live_on_sim_time_matches_offline_and_loops_reset(setup):
     for i, live in enumerate(passes):
         common, worst = _deviation(live, reference)
         assert common >= MIN_COMMON_SHARE * len(reference), f"pass {i}: {common} of {len(reference)} ticks"
-        assert worst <= TOLERANCE, f"pass {i}: {TICK_SHARE:.0%} of ticks differ from offline by up to {worst:.4f} (> {TOLERANCE})"
+        assert worst <= TOLERANCE, (f"pass {i}: {TICK_SHARE:.0%} of ticks differ from offline by up to "
+                                    f"{worst:.4f} (> {TOLERANCE})")
     # The second pass starts from a clean state: it tracks the first as closely as either tracks offline.
     common, worst = _deviation(passes[1], passes[0])
     assert common >= MIN_COMMON_SHARE * len(reference) and worst <= TOLERANCE
