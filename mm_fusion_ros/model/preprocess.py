@@ -323,9 +323,10 @@ class AudioEncoder(nn.Module):
         dilation = 1
         for layer in self.features:
             if isinstance(layer, nn.Conv2d):
-                x = nn.functional.conv2d(x, layer.weight, layer.bias, stride=(2, 1), padding=(1, 0),
-                                         dilation=(1, dilation))
-                dilation *= 2
+                # The layer's own mel-axis stride and padding; in time stride 1, dilated instead.
+                x = nn.functional.conv2d(x, layer.weight, layer.bias, stride=(layer.stride[0], 1),
+                                         padding=layer.padding, dilation=(1, dilation))
+                dilation *= layer.stride[1]
             else:
                 x = layer(x)
         dense = x.permute(0, 3, 1, 2).flatten(2)                        # (E, L', C * bands)
