@@ -206,6 +206,8 @@ def main() -> int:
     parser.add_argument("--loop-seconds", type=float, default=10.0, help="per variant per round")
     parser.add_argument("--loop-rounds", type=int, default=3)
     parser.add_argument("--throughput-seconds", type=float, default=5.0)
+    parser.add_argument("--busy-poll-ms", type=float, default=2.0,
+                        help="engine.remote.busy_poll_ms of the 'busy poll' variants (default: %(default)s)")
     parser.add_argument("--out", default="artifacts/bench_remote.json")
     args = parser.parse_args()
 
@@ -234,16 +236,23 @@ def main() -> int:
         engines = {"in_process": local,
                    "remote": RemoteEngine(remote, local.input_specs, local.output_specs, fingerprint, log=print),
                    "remote_curve": RemoteEngine(curve, local.input_specs, local.output_specs, fingerprint, log=print)}
+        busy = {"remote_busy_poll": dataclasses.replace(remote, busy_poll_ms=args.busy_poll_ms),
+                "remote_curve_busy_poll": dataclasses.replace(curve, busy_poll_ms=args.busy_poll_ms)}
+        for name, c in busy.items():
+            engines[name] = RemoteEngine(c, local.input_specs, local.output_specs, fingerprint, log=print)
+        report["busy_poll_ms"] = args.busy_poll_ms
         print("round trip ...", flush=True)
         report["round_trip"] = round_trip(engines, local.input_specs, args.rounds, args.steps)
         base = report["round_trip"]["in_process"]["p50_ms"]
-        for name in ("remote", "remote_curve"):
-            report["round_trip"][name]["overhead_p50_ms"] = report["round_trip"][name]["p50_ms"] - base
+        for name in engines:
+            if name != "in_process":
+                report["round_trip"][name]["overhead_p50_ms"] = report["round_trip"][name]["p50_ms"] - base
 
         print("100 Hz loop ...", flush=True)
         loop_engines = dict(engines)
-        for name in ("remote", "remote_curve"):   # the configured deadline, as a robot would run
-            c = dataclasses.replace(remote if name == "remote" else curve, timeout_ms=cfg.engine.remote.timeout_ms)
+        variants = {"remote": remote, "remote_curve": curve, **busy}
+        for name, c in variants.items():   # the configured deadline, as a robot would run
+            c = dataclasses.replace(c, timeout_ms=cfg.engine.remote.timeout_ms)
             loop_engines[name] = RemoteEngine(c, local.input_specs, local.output_specs, fingerprint, log=print)
         report["loop_100hz"] = control_loop(cfg, loop_engines, args.loop_seconds, args.loop_rounds)
         report["loop_100hz_timeout_ms"] = cfg.engine.remote.timeout_ms

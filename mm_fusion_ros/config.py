@@ -47,11 +47,22 @@ class CameraConfig:
     width: int = 96
     backbone: Literal["simple", "resnet"] = "simple"
     channels: tuple[int, ...] = (8, 16, 32)
+    # Each layer's stride (the first is the stem's). The keypoints are read off the last layer's map:
+    # (4, 2, 2) gives 6x6 cells of 11 cm over the cell's table, (4, 2, 1) 12x12 of 5.6 cm.
+    strides: tuple[int, ...] = (4, 2, 2)
 
     def validate(self, key: str) -> None:
         _check(8 <= self.height <= 4096, f"{key}.height", f"must be in [8, 4096], got {self.height}")
         _check(8 <= self.width <= 4096, f"{key}.width", f"must be in [8, 4096], got {self.width}")
         _check_channels(self.channels, f"{key}.channels")
+        _check(len(self.strides) == len(self.channels), f"{key}.strides",
+               f"needs one stride per layer of channels ({len(self.channels)}), got {list(self.strides)}")
+        _check(all(s in (1, 2, 4) for s in self.strides), f"{key}.strides",
+               f"each stride must be 1, 2 or 4, got {list(self.strides)}")
+        total = math.prod(self.strides)
+        _check(min(self.height, self.width) >= 2 * total, f"{key}.strides",
+               f"strides {list(self.strides)} shrink a {self.width}x{self.height} image below 2x2 "
+               f"(total stride {total})")
 
 
 @dataclass(frozen=True)
@@ -235,6 +246,10 @@ class RemoteConfig:
     # (DIR/clients/NAME.key_secret). Both or neither; neither is refused for a non-loopback endpoint.
     server_key: str = ""
     client_key: str = ""
+    # After sending a step, poll for its reply without sleeping for up to this long (then wait normally).
+    # A thread that sleeps through the server's step wakes up late on a virtual machine whose idle core
+    # has halted; spinning keeps the core and the thread awake, at the price of that much CPU per tick.
+    busy_poll_ms: float = 0.0
 
     def validate(self, key: str) -> None:
         from .remote.endpoint import endpoint_problem
@@ -242,6 +257,8 @@ class RemoteConfig:
         problem = endpoint_problem(self.endpoint, self.server_key)
         _check(not problem, f"{key}.endpoint", problem)
         _check(0.0 < self.timeout_ms <= 60000.0, f"{key}.timeout_ms", f"must be in (0, 60000] ms, got {self.timeout_ms}")
+        _check(0.0 <= self.busy_poll_ms <= self.timeout_ms, f"{key}.busy_poll_ms",
+               f"must be in [0, timeout_ms={self.timeout_ms:g}] ms, got {self.busy_poll_ms}")
         _check(bool(self.server_key) == bool(self.client_key), f"{key}.server_key",
                "give both server_key and client_key (CURVE), or neither")
 

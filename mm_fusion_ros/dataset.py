@@ -42,7 +42,7 @@ import numpy as np
 from .config import MODALITIES, ModelConfig, RobotConfig, config_to_dict
 from .engine.base import Engine
 
-DATASET_FORMAT = "mm_fusion_ros.dataset/1"
+DATASET_FORMAT = "mm_fusion_ros.dataset/2"   # 2: the episode spec in meta (task-state supervision)
 DEFAULT_LABEL_TOPIC = "/expert/joint_command"
 LABEL_TYPES = ("sensor_msgs/msg/JointState", "std_msgs/msg/Float64MultiArray")
 # The code whose behaviour the stored arrays depend on: a change to any of it invalidates the cache.
@@ -88,6 +88,8 @@ class Episode:
     arrays: dict[str, np.ndarray]
     meta: dict
     weight: np.ndarray | None = None    # per-tick loss weight (training's keyframes); None: every tick 1
+    task: np.ndarray | None = None      # (T, k) task state training supervises fused_state with (sim.task_state)
+    task_weight: np.ndarray | None = None   # (T,) where that is known
 
     @property
     def ticks(self) -> int:
@@ -137,6 +139,7 @@ def config_key(cfg: RobotConfig, label_topic: str) -> str:
     # The model's input shapes and preprocessing, not what the network does with them (strategy, sizes,
     # modalities): ablations and strategies share one cache.
     shapes = {k: v for k, v in config_to_dict(cfg.model).items() if k in ("camera", "audio", "imu", "lidar", "action")}
+    shapes["camera"] = {k: shapes["camera"][k] for k in ("height", "width")}   # the frames, not the CNN
     h.update(json.dumps({"model": shapes, "inputs": config_to_dict(cfg.inputs),
                          "control_rate_hz": cfg.control_rate_hz, "ros_distro": cfg.ros_distro,
                          "label_topic": label_topic}, sort_keys=True).encode())
@@ -273,7 +276,7 @@ def build_episode(bag: str | Path, cfg: RobotConfig, label_topic: str = DEFAULT_
     episode = {}
     if sidecar.is_file():
         info = json.loads(sidecar.read_text())
-        episode = {k: info.get(k) for k in ("seed", "task", "outcome", "reason", "noise")}
+        episode = {k: info.get(k) for k in ("seed", "task", "outcome", "reason", "noise", "spec", "driver")}
     n = len(rows["t_ns"])
     if n == 0:
         raise DatasetError(f"{bag}: no control ticks (the bag is shorter than one control period)")

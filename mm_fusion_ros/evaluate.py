@@ -122,15 +122,19 @@ def eval_config(config_path: str | Path, checkpoint: str | Path, backend: str) -
 # ---------------------------------------------------------------- one worker
 
 
-class Evaluator:
-    """A cell, its message bridge and an engine, kept for a worker's lifetime; one episode per call."""
+class PolicyLoop:
+    """The policy in the cell's loop as fusion_node runs it on the robot: the cell's readings become the
+    messages its drivers send (``sim/bridge.py``), serialised and read back as a subscriber gets them,
+    handed to a Runtime (aligner, engine, safety filter) at their receive times on the tick grid; the
+    Runtime's safe command is what the arm gets. ``mm-fusion eval`` drives the cell with it, and so does
+    ``mm-fusion record --policy`` (DAgger: the policy drives, the expert labels)."""
 
     def __init__(self, config_path: str, checkpoint: str, backend: str, log: Callable[[str], None] = lambda _: None):
         from .engine import create_engine
+        from .model import read_checkpoint
         from .replay import InputDecoder
         from .runtime import load_model
         from .sim.bridge import CellMessages
-        from .sim.cell import Cell
         from .sim.config import load_cell_config
 
         self.cfg = eval_config(config_path, checkpoint, backend).absolute()
@@ -141,14 +145,42 @@ class Evaluator:
                   t.joint_states: "sensor_msgs/msg/JointState"}
         self.decoder = InputDecoder(self.cfg, topics, log)
         self.engine = create_engine(self.cfg, load_model(self.cfg), log=log)
-        self.cell = Cell(self.cell_cfg)
+        self.period_ns = int(round(1e9 / self.cfg.control_rate_hz))
         self.log = log
+        trained = (read_checkpoint(checkpoint).get("training") or {}).get("train_config") or {}
+        # Whether fused_state[:5] was trained to be the task state (sim.task_state): then eval reports how
+        # well the policy knew where the cued button was, in closed loop.
+        self.task_state = float(trained.get("task_state_weight") or 0.0) > 0
+        self.runtime = None
 
-    def close(self) -> None:
-        self.cell.close()
-        self.engine.close()
+    def start(self, t: float, drops: Sequence[Drop] = ()) -> int:
+        """A fresh Runtime for an episode starting at sim time ``t``; returns the first tick (ns), on the grid."""
+        from .bag.messages import stamp_ns
+        from .runtime import Runtime
 
-    def _samples(self, runtime, reading) -> list:
+        self.runtime = Runtime(self.cfg, engine=self.engine, log=self.log)
+        self.runtime.set_enabled(True)
+        self.drops, self.t0 = tuple(drops), t
+        self.waiting: list = []   # received at exactly the tick time: handed over after the tick, as replay does
+        return (stamp_ns(t) // self.period_ns) * self.period_ns
+
+    def tick(self, t_ns: int):
+        result = self.runtime.tick(t_ns / 1e9)
+        for r in self.waiting:
+            self._add(r)
+        self.waiting = []
+        return result
+
+    def receive(self, readings, next_tick_ns: int) -> None:
+        """Readings received before the next tick: handed to the Runtime now (at that tick: just after it)."""
+        from .bag.messages import stamp_ns
+        for r in readings:
+            if stamp_ns(r.receive) >= next_tick_ns:
+                self.waiting.append(r)
+            else:
+                self._add(r)
+
+    def _samples(self, reading) -> list:
         from .samples import BadSample
         topic, msg = self.bridge.message(reading)
         ts = self.bridge.ts
@@ -157,46 +189,66 @@ class Evaluator:
         try:
             return self.decoder.samples(decoded, topic)
         except BadSample as exc:   # counted and dropped, as fusion_node and replay do
-            runtime.count_bad(exc.cause)
+            self.runtime.count_bad(exc.cause)
             return []
 
-    def episode(self, seed: int, drops: Sequence[Drop] = (), video: str | Path | None = None) -> dict:
-        from .bag.messages import stamp_ns
-        from .runtime import Runtime
-        from .sim.readings import ArrivalQueue
+    def _add(self, reading) -> None:
+        modality = next(m for m, cls in _READING.items() if type(reading).__name__ == cls)
+        if any(d.silences(modality, reading.stamp - self.t0) for d in self.drops):
+            return
+        for sample in self._samples(reading):
+            self.runtime.add(sample, reading.receive)
 
-        cell, cfg = self.cell, self.cfg
+    def close(self) -> None:
+        self.engine.close()
+
+
+class Evaluator:
+    """A cell and the policy's loop, kept for a worker's lifetime; one episode per call."""
+
+    def __init__(self, config_path: str, checkpoint: str, backend: str, log: Callable[[str], None] = lambda _: None):
+        from .sim.cell import Cell
+
+        self.loop = PolicyLoop(config_path, checkpoint, backend, log)
+        self.cfg, self.cell_cfg = self.loop.cfg, self.loop.cell_cfg
+        self.cell = Cell(self.cell_cfg)
+        self.log = log
+
+    def close(self) -> None:
+        self.cell.close()
+        self.loop.close()
+
+    def episode(self, seed: int, drops: Sequence[Drop] = (), video: str | Path | None = None) -> dict:
+        from .sim.readings import ArrivalQueue
+        from .sim.task_state import UNITS_PER_M
+
+        cell, loop = self.cell, self.loop
         wall0 = time.perf_counter()
         spec = cell.reset(seed)
-        runtime = Runtime(cfg, engine=self.engine, log=self.log)
-        runtime.set_enabled(True)
         queue = ArrivalQueue()
-        period_ns = int(round(1e9 / cfg.control_rate_hz))
-        t_ns = (stamp_ns(cell.t) // period_ns) * period_ns
-        start = cell.t
+        t_ns = loop.start(cell.t, drops)
         held = ticks = 0
         contribution = np.zeros(len(MODALITIES))
-        recorder = _Recorder(cell, video, cfg.control_rate_hz) if video else None
-        waiting: list = []   # received at exactly the tick time: handed over after the tick, as replay does
+        button = np.asarray(spec.buttons[spec.target])
+        closest = math.inf
+        target_errors: list[float] = []
+        recorder = _Recorder(cell, video, self.cfg.control_rate_hz) if video else None
         try:
             while not cell.outcome.done:
-                result = runtime.tick(t_ns / 1e9)
-                for r in waiting:
-                    self._add(runtime, r, drops, start)
-                waiting = []
+                result = loop.tick(t_ns)
                 ticks += 1
                 held += result.safety.held
                 contribution += result.contribution
                 cell.command(result.safety.command)
+                closest = min(closest, float(np.hypot(*(cell.tcp()[0][:2] - button))))
+                if loop.task_state and result.safety.command.any():   # the policy has started: it heard the cue
+                    guess = np.asarray(result.fused_state[:2], np.float64) / UNITS_PER_M
+                    target_errors.append(float(np.hypot(*(guess - button))))
                 if recorder:
                     recorder.tick(result)
-                t_ns += period_ns
+                t_ns += loop.period_ns
                 queue.push(cell.advance(t_ns / 1e9))
-                for r in queue.pop_due(t_ns / 1e9):
-                    if stamp_ns(r.receive) >= t_ns:
-                        waiting.append(r)
-                    else:
-                        self._add(runtime, r, drops, start)
+                loop.receive(queue.pop_due(t_ns / 1e9), t_ns)
         except BaseException:
             if recorder:
                 recorder.abort()
@@ -204,23 +256,20 @@ class Evaluator:
         if recorder:
             recorder.close()
         o, st = cell.outcome, cell.stats
-        summary = runtime.summary()
+        summary = loop.runtime.summary()
         return {
             "seed": seed, "outcome": o.status, "reason": o.reason, "detail": o.detail,
             "duration_s": round(o.t, 4), "time_to_success_s": round(o.t, 4) if o.status == "success" else None,
             "intruder_contacts": st.intruder_contacts, "max_joint_speed": round(st.max_joint_speed, 4),
             "max_tool_force": round(st.max_tool_force, 3), "target": spec.target_colour, "ticks": ticks,
             "held_ticks": held, "drops": summary["drops"],
+            # How near the tool tip came to the cued button's centre (xy; the cap's radius is the margin), and,
+            # for a policy trained with the task state, how far its own estimate of the button was from it.
+            "closest_cm": round(100 * closest, 2),
+            "target_error_cm": round(100 * float(np.median(target_errors)), 2) if target_errors else None,
             "contribution": {m: round(float(c / max(ticks, 1)), 4) for m, c in zip(MODALITIES, contribution)},
             "wall_s": round(time.perf_counter() - wall0, 3),
         }
-
-    def _add(self, runtime, reading, drops: Sequence[Drop], start: float) -> None:
-        modality = next(m for m, cls in _READING.items() if type(reading).__name__ == cls)
-        if any(d.silences(modality, reading.stamp - start) for d in drops):
-            return
-        for sample in self._samples(runtime, reading):
-            runtime.add(sample, reading.receive)
 
 
 class _Recorder:
@@ -260,6 +309,11 @@ def _run(args: tuple) -> dict:
 # ---------------------------------------------------------------- many episodes
 
 
+def _median(values) -> float | None:
+    v = [x for x in values if x is not None]
+    return round(float(np.median(v)), 2) if v else None
+
+
 def summarize(episodes: list[dict]) -> dict:
     n = len(episodes)
     wins = [e for e in episodes if e["outcome"] == "success"]
@@ -273,6 +327,8 @@ def summarize(episodes: list[dict]) -> dict:
         "intruder_contacts": int(sum(e["intruder_contacts"] for e in episodes)),
         "max_joint_speed": max((e["max_joint_speed"] for e in episodes), default=None),
         "sim_s": round(sim_s, 2),
+        "median_closest_cm": _median(e.get("closest_cm") for e in episodes),
+        "median_target_error_cm": _median(e.get("target_error_cm") for e in episodes),
         "contribution": {m: round(float(np.mean([e["contribution"][m] for e in episodes])), 4) for m in MODALITIES},
     }
 
@@ -339,10 +395,13 @@ def _video_name(path: str, seed: int, count: int) -> str:
 def table(report: dict) -> str:
     s = report["summary"]
     lo, hi = s["success_ci95"]
-    lines = [f"{'seed':>7} {'outcome':<8} {'reason':<26} {'t (s)':>6} {'contacts':>8} {'max |qd|':>8}"]
+    lines = [f"{'seed':>7} {'outcome':<8} {'reason':<26} {'t (s)':>6} {'contacts':>8} {'max |qd|':>8} "
+             f"{'closest':>8} {'est. err':>8}"]
     for e in report["episodes"]:
+        est = e.get("target_error_cm")
         lines.append(f"{e['seed']:>7} {e['outcome']:<8} {e['reason']:<26} {e['duration_s']:>6.2f} "
-                     f"{e['intruder_contacts']:>8} {e['max_joint_speed']:>8.3f}")
+                     f"{e['intruder_contacts']:>8} {e['max_joint_speed']:>8.3f} {e['closest_cm']:>6.1f}cm "
+                     + (f"{est:>6.1f}cm" if est is not None else f"{'-':>8}"))
     t = report["throughput"]
     mtts = s["mean_time_to_success_s"]
     lines += ["", f"success {s['successes']}/{s['episodes']} = {100 * s['success_rate']:.1f}% "
@@ -351,6 +410,9 @@ def table(report: dict) -> str:
               f"success {s['successes']}/{s['episodes']} = {100 * s['success_rate']:.1f}% (95% CI {100 * lo:.1f}-{100 * hi:.1f}%)",
               "failures: " + (", ".join(f"{k} {v}" for k, v in s["failure_reasons"].items()) or "none"),
               "contribution: " + ", ".join(f"{k} {v:.2f}" for k, v in s["contribution"].items()),
+              f"closest approach to the cued button (median): {s.get('median_closest_cm')} cm"
+              + (f"; the policy's estimate of it off by {s['median_target_error_cm']} cm (median)"
+                 if s.get("median_target_error_cm") is not None else ""),
               f"{t['episodes_per_min']:.1f} episodes/min, {t['x_realtime_per_worker']:.1f}x real time per worker "
               f"({report['workers']} worker(s))"]
     return "\n".join(lines)

@@ -42,6 +42,7 @@ from torch import nn
 
 from .config import MODALITIES, ConfigError, RobotConfig, config_to_dict
 from .dataset import DEFAULT_LABEL_TOPIC, DatasetError, Episode, load_episodes
+from .sim.task_state import TASK_STATE, UNITS_PER_M, task_state, task_weight
 
 RESUME_SUFFIX = ".resume"
 
@@ -70,7 +71,9 @@ class TrainConfig:
     keyframe_weight: float = 10.0      # extra loss weight on the ticks just after the expert's command jumps
     keyframe_ticks: int = 10           # how many ticks after the jump
     keyframe_jump: float = 0.3         # a jump: the standardised command's RMS change in one tick above this
+    task_state_weight: float = 0.0     # loss weight of fused_state[:5] against the recording's task state (0: off)
     threads: int = 0                   # torch intra-op threads (0: all cores)
+    init: str = ""                     # start from this checkpoint's weights and normalisation (DAgger rounds)
 
     def validate(self) -> None:
         from .config import FusionConfig
@@ -93,7 +96,9 @@ class TrainConfig:
                   (self.keyframe_weight >= 0, "--keyframe-weight must be >= 0"),
                   (1 <= self.keyframe_ticks <= 1000, "--keyframe-ticks must be in [1, 1000]"),
                   (self.keyframe_jump > 0, "--keyframe-jump must be > 0"),
-                  (self.threads >= 0, "--threads must be >= 0")]
+                  (self.task_state_weight >= 0, "--task-state-weight must be >= 0"),
+                  (self.threads >= 0, "--threads must be >= 0"),
+                  (not self.init or Path(self.init).is_file(), f"--init: no checkpoint at {self.init}")]
         for ok, msg in checks:
             if not ok:
                 raise ConfigError(msg)
@@ -156,7 +161,10 @@ def successful(episodes: list[Episode], include_failures: bool, log: Callable[[s
     if include_failures:
         return episodes
     def marked_failed(e: Episode) -> bool:
-        return e.meta.get("episode", {}).get("outcome") not in (None, "success")
+        info = e.meta.get("episode", {})
+        # A policy's episode (record --policy, DAgger) is labelled by the expert throughout: its failure
+        # is the policy's, and the states that led there are what it has to learn to get out of.
+        return info.get("driver") != "policy" and info.get("outcome") not in (None, "success")
     failed = [e for e in episodes if marked_failed(e)]
     if failed:
         reasons = sorted({str(e.meta["episode"].get("reason")) for e in failed})
@@ -223,6 +231,8 @@ class Chunk:
     dt: torch.Tensor            # (B, T, 1)
     action: torch.Tensor        # (B, T, dof)
     valid: torch.Tensor         # (B, T)
+    task: torch.Tensor          # (B, T, len(TASK_STATE)): what fused_state[:5] should say (sim.task_state)
+    task_valid: torch.Tensor    # (B, T): 1 where the task state is known (after the cue, in a recording with a spec)
 
 
 def _distinct(ep_index: list[tuple[int, np.ndarray]], store_of: Callable[[int], np.ndarray],
@@ -255,6 +265,8 @@ def make_chunk(episodes: Sequence[Episode], start: int, T: int, cfg) -> Chunk:
     dt = np.full((B, T, 1), 0.01, np.float32)
     action = np.zeros((B, T, m.action.dof), np.float32)
     valid = np.zeros((B, T), np.float32)
+    task = np.zeros((B, T, len(TASK_STATE)), np.float32)
+    task_valid = np.zeros((B, T), np.float32)
     cam_index, lidar_index = [], []
     for b, ep in enumerate(episodes):
         lo, hi = start, min(start + T, ep.ticks)
@@ -279,6 +291,9 @@ def make_chunk(episodes: Sequence[Episode], start: int, T: int, cfg) -> Chunk:
         valid[b, :n] = a["labelled"][lo:hi]
         if ep.weight is not None:
             valid[b, :n] *= ep.weight[lo:hi]
+        if ep.task is not None:
+            task[b, :n] = ep.task[lo:hi]
+            task_valid[b, :n] = ep.task_weight[lo:hi]
     cams, cam_rows = _distinct(cam_index, lambda b: episodes[b].arrays["camera_frames"], np.zeros(shape, np.uint8),
                                B, T)
     scans, scan_rows = _distinct(lidar_index, lambda b: episodes[b].arrays["lidar_scans"],
@@ -292,7 +307,8 @@ def make_chunk(episodes: Sequence[Episode], start: int, T: int, cfg) -> Chunk:
     return Chunk(torch.from_numpy(cams), torch.from_numpy(cam_rows), torch.from_numpy(track),
                  torch.from_numpy(audio_start.reshape(-1)), flat(imu),
                  torch.from_numpy(scans.astype(np.float32)), torch.from_numpy(scan_rows), flat(joints),
-                 torch.from_numpy(mask), torch.from_numpy(dt), torch.from_numpy(action), torch.from_numpy(valid))
+                 torch.from_numpy(mask), torch.from_numpy(dt), torch.from_numpy(action), torch.from_numpy(valid),
+                 torch.from_numpy(task), torch.from_numpy(task_valid))
 
 
 class SequenceModel(nn.Module):
@@ -303,7 +319,8 @@ class SequenceModel(nn.Module):
         self.net = net
         self.autocast_device = autocast_device
 
-    def forward(self, c: Chunk, state: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, c: Chunk, state: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(normalised actions (B, T, dof), fused states (B, T, fused_state_dim), the state after the chunk)."""
         net = self.net
         B, T, M = c.mask.shape
         mask = c.mask * net.used.view(1, 1, M)
@@ -323,7 +340,7 @@ class SequenceModel(nn.Module):
             state = net.recur_advance(drive[:, k], mask[:, k], c.dt[:, k], state)
             states.append(state)
         fused, _, _ = net.fusion(torch.stack(states, dim=1).flatten(0, 1), mask.flatten(0, 1))
-        return net.action_head.normalized(fused).view(B, T, -1), state
+        return net.action_head.normalized(fused).view(B, T, -1), net.state_head(fused).view(B, T, -1), state
 
 
 # ---------------------------------------------------------------- the loop
@@ -335,6 +352,8 @@ class History:
     train_loss: list[float] = field(default_factory=list)
     val_loss: list[float] = field(default_factory=list)
     ticks_per_s: list[float] = field(default_factory=list)
+    train_task_cm: list[float] = field(default_factory=list)   # the task state's RMS error (task_rms_cm)
+    val_task_cm: list[float] = field(default_factory=list)
 
 
 def epoch_lr(tc: TrainConfig, epoch: int) -> float:
@@ -356,8 +375,9 @@ def _batches(episodes: list[Episode], B: int, rng: np.random.Generator, rank: in
 
 
 def _run_batch(model: nn.Module, net, batch: list[Episode], tc: TrainConfig, targets: tuple, rng, device,
-               optimizer=None, world: int = 1, on_chunk: Callable | None = None) -> tuple[float, float]:
-    """Step a batch of episodes through in chunks; returns (sum of squared errors, valid tick count)."""
+               optimizer=None, world: int = 1, on_chunk: Callable | None = None) -> tuple[float, float, float, float]:
+    """Step a batch of episodes through in chunks; returns the actions' (sum of weighted squared errors,
+    weighted tick count) and the task state's (sum of squared errors, ticks)."""
     act_mean, act_std = targets
     T = tc.chunk_ticks
     longest = max(e.ticks for e in batch)
@@ -368,7 +388,8 @@ def _run_batch(model: nn.Module, net, batch: list[Episode], tc: TrainConfig, tar
         chunks = int(n)
     state = net.initial_state(len(batch)).to(device)
     train = optimizer is not None
-    sse, count = 0.0, 0.0
+    sse = count = task_sse = task_count = 0.0
+    K = len(TASK_STATE)
     for k in range(chunks):
         c = make_chunk(batch, k * T, T, net.cfg)
         if train and tc.modality_dropout > 0:
@@ -377,10 +398,14 @@ def _run_batch(model: nn.Module, net, batch: list[Episode], tc: TrainConfig, tar
         c = Chunk(*(getattr(c, f.name).to(device) for f in dataclasses.fields(Chunk)))
         target = (c.action - act_mean) / act_std
         with torch.set_grad_enabled(train):
-            pred, state = model(c, state)
+            pred, fused_state, state = model(c, state)
             err = ((pred - target) ** 2).mean(dim=-1) * c.valid
             n = c.valid.sum()
             loss = err.sum() / torch.clamp(n, min=1.0)
+            task_err = ((fused_state[..., :K] - c.task) ** 2).sum(dim=-1) * c.task_valid
+            task_n = c.task_valid.sum()
+            if tc.task_state_weight > 0:
+                loss = loss + tc.task_state_weight * task_err.sum() / torch.clamp(task_n * K, min=1.0)
         if not torch.isfinite(loss):
             raise TrainingError(f"non-finite loss ({float(loss.detach())}) in chunk {k} (ticks {k * T}..{(k + 1) * T - 1}) "
                                 f"of the batch of episodes {[e.name for e in batch]}")
@@ -392,9 +417,34 @@ def _run_batch(model: nn.Module, net, batch: list[Episode], tc: TrainConfig, tar
         state = state.detach()
         sse += float(err.detach().sum())
         count += float(n)
+        task_sse += float(task_err.detach().sum())
+        task_count += float(task_n)
         if on_chunk is not None:
             on_chunk(len(batch) * T, float(loss.detach()))
-    return sse, count
+    return sse, count, task_sse, task_count
+
+
+def task_rms_cm(task_sse: float, task_count: float) -> float:
+    """The task state's RMS error over its dims, in cm (nan where no tick had one)."""
+    return math.sqrt(task_sse / (task_count * len(TASK_STATE))) * 100.0 / UNITS_PER_M if task_count else math.nan
+
+
+def attach_task_state(episodes: Sequence[Episode], cfg: RobotConfig) -> int:
+    """Give each episode whose recording carries the cell's episode spec its task state (sim.task_state);
+    the others (a team's own bags) train on the actions alone. Returns how many have one."""
+    js = MODALITIES.index("joint_state")
+    dof = cfg.model.action.dof
+    n = 0
+    for e in episodes:
+        spec = e.meta.get("episode", {}).get("spec")
+        if not spec or dof != 7:
+            e.task = e.task_weight = None
+            continue
+        a = e.arrays
+        e.task = task_state(spec, np.asarray(a["joint_state"])[:, :dof])
+        e.task_weight = task_weight(a["action"], a["labelled"], np.asarray(a["mask"])[:, js])
+        n += 1
+    return n
 
 
 def train(bags: Sequence[str | Path], cfg: RobotConfig, tc: TrainConfig, out: str | Path, *,
@@ -430,12 +480,35 @@ def train(bags: Sequence[str | Path], cfg: RobotConfig, tc: TrainConfig, out: st
         raise DatasetError(f"{len(train_eps)} training episodes cannot give {world} ranks a batch of "
                            f"{tc.batch_episodes} each; lower --batch-episodes")
     stats = normalization(train_eps)
+    with_task = attach_task_state(episodes, cfg) if tc.task_state_weight > 0 else 0
+    if with_task and cfg.model.fused_state_dim < len(TASK_STATE):
+        raise TrainingError(f"model.fused_state_dim {cfg.model.fused_state_dim} cannot hold the task state's "
+                            f"{len(TASK_STATE)} values ({', '.join(TASK_STATE)}); raise it or --task-state-weight 0")
+    if with_task:
+        log(f"train: {with_task} of {len(episodes)} episodes carry the cell's task state: fused_state[:"
+            f"{len(TASK_STATE)}] learns {', '.join(TASK_STATE)} (dm), weight {tc.task_state_weight}")
+    net = build_model(cfg.model, seed=tc.seed)
+    if tc.init:
+        # The earlier policy's function unchanged at the start, normalisation included: new statistics
+        # would shift every input and output of a network trained on the old ones.
+        from .model import config_mismatch, read_checkpoint
+        from .config import model_config_from_dict
+        blob = read_checkpoint(tc.init)
+        diff = config_mismatch(model_config_from_dict(blob["model_config"]), cfg.model)
+        if diff:
+            raise TrainingError(f"--init: {tc.init} is another model: " + "; ".join(diff))
+        net.load_state_dict(blob["state_dict"])
+        flat = lambda x: x.detach().numpy().reshape(-1).astype(np.float64)  # noqa: E731
+        stats = {"imu_mean": flat(net.imu.mean), "imu_std": 1.0 / flat(net.imu.inv_std),
+                 "joint_state_mean": flat(net.joint_state.mean), "joint_state_std": 1.0 / flat(net.joint_state.inv_std),
+                 "action_mean": flat(net.action_head.mean), "action_std": flat(net.action_head.std)}
+        log(f"train: starting from {tc.init} (its weights and normalisation)")
+    else:
+        net.set_normalization(stats["imu_mean"], stats["imu_std"], stats["joint_state_mean"], stats["joint_state_std"],
+                              stats["action_mean"], stats["action_std"])
+    net = net.to(device)
     for e in episodes:
         e.weight = keyframe_weights(e, stats["action_std"], tc) if tc.keyframe_weight > 0 else None
-    net = build_model(cfg.model, seed=tc.seed)
-    net.set_normalization(stats["imu_mean"], stats["imu_std"], stats["joint_state_mean"], stats["joint_state_std"],
-                          stats["action_mean"], stats["action_std"])
-    net = net.to(device)
     targets = (net.action_head.mean.detach().clone(), net.action_head.std.detach().clone())
     optimizer = torch.optim.AdamW(net.parameters(), lr=tc.lr, weight_decay=tc.weight_decay)
     history, best, best_epoch, start_epoch, best_state = History(), math.inf, -1, 0, None
@@ -472,7 +545,7 @@ def train(bags: Sequence[str | Path], cfg: RobotConfig, tc: TrainConfig, out: st
         for group in optimizer.param_groups:   # a function of the epoch alone: --resume needs no state for it
             group["lr"] = epoch_lr(tc, epoch)
         t0 = time.perf_counter()
-        sse = count = 0.0
+        sse = count = tsse = tcount = 0.0
         seen = 0
         batches = _batches(train_eps, tc.batch_episodes, rng, rank, world)
         with tqdm(total=sum(math.ceil(max(e.ticks for e in b) / tc.chunk_ticks) for b in batches) * tc.chunk_ticks
@@ -484,20 +557,23 @@ def train(bags: Sequence[str | Path], cfg: RobotConfig, tc: TrainConfig, out: st
                 bar.update(ticks)
                 bar.set_postfix(loss=f"{loss:.4f}", ticks_s=f"{seen / max(time.perf_counter() - t0, 1e-9):.0f}")
             for batch in batches:
-                s, n = _run_batch(model, net, batch, tc, targets, rng, device, optimizer, world, on_chunk)
-                sse, count = sse + s, count + n
+                s, n, ts, tn = _run_batch(model, net, batch, tc, targets, rng, device, optimizer, world, on_chunk)
+                sse, count, tsse, tcount = sse + s, count + n, tsse + ts, tcount + tn
         elapsed = time.perf_counter() - t0
         if world > 1:   # the epoch's loss over every rank's batches, not this rank's alone
-            totals = torch.tensor([sse, count], dtype=torch.float64)
+            totals = torch.tensor([sse, count, tsse, tcount], dtype=torch.float64)
             torch.distributed.all_reduce(totals)
-            sse, count = float(totals[0]), float(totals[1])
+            sse, count, tsse, tcount = (float(x) for x in totals)
         train_loss = sse / max(count, 1.0)
         net.eval()
-        vs = vn = 0.0
+        vs = vn = vts = vtn = 0.0
         for k in range(0, len(val_eps), tc.batch_episodes):
-            s, n = _run_batch(SequenceModel(net), net, val_eps[k:k + tc.batch_episodes], tc, targets, rng, device)
-            vs, vn = vs + s, vn + n
+            s, n, ts, tn = _run_batch(SequenceModel(net), net, val_eps[k:k + tc.batch_episodes], tc, targets, rng,
+                                      device)
+            vs, vn, vts, vtn = vs + s, vn + n, vts + ts, vtn + tn
         val_loss = vs / max(vn, 1.0)
+        history.train_task_cm.append(task_rms_cm(tsse, tcount))
+        history.val_task_cm.append(task_rms_cm(vts, vtn))
         history.epoch.append(epoch + 1)
         history.train_loss.append(train_loss)
         history.val_loss.append(val_loss)
@@ -522,8 +598,10 @@ def train(bags: Sequence[str | Path], cfg: RobotConfig, tc: TrainConfig, out: st
             if plot:
                 plot_history(history, best_epoch, plot, f"{cfg.model.fusion.strategy}: {','.join(cfg.model.modalities)}")
         # After the epoch's checkpoint is in place: an interruption from here on loses nothing of it.
+        task = (f", task state {history.train_task_cm[-1]:.1f} / {history.val_task_cm[-1]:.1f} cm RMS"
+                if vtn and tc.task_state_weight > 0 else "")
         log(f"train: epoch {epoch + 1}: train loss {train_loss:.4f}, validation loss {val_loss:.4f}"
-            f"{' (best)' if improved else ''}, {history.ticks_per_s[-1]:.0f} ticks/s")
+            f"{' (best)' if improved else ''}{task}, {history.ticks_per_s[-1]:.0f} ticks/s")
         if epoch + 1 - best_epoch >= tc.patience:
             log(f"train: no better validation loss for {tc.patience} epochs: stopping (best epoch {best_epoch})")
             break
@@ -609,6 +687,11 @@ def add_train_command(add: Callable) -> None:
     p.add_argument("--keyframe-weight", type=float, default=d.keyframe_weight,
                    help="extra loss weight after each jump of the expert's command (0: off)")
     p.add_argument("--keyframe-ticks", type=int, default=d.keyframe_ticks)
+    p.add_argument("--init", metavar="CKPT", default="",
+                   help="start from this checkpoint (weights and normalisation), e.g. the last DAgger round's policy")
+    p.add_argument("--task-state-weight", type=float, default=d.task_state_weight,
+                   help="loss weight of fused_state[:5] against the cell's task state (the cued button, the tool's "
+                        "offset from it), where a recording carries the episode spec; 0: off")
     p.add_argument("--keyframe-jump", type=float, default=d.keyframe_jump,
                    help="a jump: RMS change of the standardised command in one tick above this")
     p.add_argument("--label-topic", default=d.label_topic, help="the command topic to learn")
@@ -627,8 +710,9 @@ def cmd_train(args, cfg: RobotConfig) -> int:
                      batch_episodes=args.batch_episodes, chunk_ticks=args.chunk_ticks, lr=args.lr,
                      lr_final=args.lr_final, modality_dropout=args.modality_dropout, patience=args.patience,
                      keyframe_weight=args.keyframe_weight, keyframe_ticks=args.keyframe_ticks,
-                     keyframe_jump=args.keyframe_jump,
-                     label_topic=args.label_topic, include_failures=args.include_failures, threads=args.threads)
+                     keyframe_jump=args.keyframe_jump, task_state_weight=args.task_state_weight,
+                     label_topic=args.label_topic, include_failures=args.include_failures, threads=args.threads,
+                     init=args.init)
     try:
         tc.validate()
         trained_config(cfg, tc)

@@ -83,3 +83,21 @@ def context():
     rclpy.init(context=ctx)
     yield ctx
     rclpy.try_shutdown(context=ctx)
+
+
+@pytest.fixture(scope="module")
+def monkeypatch_module():
+    mp = pytest.MonkeyPatch()
+    yield mp
+    mp.undo()
+
+
+def short_cell_config(folder: Path, seconds: float) -> Path:
+    """config/sim.yaml with episodes of ``seconds``: enough of an episode for tests that need no outcome."""
+    import yaml
+    sim_yaml = Path(__file__).resolve().parents[1] / "config" / "sim.yaml"
+    doc = yaml.safe_load(sim_yaml.read_text())
+    doc["sim_node"]["ros__parameters"]["episode"]["time_limit_s"] = seconds
+    path = folder / "sim_short.yaml"
+    path.write_text(yaml.safe_dump(doc))
+    return path

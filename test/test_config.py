@@ -191,6 +191,9 @@ def test_wrong_type_inside_a_list_names_the_element(params, tmp_path):
     ("model.encoder.num_spike_steps", 0),
     ("model.lidar.range_min", 40.0),               # above range_max
     ("model.camera.channels", []),
+    ("model.camera.strides", [4, 2]),              # one stride fewer than stages
+    ("model.camera.strides", [4, 3, 2]),           # not 1, 2 or 4
+    ("model.camera.strides", [4, 4, 4]),           # 96 px / 64 = 1.5: below a 2x2 map
     ("model.fused_state_dim", 0),
     ("model.imu.window_s", 0.01),                  # 2 samples at 200 Hz
     ("model.fusion.rank", 0),
@@ -445,3 +448,15 @@ def test_artifacts_default_to_a_per_user_cache_never_the_working_directory(monke
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
     assert EngineConfig().artifact_path == tmp_path / "home" / ".ros" / "mm_fusion_ros"
     assert EngineConfig(artifact_dir="~/plans").artifact_path == tmp_path / "home" / "plans"
+
+
+def test_camera_strides_set_the_keypoint_map(params, tmp_path):
+    """The stride of each stage is what it says: the spatial softmax reads a map that much finer."""
+    import torch
+
+    from mm_fusion_ros.config import CameraConfig
+    from mm_fusion_ros.model.preprocess import CameraEncoder
+    for strides, side in (((4, 2, 2), 6), ((4, 2, 1), 12)):
+        for backbone in ("simple", "resnet"):
+            enc = CameraEncoder(CameraConfig(strides=strides, backbone=backbone), 16)
+            assert enc.features(torch.zeros(1, 3, 96, 96)).shape[-2:] == (side, side)

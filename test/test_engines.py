@@ -55,6 +55,24 @@ def test_export_is_a_flat_static_graph_with_metadata(robot, onnx_path):
     assert set(INPUT_NAMES) - {"state", "audio_frames"} <= consumed, set(INPUT_NAMES) - consumed
 
 
+def _export_in(folder: str, seed: int) -> str:
+    from mm_fusion_ros.config import RobotConfig
+    from mm_fusion_ros.engine.export import export_onnx
+    return str(export_onnx(build_model(RobotConfig().model, seed=seed), folder))
+
+
+def test_two_processes_exporting_to_one_folder_at_once_both_get_a_whole_model(tmp_path):
+    """As eval's workers do on a first run: each checks and renames only the file it wrote (measured before:
+    one of two workers failed on the other's half-written model.onnx.tmp)."""
+    import multiprocessing
+
+    with multiprocessing.get_context("spawn").Pool(2) as pool:
+        paths = pool.starmap(_export_in, [(str(tmp_path), 3), (str(tmp_path), 3)])
+    assert paths == [str(tmp_path / "model.onnx")] * 2
+    onnx.checker.check_model(onnx.load(paths[0]), full_check=True)
+    assert not list(tmp_path.glob("*.tmp"))
+
+
 def test_ensure_onnx_reuses_until_the_weights_change(robot, onnx_path):
     cfg, model = robot
     before = onnx_path.stat().st_mtime_ns

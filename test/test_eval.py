@@ -8,12 +8,13 @@ import re
 from pathlib import Path
 
 import pytest
-import yaml
 
 from mm_fusion_ros.cli import main as cli_main
 from mm_fusion_ros.config import load_config
 from mm_fusion_ros.evaluate import Drop, EvalError, EvalOptions, Evaluator, eval_config, evaluate, summarize
 from mm_fusion_ros.model import build_model, save_checkpoint
+
+from conftest import short_cell_config
 
 REPO = Path(__file__).resolve().parents[1]
 SIM_YAML = REPO / "config" / "sim.yaml"
@@ -25,12 +26,8 @@ def _quiet(_msg: str) -> None:
 
 @pytest.fixture(scope="module")
 def short_cell(tmp_path_factory) -> Path:
-    """config/sim.yaml with 2.5 s episodes (an untrained policy times out; that is all these tests need)."""
-    doc = yaml.safe_load(SIM_YAML.read_text())
-    doc["sim_node"]["ros__parameters"]["episode"]["time_limit_s"] = 2.5
-    path = tmp_path_factory.mktemp("cell") / "sim_short.yaml"
-    path.write_text(yaml.safe_dump(doc))
-    return path
+    """2.5 s episodes (an untrained policy times out; that is all these tests need)."""
+    return short_cell_config(tmp_path_factory.mktemp("cell"), 2.5)
 
 
 @pytest.fixture(scope="module")
@@ -44,13 +41,6 @@ def checkpoint(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def artifacts(tmp_path_factory, monkeypatch_module):
     monkeypatch_module.setenv("ROS_HOME", str(tmp_path_factory.mktemp("ros_home")))
-
-
-@pytest.fixture(scope="module")
-def monkeypatch_module():
-    mp = pytest.MonkeyPatch()
-    yield mp
-    mp.undo()
 
 
 @pytest.fixture(scope="module")
@@ -71,6 +61,17 @@ def test_every_episode_is_reported_and_aggregated_with_an_interval(two_episodes)
         assert e["ticks"] == pytest.approx(e["duration_s"] * 100, abs=2)   # the control rate on sim time
         # The policy's commands reached the arm (the untrained network's are far from zero).
         assert e["max_joint_speed"] > 0.05
+    # How near the tool came to the cued button: never further than where it started, and the button's
+    # own estimate only from a policy trained to give one.
+    from mm_fusion_ros.sim.cell import Cell
+    from mm_fusion_ros.sim.config import load_cell_config
+    import numpy as np
+    cell = Cell(load_cell_config(SIM_YAML), render=False)
+    for e in r["episodes"]:
+        spec = cell.reset(e["seed"])
+        start_cm = 100 * np.hypot(*(cell.tcp()[0][:2] - np.asarray(spec.buttons[spec.target])))
+        assert 0 < e["closest_cm"] <= start_cm + 0.01
+        assert e["target_error_cm"] is None
     s = r["summary"]
     lo, hi = s["success_ci95"]
     assert 0.0 <= lo <= s["success_rate"] <= hi <= 1.0
@@ -181,3 +182,27 @@ def test_summary_counts_reasons_and_mean_time_to_success():
     assert s["mean_time_to_success_s"] == pytest.approx(7.0) and s["intruder_contacts"] == 1
     lo, hi = s["success_ci95"]
     assert lo < 2 / 3 < hi
+
+
+def test_a_policy_trained_with_the_task_state_has_its_estimate_of_the_button_scored(short_cell, artifacts, tmp_path):
+    """fused_state[:2] of such a policy is its estimate of the cued button (dm): eval scores it against the
+    cell's button from the policy's first command on. A state head that always says the right button
+    scores 0; one that says a point 10 cm off scores 10 cm."""
+    import torch
+
+    from mm_fusion_ros.sim.cell import Cell
+    from mm_fusion_ros.sim.config import load_cell_config
+    spec = Cell(load_cell_config(SIM_YAML), render=False).reset(1000)
+    bx, by = spec.buttons[spec.target]
+    errors = []
+    for dx in (0.0, 0.1):
+        net = build_model(load_config(SIM_YAML).model, seed=3)
+        with torch.no_grad():
+            net.state_head.weight.zero_()
+            net.state_head.bias.zero_()
+            net.state_head.bias[:2] = torch.tensor([10 * (bx + dx), 10 * by])
+        ckpt = tmp_path / f"task_{dx}.pt"
+        save_checkpoint(net, ckpt, {"training": {"train_config": {"task_state_weight": 1.0}}})
+        r = evaluate(short_cell, ckpt, EvalOptions(episodes=1, seed=1000), progress=False, log=_quiet)
+        errors.append(r["episodes"][0]["target_error_cm"])
+    assert errors[0] == pytest.approx(0.0, abs=0.01) and errors[1] == pytest.approx(10.0, abs=0.01)

@@ -139,13 +139,6 @@ def expand(description, **arguments) -> list:
     return out
 
 
-@pytest.fixture(scope="module")
-def monkeypatch_module():
-    mp = pytest.MonkeyPatch()
-    yield mp
-    mp.undo()
-
-
 def console_scripts() -> dict[str, str]:
     """name -> 'module:function' from setup.py's entry_points, read without running setup()."""
     tree = ast.parse((REPO / "setup.py").read_text())

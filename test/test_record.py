@@ -17,6 +17,8 @@ from mm_fusion_ros.sim.expert import DartNoise
 from mm_fusion_ros.sim.panda import JOINT_NAMES
 from mm_fusion_ros.sim.record import LABEL_TOPIC, RecordError, RecordOptions, episode_name, record
 
+from conftest import short_cell_config
+
 REPO = Path(__file__).resolve().parents[1]
 SIM_YAML = REPO / "config" / "sim.yaml"
 
@@ -207,6 +209,8 @@ def test_bad_options_are_refused_before_any_work(tmp_path, capsys):
         (["--episodes", "2", "--noise", "0.1", "--noise-tau", "-1"], "--noise-tau must be in"),
         (["--episodes", "2", "--workers", "0"], "--workers must be in"),
         (["--episodes", "2", "--video", "ep.avi"], "name it *.mp4"),
+        (["--episodes", "2", "--policy", str(tmp_path / "none.pt")], "--policy: no checkpoint at"),
+        (["--episodes", "2", "--expert-share", "0.5"], "--expert-share mixes the expert into a policy's"),
     ]:
         assert cli_main(["record", str(out), *argv]) == 2
         assert message in capsys.readouterr().err
@@ -239,3 +243,71 @@ def test_joint_states_are_recorded_on_the_configured_topic(tmp_path):
     with BagReader(out / episode_name(5), log=_quiet) as bag:
         assert bag.topics["/arm/joint_states"].msgtype == "sensor_msgs/msg/JointState"
         assert bag.topics["/arm/joint_states"].count > 0 and "/joint_states" not in bag.topics
+
+
+# ---------------------------------------------------------------- DAgger: record --policy
+
+
+@pytest.fixture(scope="module")
+def short_cell(tmp_path_factory) -> Path:
+    """3 s episodes: the cue and the start of the reach, which is all these tests need."""
+    return short_cell_config(tmp_path_factory.mktemp("cell"), 3.0)
+
+
+@pytest.fixture(scope="module")
+def untrained(tmp_path_factory, monkeypatch_module) -> Path:
+    from mm_fusion_ros.model import build_model, save_checkpoint
+    monkeypatch_module.setenv("ROS_HOME", str(tmp_path_factory.mktemp("ros_home")))
+    path = tmp_path_factory.mktemp("ckpt") / "policy.pt"
+    save_checkpoint(build_model(load_config(SIM_YAML).model, seed=3), path)
+    return path
+
+
+def test_with_a_policy_the_policy_drives_as_in_eval_and_the_expert_labels(short_cell, untrained, tmp_path):
+    """record --policy runs eval's loop: the same episode, tick for tick, as `mm-fusion eval` of that seed; the
+    commands in the bag are the policy's, the labels the expert's at the states the policy reached; and a
+    failed policy episode is kept for training (its states are the point)."""
+    from mm_fusion_ros.dataset import load_episodes
+    from mm_fusion_ros.evaluate import EvalOptions, evaluate
+    from mm_fusion_ros.train import successful
+
+    out = tmp_path / "dagger"
+    record(out, short_cell, RecordOptions(episodes=1, seed=300, policy=str(untrained)), progress=False, log=_quiet)
+    meta = json.loads((out / f"{episode_name(300)}.json").read_text())
+    ev = evaluate(short_cell, untrained, EvalOptions(episodes=1, seed=300), progress=False, log=_quiet)["episodes"][0]
+    assert meta["driver"] == "policy" and meta["expert_ticks"] == 0
+    assert (meta["outcome"], meta["reason"], meta["duration_s"]) == (ev["outcome"], ev["reason"], ev["duration_s"])
+    assert meta["stats"]["max_joint_speed"] == pytest.approx(ev["max_joint_speed"], abs=1e-4)
+    cfg = load_config(short_cell).absolute()
+    with BagReader(out / episode_name(300), log=_quiet) as bag:
+        executed = np.array([bag.decode(m).data for m in bag.messages(topics=[cfg.outputs.action_topic])])
+        labels = np.array([bag.decode(m).velocity for m in bag.messages(topics=[LABEL_TOPIC])])
+    # The untrained policy moves from the first tick; the expert says "wait for the cue" (0) until it has
+    # heard it (0.5 s + 0.4 s), then reaches for the button from wherever the policy took the arm.
+    assert np.abs(executed[:50]).max() > 0.05 and np.abs(labels[:50]).max() == 0.0
+    assert np.abs(labels[150:]).max() > 0.1
+    assert np.abs(executed - labels).max() > 0.1
+    episodes = load_episodes([out], cfg, tmp_path / "cache", progress=False, log=_quiet)
+    assert meta["outcome"] != "success" and len(successful(episodes, False, _quiet)) == 1
+    # Resuming that folder with another policy, or with the expert, would mix drivers: refused.
+    from mm_fusion_ros.model import build_model, save_checkpoint
+    other = tmp_path / "other.pt"
+    save_checkpoint(build_model(load_config(SIM_YAML).model, seed=4), other)
+    for policy in (str(other), ""):
+        with pytest.raises(RecordError, match="another --policy"):
+            record(out, short_cell, RecordOptions(episodes=2, seed=300, policy=policy, resume=True), progress=False,
+                   log=_quiet)
+
+
+def test_a_policy_for_another_model_is_refused_before_any_episode(short_cell, tmp_path, capsys):
+    from mm_fusion_ros.model import build_model, save_checkpoint
+    m = load_config(SIM_YAML).model
+    other = tmp_path / "other.pt"
+    save_checkpoint(build_model(dataclasses.replace(m, fused_state_dim=16), seed=3), other)
+    out = tmp_path / "never"
+    assert cli_main(["record", str(out), "--config", str(short_cell), "--episodes", "1", "--policy", str(other)]) == 2
+    err = capsys.readouterr().err
+    assert "--policy:" in err and "fused_state_dim" in err and not out.exists()
+    assert cli_main(["record", str(out), "--config", str(short_cell), "--episodes", "1", "--policy", str(other),
+                     "--noise", "0.1"]) == 2
+    assert "with --policy the policy drives" in capsys.readouterr().err

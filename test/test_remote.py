@@ -303,11 +303,12 @@ def test_requests_older_than_their_deadline_are_dropped_not_served_late(model, f
         assert server.snapshot()["expired"] == 4 and server.snapshot()["served"] == 1
 
 
-def test_remote_engine_times_out_counts_the_miss_and_drops_the_late_reply(model, fingerprint):
+@pytest.mark.parametrize("busy_poll_ms", [0.0, 20.0])   # sleeping in poll, or spinning first for 20 of the 50 ms
+def test_remote_engine_times_out_counts_the_miss_and_drops_the_late_reply(model, fingerprint, busy_poll_ms):
     slow = Switchable(torch_engine(model))
     with PolicyServer([slow], fingerprint, ANY_PORT, log=lambda _: None) as server:
         logs: list[str] = []
-        engine = remote_engine(server.endpoint, fingerprint, slow, logs, timeout_ms=50.0)
+        engine = remote_engine(server.endpoint, fingerprint, slow, logs, timeout_ms=50.0, busy_poll_ms=busy_poll_ms)
         x = inputs_for(slow, 5)
         assert engine.step(x)["action"].shape == slow.output_specs[0].shape
         slow.delay_s = 0.3
@@ -405,6 +406,8 @@ def test_keys_command_writes_pairs_and_never_overwrites(tmp_path):
     ({"endpoint": "tcp://10.0.0.5:5555"}, "engine.remote.endpoint"),
     ({"endpoint": "http://127.0.0.1:5555"}, "engine.remote.endpoint"),
     ({"timeout_ms": 0.0}, "engine.remote.timeout_ms"),
+    ({"busy_poll_ms": 6.0}, "engine.remote.busy_poll_ms"),     # longer than the 5 ms deadline
+    ({"busy_poll_ms": -1.0}, "engine.remote.busy_poll_ms"),
     ({"server_key": "keys/server.key"}, "engine.remote.server_key"),
 ])
 def test_remote_config_is_validated_naming_the_key(remote, key):

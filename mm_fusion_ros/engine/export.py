@@ -48,7 +48,9 @@ def export_onnx(model: FusionNet, out_dir: str | Path, extra_meta: dict | None =
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     onnx_path = out_dir / "model.onnx"
-    tmp = out_dir / "model.onnx.tmp"
+    # A name of this process's own: eval's workers (or two nodes) may export the same model to one folder
+    # at once, and a shared temporary name let one of them check the other's half-written file.
+    tmp = out_dir / f"model.onnx.{os.getpid()}.tmp"
     model = model.eval()
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")

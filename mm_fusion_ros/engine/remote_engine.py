@@ -50,6 +50,7 @@ class RemoteEngine(Engine):
         self.cfg, self.model, self.log = cfg, model, log
         self.endpoint = cfg.endpoint
         self.timeout_s = cfg.timeout_ms * 1e-3
+        self._busy_poll_s = cfg.busy_poll_ms * 1e-3
         self._in, self._out = wire.Layout(input_specs), wire.Layout(output_specs)
         self._model_json = json.dumps(model)
         self._curve = None
@@ -134,12 +135,21 @@ class RemoteEngine(Engine):
     def _receive(self, id: int, wait_s: float) -> tuple[dict | None, list[Any]]:
         """The reply to request ``id`` within ``wait_s`` (header, tensor frames); (None, []) on timeout."""
         zmq = self._zmq
-        deadline = time.perf_counter() + wait_s
+        now = time.perf_counter()
+        deadline = now + wait_s
+        spin_until = min(now + self._busy_poll_s, deadline)
         while True:
-            remaining = deadline - time.perf_counter()
-            if remaining <= 0 or not self._sock.poll(max(remaining * 1e3, 0.0), zmq.POLLIN):
-                return None, []
-            frames = self._sock.recv_multipart(copy=False)
+            frames = None
+            while frames is None and time.perf_counter() < spin_until:
+                try:
+                    frames = self._sock.recv_multipart(zmq.NOBLOCK, copy=False)
+                except zmq.Again:
+                    pass
+            if frames is None:
+                remaining = deadline - time.perf_counter()
+                if remaining <= 0 or not self._sock.poll(max(remaining * 1e3, 0.0), zmq.POLLIN):
+                    return None, []
+                frames = self._sock.recv_multipart(copy=False)
             if len(frames) > self._max_frames:
                 self.counters["bad_reply"] += 1
                 continue

@@ -31,12 +31,12 @@ AMIN = 1e-10  # power floor before log10, as librosa.power_to_db
 # ---------------------------------------------------------------- camera
 
 class _ResidualBlock(nn.Module):
-    def __init__(self, cin: int, cout: int):
+    def __init__(self, cin: int, cout: int, stride: int = 2):
         super().__init__()
         self.body = nn.Sequential(
-            nn.Conv2d(cin, cout, 3, stride=2, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(),
+            nn.Conv2d(cin, cout, 3, stride=stride, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(),
             nn.Conv2d(cout, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout))
-        self.skip = nn.Sequential(nn.Conv2d(cin, cout, 1, stride=2, bias=False), nn.BatchNorm2d(cout))
+        self.skip = nn.Sequential(nn.Conv2d(cin, cout, 1, stride=stride, bias=False), nn.BatchNorm2d(cout))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return torch.relu(self.body(x) + self.skip(x))
@@ -50,13 +50,13 @@ class CameraEncoder(nn.Module):
         self.height, self.width = cfg.height, cfg.width
         first = cfg.channels[0]
         # A stride-4 stem keeps the per-tick cost low enough for a 100 Hz loop on a CPU.
-        layers: list[nn.Module] = [nn.Conv2d(3, first, 5, stride=4, padding=2), nn.ReLU()]
+        layers: list[nn.Module] = [nn.Conv2d(3, first, 5, stride=cfg.strides[0], padding=2), nn.ReLU()]
         cin = first
-        for cout in cfg.channels[1:]:
+        for cout, stride in zip(cfg.channels[1:], cfg.strides[1:]):
             if cfg.backbone == "resnet":
-                layers.append(_ResidualBlock(cin, cout))
+                layers.append(_ResidualBlock(cin, cout, stride))
             else:
-                layers += [nn.Conv2d(cin, cout, 3, stride=2, padding=1), nn.ReLU()]
+                layers += [nn.Conv2d(cin, cout, 3, stride=stride, padding=1), nn.ReLU()]
             cin = cout
         self.features = nn.Sequential(*layers)
         # Mean activation plus each channel's expected image position under a spatial softmax

@@ -6,6 +6,7 @@
 - ``cell``: physics, seeded episodes, sensor readings, outcomes;
 - ``readings``: the sensors' output and its arrival order;
 - ``expert``: the scripted expert (damped least-squares IK on privileged state);
+- ``task_state``: what training asks the fused state to say (the cued button, the tool's offset from it);
 - ``record``: demonstrations as rosbag2 bags (``mm-fusion record``).
 
 ``sim_node`` (``mm_fusion_ros.ros.sim_node``) is the thin ROS 2 shell over ``cell``.

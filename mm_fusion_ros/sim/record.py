@@ -66,8 +66,24 @@ class RecordOptions:
     resume: bool = False
     storage: str = "mcap"
     control_rate_hz: float = 100.0
+    # DAgger (Ross et al. 2011): a checkpoint that drives the arm through the same loop as eval (Runtime,
+    # ONNX Runtime, safety filter) while the expert, following the cell, labels every tick with what it
+    # would command there: the states the policy itself gets into, with the way back out of them.
+    policy: str = ""
+    expert_share: float = 0.0     # with --policy: the share of ticks on which the expert's command is executed
 
     def validate(self) -> None:
+        if self.policy:
+            if not Path(self.policy).is_file():
+                raise RecordError(f"--policy: no checkpoint at {self.policy}")
+            if self.noise:
+                raise RecordError("--noise perturbs the expert's demonstrations; with --policy the policy "
+                                  "drives and needs none: drop one of them")
+        if not (math.isfinite(self.expert_share) and 0 <= self.expert_share < 1):
+            raise RecordError(f"--expert-share must be in [0, 1), got {self.expert_share}")
+        if self.expert_share and not self.policy:
+            raise RecordError("--expert-share mixes the expert into a policy's episodes: it needs --policy")
+
         if not 1 <= self.episodes <= 100_000:
             raise RecordError(f"--episodes must be in [1, 100000], got {self.episodes}")
         if self.seed < 0:
@@ -95,22 +111,34 @@ def config_digest(path: str | Path) -> str:
 class _EpisodeRecorder:
     """Holds a Cell (and its renderer) for the worker's lifetime; records one episode per call."""
 
-    def __init__(self, config_path: str):
+    def __init__(self, config_path: str, policy: str = ""):
         from .cell import Cell
         self.robot = load_config(config_path)
         self.cell_cfg = load_cell_config(config_path)
         self.bridge = CellMessages(self.robot, self.cell_cfg)
         self.topics, self.ts = self.bridge.topics, self.bridge.ts
         self.cell = Cell(self.cell_cfg)
+        self.loop = None
+        if policy:
+            from ..evaluate import PolicyLoop
+            self.loop = PolicyLoop(config_path, policy, "onnxruntime")
+
+    def close(self) -> None:
+        self.cell.close()
+        if self.loop is not None:
+            self.loop.close()
 
     def record(self, out_dir: str, seed: int, noise: float, noise_tau: float, storage: str,
-               control_rate_hz: float) -> dict:
+               control_rate_hz: float, expert_share: float = 0.0) -> dict:
         from .expert import DartNoise, Expert, expert_commands
-        cell, ts, topics = self.cell, self.ts, self.topics
+        cell, ts, topics, loop = self.cell, self.ts, self.topics, self.loop
         wall0 = time.perf_counter()
         spec = cell.reset(seed)
         expert = Expert(cell)
         dart = DartNoise(np.random.default_rng([seed, 7]), noise, noise_tau, 1.0 / control_rate_hz)
+        share_rng = np.random.default_rng([seed, 11])
+        tick_ns = loop.start(cell.t) if loop is not None else 0
+        expert_ticks = ticks = 0
         queue = ArrivalQueue()
         name = episode_name(seed)
         bag_path = Path(out_dir) / name
@@ -127,7 +155,15 @@ class _EpisodeRecorder:
             info_next = cell.t
             t = cell.t
             while not cell.outcome.done:
-                clean, executed = expert_commands(expert, dart)
+                if loop is None:
+                    clean, executed = expert_commands(expert, dart)
+                else:
+                    result = loop.tick(tick_ns)
+                    clean = expert.act()
+                    executed = np.asarray(result.safety.command, np.float64)
+                    if share_rng.random() < expert_share:
+                        executed, expert_ticks = clean, expert_ticks + 1
+                ticks += 1
                 cell.command(executed)
                 t_ns = M.stamp_ns(t)
                 bag.write(topics.command, t_ns, M.float64_array(ts, executed))
@@ -136,11 +172,18 @@ class _EpisodeRecorder:
                     # Once a second, so a reader starting mid-bag still learns the stream's format.
                     bag.write(topics.audio_info, t_ns, M.audio_info(ts, self.cell_cfg.audio.sample_rate))
                     info_next += 1.0
-                t += period
+                if loop is None:
+                    t += period
+                else:   # on the Runtime's integer tick grid, as eval runs it
+                    tick_ns += loop.period_ns
+                    t = tick_ns / 1e9
                 queue.push(cell.advance(t))
-                for r in queue.pop_due(t):
+                due = queue.pop_due(t)
+                for r in due:
                     topic, msg = self.bridge.message(r)
                     bag.write(topic, M.stamp_ns(r.receive), msg)
+                if loop is not None:
+                    loop.receive(due, tick_ns)
             for r in queue.drain():   # in flight when the episode ended: a recorder would still get them
                 topic, msg = self.bridge.message(r)
                 bag.write(topic, M.stamp_ns(r.receive), msg)
@@ -151,6 +194,10 @@ class _EpisodeRecorder:
             "detail": o.detail, "duration_s": round(o.t, 4),
             "time_to_success_s": round(o.t, 4) if o.status == "success" else None,
             "noise": noise, "noise_tau": noise_tau, "spec": spec.as_dict(),
+            # Who drove: the expert (a demonstration, whose failure makes it one not to clone), or a policy
+            # (DAgger: its failures are the point; every tick is still labelled by the expert).
+            "driver": "expert" if loop is None else "policy",
+            "expert_ticks": expert_ticks if loop is not None else ticks,
             "stats": {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in asdict(st).items()},
             "messages": counts, "bytes": _size(bag_path), "wall_s": round(time.perf_counter() - wall0, 3),
         }
@@ -165,9 +212,9 @@ def _size(path: Path) -> int:
 _WORKER: _EpisodeRecorder | None = None
 
 
-def _worker_init(config_path: str) -> None:
+def _worker_init(config_path: str, policy: str = "") -> None:
     global _WORKER
-    _WORKER = _EpisodeRecorder(config_path)
+    _WORKER = _EpisodeRecorder(config_path, policy)
 
 
 def _worker_record(args: tuple) -> dict:
@@ -227,9 +274,16 @@ def record(out_dir: str | Path, config_path: str | Path, opts: RecordOptions, pr
         cell_topics(robot, cell_cfg)
     except BridgeError as exc:
         raise RecordError(str(exc)) from None
+    if opts.policy:
+        from ..evaluate import EvalError, eval_config
+        try:
+            eval_config(config_path, opts.policy, "")   # the checkpoint for this cell's model, or refused naming why
+        except EvalError as exc:
+            raise RecordError(f"--policy: {exc}") from None
     check_backend()
     out = Path(out_dir)
     digest = config_digest(config_path)
+    policy_digest = config_digest(opts.policy) if opts.policy else None
     index_path = out / INDEX
     if out.exists() and any(out.iterdir()):
         if not opts.resume:
@@ -239,6 +293,10 @@ def record(out_dir: str | Path, config_path: str | Path, opts: RecordOptions, pr
             if old.get("config_sha256") != digest:
                 raise RecordError(f"{out} was recorded with another config ({old.get('config')}); "
                                   "resume it with that config, or record into a new folder")
+            if old.get("policy_sha256") != policy_digest:
+                before = (old.get("options") or {}).get("policy") or "none: the expert drove"
+                raise RecordError(f"{out} was recorded with another --policy ({before}); its episodes would mix "
+                                  "two drivers' states: record into a new folder")
     out.mkdir(parents=True, exist_ok=True)
     removed = _clean_partials(out)
     if removed:
@@ -249,7 +307,8 @@ def record(out_dir: str | Path, config_path: str | Path, opts: RecordOptions, pr
     if done:
         log(f"record: {len(done)} of {len(seeds)} episodes already recorded; recording {len(todo)}")
     show = sys.stderr.isatty() if progress is None else progress
-    index = {"tool": TOOL, "config": config_path, "config_sha256": digest, "task": "press_cued_button",
+    index = {"tool": TOOL, "config": config_path, "config_sha256": digest, "policy_sha256": policy_digest,
+             "task": "press_cued_button",
              "options": asdict(opts), "seeds": [seeds[0], seeds[-1]], "episodes": []}
 
     def write_index() -> None:
@@ -260,11 +319,12 @@ def record(out_dir: str | Path, config_path: str | Path, opts: RecordOptions, pr
         write_json_atomic(index_path, index)
 
     wall0 = time.perf_counter()
-    args = [(str(out), s, opts.noise, opts.noise_tau, opts.storage, opts.control_rate_hz) for s in todo]
+    args = [(str(out), s, opts.noise, opts.noise_tau, opts.storage, opts.control_rate_hz, opts.expert_share)
+            for s in todo]
     bar = tqdm(total=len(todo), desc="record", unit="episode", disable=not show, file=sys.stderr)
     try:
         if opts.workers == 1 or len(todo) <= 1:
-            recorder = _EpisodeRecorder(config_path)
+            recorder = _EpisodeRecorder(config_path, opts.policy)
             try:
                 for a in args:
                     meta = recorder.record(*a)
@@ -273,13 +333,13 @@ def record(out_dir: str | Path, config_path: str | Path, opts: RecordOptions, pr
                     bar.set_postfix(success=f"{sum(e['outcome'] == 'success' for e in done.values())}/{len(done)}")
                     bar.update()
             finally:
-                recorder.cell.close()
+                recorder.close()
         else:
             import multiprocessing as mp
             from concurrent.futures import ProcessPoolExecutor, as_completed
             # spawn, not fork: each worker opens its own OpenGL context and MuJoCo model.
             with ProcessPoolExecutor(opts.workers, mp_context=mp.get_context("spawn"), initializer=_worker_init,
-                                     initargs=(config_path,)) as pool:
+                                     initargs=(config_path, opts.policy)) as pool:
                 futures = [pool.submit(_worker_record, a) for a in args]
                 for f in as_completed(futures):
                     meta = f.result()
@@ -310,6 +370,10 @@ def add_record_command(add: Callable[[str, str], object], default_config: str) -
                    help="DART noise: std (rad/s) added to the executed command; the label stays clean")
     p.add_argument("--noise-tau", type=float, default=0.0,
                    help="time constant (s) of the DART noise's drift (0: white noise, new each tick)")
+    p.add_argument("--policy", metavar="CKPT", default="",
+                   help="DAgger: this checkpoint drives the arm (through eval's loop) and the expert labels each tick")
+    p.add_argument("--expert-share", type=float, default=0.0,
+                   help="with --policy: share of ticks on which the expert's own command is executed instead")
     p.add_argument("--workers", type=int, default=1, help="parallel processes (results do not depend on it)")
     p.add_argument("--resume", action="store_true", help="skip episodes already recorded in OUT")
     p.add_argument("--storage", choices=["mcap", "sqlite3"], default="mcap")
@@ -321,7 +385,7 @@ def cmd_record(args, cfg: RobotConfig) -> int:
     try:
         seed = args.seed if args.seed is not None else load_cell_config(args.config).seed
         opts = RecordOptions(episodes=args.episodes, seed=seed, noise=args.noise, noise_tau=args.noise_tau,
-                             workers=args.workers,
+                             workers=args.workers, policy=args.policy, expert_share=args.expert_share,
                              resume=args.resume, storage=args.storage, control_rate_hz=cfg.control_rate_hz)
         if args.video and not args.video.endswith(".mp4"):
             raise RecordError(f"--video writes an MP4; name it *.mp4, got {args.video!r}")

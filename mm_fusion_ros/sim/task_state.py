@@ -1,0 +1,60 @@
+"""The cell's task state at each tick, from a recording's episode spec: what training supervises the
+first dims of ``fused_state`` with.
+
+Behaviour cloning alone gives the network one signal, the expert's joint velocities, in which where the
+cued button is and where the tool is are tangled with the arm's Jacobian; measured (README "Where
+learning stands", item 8) the cloned policy reached for the right button and ended 6-7.5 cm beside
+it. Asking the fused state to say, in metres, where the cued button is and how far the tool is from
+it (an auxiliary task, as in Levine et al. 2016's pose prediction) puts that into the representation
+that the action head reads, and gives a figure in centimetres of how well the policy localises.
+
+Known only after the cue (before it, which button is meant is not in any sensor): ``task_weight``
+is 0 until the expert's first command, which waits for the cue.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .panda import FLANGE_D, MDH, TIP_RADIUS, TOOL_LENGTH
+from .scene import CAP_HEIGHT, HOUSING_HEIGHT
+
+TASK_STATE = ("target_x", "target_y", "offset_x", "offset_y", "tool_height")
+UNITS_PER_M = 10.0   # decimetres: values of order one for a loss beside the standardised actions
+
+
+def task_state(spec: dict, joint_positions: np.ndarray) -> np.ndarray:
+    """(T, 5) in decimetres: the cued button's (x, y) in the base frame, its offset from the tool tip
+    (button minus tool, x and y), and the tool tip's height above the button's resting top."""
+    bx, by = spec["buttons"][int(spec["target"])]
+    q = np.asarray(joint_positions, np.float64)
+    tips = tool_tips(q)
+    out = np.empty((len(q), len(TASK_STATE)), np.float32)
+    out[:, 0], out[:, 1] = bx, by
+    out[:, 2], out[:, 3] = bx - tips[:, 0], by - tips[:, 1]
+    out[:, 4] = tips[:, 2] - (HOUSING_HEIGHT + CAP_HEIGHT)
+    return out * UNITS_PER_M
+
+
+def tool_tips(q: np.ndarray) -> np.ndarray:
+    """(T, 3) tool tips (the tip sphere's surface below its centre: the cell's ``tcp`` site, what touches the
+    button) for (T, 7) joint positions: ``panda.forward_kinematics`` over all ticks at once."""
+    T = np.broadcast_to(np.eye(4), (len(q), 4, 4)).copy()
+    for (a, d, alpha), qi in zip(MDH, q.T):
+        ca, sa, cq, sq = np.cos(alpha), np.sin(alpha), np.cos(qi), np.sin(qi)
+        step = np.zeros((len(q), 4, 4))
+        step[:, 0, 0], step[:, 0, 1], step[:, 0, 3] = cq, -sq, a
+        step[:, 1, 0], step[:, 1, 1], step[:, 1, 2], step[:, 1, 3] = sq * ca, cq * ca, -sa, -d * sa
+        step[:, 2, 0], step[:, 2, 1], step[:, 2, 2], step[:, 2, 3] = sq * sa, cq * sa, ca, d * ca
+        step[:, 3, 3] = 1.0
+        T = T @ step
+    return T[:, :3, :3] @ np.array([0.0, 0.0, FLANGE_D + TOOL_LENGTH + TIP_RADIUS]) + T[:, :3, 3]
+
+
+def task_weight(action: np.ndarray, labelled: np.ndarray, joints_present: np.ndarray) -> np.ndarray:
+    """(T,) 1 from the expert's first non-zero command on (the cue heard), where the joints were measured."""
+    moving = (np.abs(np.asarray(action)) > 1e-6).any(axis=1) & (np.asarray(labelled) > 0)
+    w = np.zeros(len(moving), np.float32)
+    if moving.any():
+        w[int(np.argmax(moving)):] = 1.0
+    return w * (np.asarray(joints_present) > 0.5)
