@@ -75,6 +75,7 @@ bench-sim: $(STAMP)
 # loop with a remote engine, throughput with 1, 4 and 16 clients.
 bench-remote: $(STAMP)
 	$(PY) bench/remote_inference.py
+	$(PY) bench/zmq_floor.py
 
 clean:
 	rm -rf $(VENV) artifacts build install log *.egg-info
