@@ -35,18 +35,25 @@ TOOL_LENGTH = 0.1034   # flange -> fingertip centre, as the Franka Hand
 TIP_RADIUS = 0.012
 
 
-def mdh_transform(a: float, d: float, alpha: float, q: float) -> np.ndarray:
-    ca, sa, cq, sq = math.cos(alpha), math.sin(alpha), math.cos(q), math.sin(q)
-    return np.array([[cq, -sq, 0, a],
-                     [sq * ca, cq * ca, -sa, -d * sa],
-                     [sq * sa, cq * sa, ca, d * ca],
-                     [0, 0, 0, 1]])
+def mdh_transform(a: float, d: float, alpha: float, q) -> np.ndarray:
+    """Craig's RotX(alpha) TransX(a) RotZ(q) TransZ(d): (4, 4) for a scalar ``q``, (..., 4, 4) for an array."""
+    ca, sa = math.cos(alpha), math.sin(alpha)
+    q = np.asarray(q, dtype=np.float64)
+    cq, sq = np.cos(q), np.sin(q)
+    T = np.zeros(q.shape + (4, 4))
+    T[..., 0, 0], T[..., 0, 1], T[..., 0, 3] = cq, -sq, a
+    T[..., 1, 0], T[..., 1, 1], T[..., 1, 2], T[..., 1, 3] = sq * ca, cq * ca, -sa, -d * sa
+    T[..., 2, 0], T[..., 2, 1], T[..., 2, 2], T[..., 2, 3] = sq * sa, cq * sa, ca, d * ca
+    T[..., 3, 3] = 1.0
+    return T
 
 
 def forward_kinematics(q: np.ndarray, tool: float = TOOL_LENGTH) -> np.ndarray:
-    """Base -> tool tip (4x4) from the published table alone: the reference the MJCF is tested against."""
-    T = np.eye(4)
-    for (a, d, alpha), qi in zip(MDH, q):
+    """Base -> tool tip (4x4) from the published table alone: the reference the MJCF is tested against.
+    ``q`` (7,) gives one frame, (T, 7) one per row."""
+    q = np.asarray(q, dtype=np.float64)
+    T = np.broadcast_to(np.eye(4), q.shape[:-1] + (4, 4))
+    for (a, d, alpha), qi in zip(MDH, np.moveaxis(q, -1, 0)):
         T = T @ mdh_transform(a, d, alpha, qi)
     return T @ mdh_transform(0.0, FLANGE_D + tool, 0.0, 0.0)
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .panda import FLANGE_D, MDH, TIP_RADIUS, TOOL_LENGTH
+from .panda import TIP_RADIUS, TOOL_LENGTH, forward_kinematics
 from .scene import CAP_HEIGHT, HOUSING_HEIGHT
 
 TASK_STATE = ("target_x", "target_y", "offset_x", "offset_y", "tool_height")
@@ -38,17 +38,8 @@ def task_state(spec: dict, joint_positions: np.ndarray) -> np.ndarray:
 
 def tool_tips(q: np.ndarray) -> np.ndarray:
     """(T, 3) tool tips (the tip sphere's surface below its centre: the cell's ``tcp`` site, what touches the
-    button) for (T, 7) joint positions: ``panda.forward_kinematics`` over all ticks at once."""
-    T = np.broadcast_to(np.eye(4), (len(q), 4, 4)).copy()
-    for (a, d, alpha), qi in zip(MDH, q.T):
-        ca, sa, cq, sq = np.cos(alpha), np.sin(alpha), np.cos(qi), np.sin(qi)
-        step = np.zeros((len(q), 4, 4))
-        step[:, 0, 0], step[:, 0, 1], step[:, 0, 3] = cq, -sq, a
-        step[:, 1, 0], step[:, 1, 1], step[:, 1, 2], step[:, 1, 3] = sq * ca, cq * ca, -sa, -d * sa
-        step[:, 2, 0], step[:, 2, 1], step[:, 2, 2], step[:, 2, 3] = sq * sa, cq * sa, ca, d * ca
-        step[:, 3, 3] = 1.0
-        T = T @ step
-    return T[:, :3, :3] @ np.array([0.0, 0.0, FLANGE_D + TOOL_LENGTH + TIP_RADIUS]) + T[:, :3, 3]
+    button) for (T, 7) joint positions."""
+    return forward_kinematics(q, TOOL_LENGTH + TIP_RADIUS)[:, :3, 3]
 
 
 def task_weight(action: np.ndarray, labelled: np.ndarray, joints_present: np.ndarray) -> np.ndarray:
