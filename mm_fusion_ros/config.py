@@ -165,11 +165,14 @@ class FusionConfig:
     strategy: Literal["early", "late", "hybrid", "hierarchical", "bilinear", "adaptive"] = "hybrid"
     heads: int = 4                # attention heads (hybrid, hierarchical)
     rank: int = 4                 # factors per modality (bilinear)
+    keypoint_queries: int = 0     # queries of the fused state over the camera's keypoints (0: none; FusionNet)
 
     def validate(self, key: str, dim: int) -> None:
         _check(self.heads > 0 and dim % self.heads == 0, f"{key}.heads",
                f"must be a positive divisor of model.encoder.hidden={dim}, got {self.heads}")
         _check(1 <= self.rank <= 64, f"{key}.rank", f"must be in [1, 64], got {self.rank}")
+        _check(0 <= self.keypoint_queries <= 16, f"{key}.keypoint_queries",
+               f"must be in [0, 16], got {self.keypoint_queries}")
 
 
 DEFAULT_JOINTS = tuple(f"joint_{i}" for i in range(1, 8))

@@ -220,6 +220,7 @@ class Evaluator:
 
     def episode(self, seed: int, drops: Sequence[Drop] = (), video: str | Path | None = None) -> dict:
         from .sim.readings import ArrivalQueue
+        from .sim.scene import COLOUR_NAMES
         from .sim.task_state import UNITS_PER_M
 
         cell, loop = self.cell, self.loop
@@ -229,8 +230,9 @@ class Evaluator:
         t_ns = loop.start(cell.t, drops)
         held = ticks = 0
         contribution = np.zeros(len(MODALITIES))
-        button = np.asarray(spec.buttons[spec.target])
-        closest = math.inf
+        buttons = np.asarray(spec.buttons, np.float64)
+        button = buttons[spec.target]
+        closest_each = np.full(len(buttons), math.inf)   # the tool's closest approach to every button (xy)
         target_errors: list[float] = []
         recorder = _Recorder(cell, video, self.cfg.control_rate_hz) if video else None
         try:
@@ -240,7 +242,7 @@ class Evaluator:
                 held += result.safety.held
                 contribution += result.contribution
                 cell.command(result.safety.command)
-                closest = min(closest, float(np.hypot(*(cell.tcp()[0][:2] - button))))
+                closest_each = np.minimum(closest_each, np.hypot(*(cell.tcp()[0][:2] - buttons).T))
                 if loop.task_state and result.safety.command.any():   # the policy has started: it heard the cue
                     guess = np.asarray(result.fused_state[:2], np.float64) / UNITS_PER_M
                     target_errors.append(float(np.hypot(*(guess - button))))
@@ -265,7 +267,9 @@ class Evaluator:
             "held_ticks": held, "drops": summary["drops"],
             # How near the tool tip came to the cued button's centre (xy; the cap's radius is the margin), and,
             # for a policy trained with the task state, how far its own estimate of the button was from it.
-            "closest_cm": round(100 * closest, 2),
+            # And which button it came nearest: whether the policy picked the one the cue named.
+            "closest_cm": round(100 * float(closest_each[spec.target]), 2),
+            "nearest_button": COLOUR_NAMES[int(np.argmin(closest_each))],
             "target_error_cm": round(100 * float(np.median(target_errors)), 2) if target_errors else None,
             "contribution": {m: round(float(c / max(ticks, 1)), 4) for m, c in zip(MODALITIES, contribution)},
             "wall_s": round(time.perf_counter() - wall0, 3),
@@ -328,6 +332,7 @@ def summarize(episodes: list[dict]) -> dict:
         "max_joint_speed": max((e["max_joint_speed"] for e in episodes), default=None),
         "sim_s": round(sim_s, 2),
         "median_closest_cm": _median(e.get("closest_cm") for e in episodes),
+        "nearest_is_cued": sum("nearest_button" in e and e["nearest_button"] == e.get("target") for e in episodes),
         "median_target_error_cm": _median(e.get("target_error_cm") for e in episodes),
         "contribution": {m: round(float(np.mean([e["contribution"][m] for e in episodes])), 4) for m in MODALITIES},
     }
@@ -396,11 +401,12 @@ def table(report: dict) -> str:
     s = report["summary"]
     lo, hi = s["success_ci95"]
     lines = [f"{'seed':>7} {'outcome':<8} {'reason':<26} {'t (s)':>6} {'contacts':>8} {'max |qd|':>8} "
-             f"{'closest':>8} {'est. err':>8}"]
+             f"{'closest':>8} {'nearest':>8} {'est. err':>8}"]
     for e in report["episodes"]:
         est = e.get("target_error_cm")
         lines.append(f"{e['seed']:>7} {e['outcome']:<8} {e['reason']:<26} {e['duration_s']:>6.2f} "
                      f"{e['intruder_contacts']:>8} {e['max_joint_speed']:>8.3f} {e['closest_cm']:>6.1f}cm "
+                     f"{e.get('nearest_button', '-'):>8} "
                      + (f"{est:>6.1f}cm" if est is not None else f"{'-':>8}"))
     t = report["throughput"]
     mtts = s["mean_time_to_success_s"]
@@ -410,7 +416,8 @@ def table(report: dict) -> str:
               f"success {s['successes']}/{s['episodes']} = {100 * s['success_rate']:.1f}% (95% CI {100 * lo:.1f}-{100 * hi:.1f}%)",
               "failures: " + (", ".join(f"{k} {v}" for k, v in s["failure_reasons"].items()) or "none"),
               "contribution: " + ", ".join(f"{k} {v:.2f}" for k, v in s["contribution"].items()),
-              f"closest approach to the cued button (median): {s.get('median_closest_cm')} cm"
+              f"closest approach to the cued button (median): {s.get('median_closest_cm')} cm; "
+              f"the button the tool came nearest was the cued one in {s.get('nearest_is_cued')}/{s['episodes']}"
               + (f"; the policy's estimate of it off by {s['median_target_error_cm']} cm (median)"
                  if s.get("median_target_error_cm") is not None else ""),
               f"{t['episodes_per_min']:.1f} episodes/min, {t['x_realtime_per_worker']:.1f}x real time per worker "

@@ -65,6 +65,7 @@ def test_every_episode_is_reported_and_aggregated_with_an_interval(two_episodes)
     # own estimate only from a policy trained to give one.
     from mm_fusion_ros.sim.cell import Cell
     from mm_fusion_ros.sim.config import load_cell_config
+    from mm_fusion_ros.sim.scene import COLOUR_NAMES
     import numpy as np
     cell = Cell(load_cell_config(SIM_YAML), render=False)
     for e in r["episodes"]:
@@ -72,6 +73,8 @@ def test_every_episode_is_reported_and_aggregated_with_an_interval(two_episodes)
         start_cm = 100 * np.hypot(*(cell.tcp()[0][:2] - np.asarray(spec.buttons[spec.target])))
         assert 0 < e["closest_cm"] <= start_cm + 0.01
         assert e["target_error_cm"] is None
+        assert e["nearest_button"] in COLOUR_NAMES[:len(spec.buttons)] and e["target"] == spec.target_colour
+    assert r["summary"]["nearest_is_cued"] == sum(e["nearest_button"] == e["target"] for e in r["episodes"])
     s = r["summary"]
     lo, hi = s["success_ci95"]
     assert 0.0 <= lo <= s["success_rate"] <= hi <= 1.0
@@ -192,6 +195,7 @@ def test_a_policy_trained_with_the_task_state_has_its_estimate_of_the_button_sco
 
     from mm_fusion_ros.sim.cell import Cell
     from mm_fusion_ros.sim.config import load_cell_config
+    from mm_fusion_ros.sim.scene import COLOUR_NAMES
     spec = Cell(load_cell_config(SIM_YAML), render=False).reset(1000)
     bx, by = spec.buttons[spec.target]
     errors = []

@@ -16,13 +16,20 @@ STRATEGIES = ("early", "late", "hybrid", "hierarchical", "bilinear", "adaptive")
 ATTENTION_STRATEGIES = ("hybrid", "hierarchical")
 
 
+# Every strategy, and one with the fused state's queries over the camera's keypoints (KeypointRead).
+VARIANTS = STRATEGIES + ("hybrid+keypoints",)
+
+
 def with_strategy(cfg: ModelConfig, strategy: str) -> ModelConfig:
-    return dataclasses.replace(cfg, fusion=dataclasses.replace(cfg.fusion, strategy=strategy))
+    """``strategy``, or ``<strategy>+keypoints`` for that strategy with two keypoint queries."""
+    name, _, extra = strategy.partition("+")
+    return dataclasses.replace(cfg, fusion=dataclasses.replace(cfg.fusion, strategy=name,
+                                                               keypoint_queries=2 if extra == "keypoints" else 0))
 
 
 @pytest.fixture(scope="module")
 def models(default_config) -> dict[str, FusionNet]:
-    return {s: build_model(with_strategy(default_config.model, s), seed=0) for s in STRATEGIES}
+    return {s: build_model(with_strategy(default_config.model, s), seed=0) for s in VARIANTS}
 
 
 def run(model: FusionNet, inputs: dict) -> dict[str, torch.Tensor]:
@@ -75,10 +82,11 @@ def extreme_inputs(cfg: ModelConfig, batch: int, make_inputs) -> list[dict]:
 # ---------------------------------------------------------------- shapes and ranges
 
 
-@pytest.mark.parametrize("strategy", STRATEGIES)
+@pytest.mark.parametrize("strategy", VARIANTS)
 def test_forward_shapes_ranges_and_finiteness(models, strategy, make_inputs):
     model = models[strategy]
-    assert model.cfg.fusion.strategy == strategy
+    assert model.cfg.fusion.strategy == strategy.partition("+")[0]
+    assert (model.keypoint_read is not None) == strategy.endswith("+keypoints")
     for batch in (1, 3):
         inputs = make_inputs(model.cfg, 0, batch)
         for spec in input_specs(model.cfg, batch):
@@ -129,7 +137,7 @@ def test_action_is_scaled_into_configured_per_dof_limits(default_config, strateg
     torch.testing.assert_close(a_custom, lo + (hi - lo) * (a_default + 1.0) / 2.0, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("strategy", STRATEGIES)
+@pytest.mark.parametrize("strategy", VARIANTS)
 def test_batch_rows_are_independent(models, strategy, make_inputs):
     model = models[strategy]
     inputs = make_inputs(model.cfg, 5, 3)
@@ -166,7 +174,7 @@ def _outputs_equal(a: dict, b: dict, names=("action", "fused_state", "attention"
         torch.testing.assert_close(a[name], b[name], rtol=0, atol=1e-6, msg=lambda m, n=name: f"{n}: {m}")
 
 
-@pytest.mark.parametrize("strategy", STRATEGIES)
+@pytest.mark.parametrize("strategy", VARIANTS)
 @pytest.mark.parametrize("m", range(len(MODALITIES)), ids=MODALITIES)
 def test_masked_modality_data_cannot_reach_outputs(models, strategy, m, make_inputs):
     model = models[strategy]
@@ -200,7 +208,7 @@ def test_masked_modality_data_cannot_reach_outputs(models, strategy, m, make_inp
     assert (a - b).abs().max() > 1e-5, f"changing present {name} did not change the action"
 
 
-@pytest.mark.parametrize("strategy", STRATEGIES)
+@pytest.mark.parametrize("strategy", VARIANTS)
 @pytest.mark.parametrize("m", range(len(MODALITIES)), ids=MODALITIES)
 def test_masked_modality_state_slot_cannot_reach_outputs(models, strategy, m, make_inputs):
     """The held state of a masked modality is passed through, and does not drive any fused output,
@@ -243,7 +251,7 @@ def test_attention_rows_of_present_queries_are_distributions_over_present_keys(m
         assert torch.all(rows[:, absent] <= 1e-6)
 
 
-@pytest.mark.parametrize("strategy", STRATEGIES)
+@pytest.mark.parametrize("strategy", VARIANTS)
 def test_all_modalities_masked_gives_finite_outputs(models, strategy, make_inputs):
     model = models[strategy]
     inputs = make_inputs(model.cfg, 3, 2)
@@ -331,7 +339,7 @@ def test_range_limits_are_inclusive(default_config, make_inputs):
 # ---------------------------------------------------------------- explicit state
 
 
-@pytest.mark.parametrize("strategy", STRATEGIES)
+@pytest.mark.parametrize("strategy", VARIANTS)
 def test_model_keeps_no_hidden_state(models, strategy, make_inputs):
     model = models[strategy]
     before = {k: v.clone() for k, v in list(model.named_buffers()) + list(model.named_parameters())}

@@ -112,11 +112,13 @@ def test_dataset_is_exactly_what_replay_feeds_the_engine(demos, cfg, episodes, t
     assert a["labelled"].mean() > 0.99 and np.abs(a["action"]).max() > 0.05
 
 
-def test_a_training_chunk_computes_what_the_streaming_step_computes_tick_by_tick(episodes, cfg):
+@pytest.mark.parametrize("keypoint_queries", [0, 2])
+def test_a_training_chunk_computes_what_the_streaming_step_computes_tick_by_tick(episodes, cfg, keypoint_queries):
     """Training's shortcuts (audio windows cut from one convolution over the track, the cells' input
     half and the fusion over all ticks at once) change nothing: the same predictions and state as
     the step's own parts fed each tick's tensors, the way replay feeds them."""
-    m = cfg.model
+    m = dataclasses.replace(cfg.model, fusion=dataclasses.replace(cfg.model.fusion,
+                                                                  keypoint_queries=keypoint_queries))
     # The two paths round differently (batched and single-frame convolutions differ by ~3e-8), and a
     # current within that of a spike onset fires once more in one of them (seed 3 with the 12x12 camera
     # keypoints: one count, 8e-5 on one action). Seed 0's currents sit clear of every onset.
@@ -125,7 +127,7 @@ def test_a_training_chunk_computes_what_the_streaming_step_computes_tick_by_tick
     chunk = make_chunk(batch, start, T, m)
     assert (chunk.audio_start < 0).any() and (chunk.audio_start >= 0).any()
     with torch.no_grad():
-        pred, fused_state, state = SequenceModel(net)(chunk, net.initial_state(len(batch)))
+        pred, fused_state, state, _ = SequenceModel(net)(chunk, net.initial_state(len(batch)))
         ref_state = net.initial_state(len(batch))
         for k in range(T):
             ticks = np.array([start + k])
@@ -136,11 +138,13 @@ def test_a_training_chunk_computes_what_the_streaming_step_computes_tick_by_tick
                 lambda ep: ep.lidar(ticks, m.lidar.beams),
                 lambda ep: np.asarray(ep.arrays["joint_state"][ticks]))]
             cam, frames, imu, lidar, joints = step
-            currents = net.stack_tokens(net.camera(cam), net.audio.token(frames), net.imu(imu), net.lidar(lidar),
+            camera, keypoints = net.camera.encode(cam)
+            currents = net.stack_tokens(camera, net.audio.token(frames), net.imu(imu), net.lidar(lidar),
                                         net.joint_state(joints))
             mask = chunk.mask[:, k] * net.used
             ref_state = net.recur(net.lif(currents), mask, chunk.dt[:, k], ref_state)
             fused, _, _ = net.fusion(ref_state, mask)
+            fused = net.read_keypoints(fused, keypoints, mask)
             torch.testing.assert_close(pred[:, k], net.action_head.normalized(fused), rtol=1e-4, atol=1e-5)
             torch.testing.assert_close(fused_state[:, k], net.state_head(fused), rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(state, ref_state, rtol=1e-4, atol=1e-5)

@@ -97,6 +97,38 @@ class ActionHead(nn.Module):
         return torch.clamp(self.mean + self.std * self.mlp(fused), min=self.lower, max=self.upper)
 
 
+class KeypointRead(nn.Module):
+    """Queries of the fused state over the camera's keypoints: each query's softmax over the keypoint
+    channels picks image positions, which are projected back into the fused vector.
+
+    Why: the cell's cue names a colour and only the camera sees where that colour is, so the action
+    needs "the position of the keypoint the tone names", a product of the audio memory and one of
+    the camera's channels. Through the modality tokens alone (spike counts, a 64-wide head) the
+    policy learned where buttons are but not which one the tone names (README "Where learning
+    stands", items 11-12: the nearest button was the cued one in 9-10 of 20 episodes). A query is
+    that product in one step, and it reads the keypoint at the spatial softmax's resolution rather
+    than through the LIF layer's spike counts (the attention-over-features of FiLM-style task
+    conditioning, Perez et al. 2018, turned the other way round: the task picks among features).
+    """
+
+    def __init__(self, dim: int, channels: int, queries: int):
+        super().__init__()
+        self.queries, self.channels = queries, channels
+        self.query = nn.Linear(dim, queries * channels)
+        self.out = nn.Linear(2 * queries, dim)
+        # Training only (``mm-fusion train --keypoint-target-weight``): the cued button's (x, y) in the base
+        # frame from what the queries read, an estimate that can come from the camera alone.
+        self.locate = nn.Linear(2 * queries, 2)
+
+    def read(self, fused: torch.Tensor, keypoints: torch.Tensor) -> torch.Tensor:
+        """(B, queries * 2): the image positions the queries pick, each a softmax over the keypoint channels."""
+        picks = torch.softmax(self.query(fused).view(-1, self.queries, self.channels), dim=-1)
+        return torch.matmul(picks, keypoints).flatten(1)
+
+    def forward(self, fused: torch.Tensor, keypoints: torch.Tensor) -> torch.Tensor:
+        return self.out(self.read(fused, keypoints))
+
+
 class FusionNet(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -125,6 +157,8 @@ class FusionNet(nn.Module):
         used = torch.tensor([1.0 if m in cfg.modalities else 0.0 for m in MODALITIES]).unsqueeze(0)
         self.register_buffer("used", used, persistent=False)
         self.state_head = nn.Linear(dim, cfg.fused_state_dim)
+        self.keypoint_read = KeypointRead(dim, self.camera.keypoints, cfg.fusion.keypoint_queries) \
+            if cfg.fusion.keypoint_queries > 0 else None
 
     def initial_state(self, batch: int = 1) -> torch.Tensor:
         return torch.zeros(batch, len(MODALITIES), self.cfg.encoder.hidden)
@@ -132,12 +166,27 @@ class FusionNet(nn.Module):
     def forward(self, camera, audio, imu, lidar, joint_state, mask, dt, state, audio_frames):
         mask = mask * self.used
         audio_token, frames = self.audio(audio, audio_frames)
-        currents = self.stack_tokens(self.camera(camera), audio_token, self.imu(imu), self.lidar(lidar),
+        camera_token, keypoints = self.camera.encode(camera)
+        currents = self.stack_tokens(camera_token, audio_token, self.imu(imu), self.lidar(lidar),
                                      self.joint_state(joint_state))
         rates = self.lif(currents)  # every modality's LIF layer at once
         new_state = self.recur(rates, mask, dt, state)
         fused, attention, contribution = self.fusion(new_state, mask)
+        fused = self.read_keypoints(fused, keypoints, mask)
         return self.action_head(fused), self.state_head(fused), new_state, attention, contribution, frames
+
+    def read_keypoints(self, fused: torch.Tensor, keypoints: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """The fused vector plus what its queries read off this frame's camera keypoints (``KeypointRead``);
+        unchanged without queries, and nothing read while the camera is masked."""
+        return self.read_keypoints_located(fused, keypoints, mask)[0]
+
+    def read_keypoints_located(self, fused, keypoints, mask) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``read_keypoints`` and, for training, the cued button's position located from the read (or None)."""
+        if self.keypoint_read is None:
+            return fused, None
+        camera = MODALITIES.index("camera")
+        read = self.keypoint_read.read(fused, keypoints) * mask[:, camera:camera + 1]
+        return fused + self.keypoint_read.out(read), self.keypoint_read.locate(read)
 
     # The step in its stateless and recurrent parts: training runs the encoders and the LIF layers
     # (whose membranes start at rest every tick) over every tick of a chunk at once and only

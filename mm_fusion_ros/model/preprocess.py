@@ -62,6 +62,7 @@ class CameraEncoder(nn.Module):
         # Mean activation plus each channel's expected image position under a spatial softmax
         # (Levine et al. 2016): a global mean alone says what is in view, not where.
         self.proj = nn.Linear(3 * cin, out_dim)
+        self.keypoints = cin
         # (x / 255 - mean) / std as one scale and one offset per channel.
         mean = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
         std = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
@@ -69,6 +70,10 @@ class CameraEncoder(nn.Module):
         self.register_buffer("offset", -mean / std, persistent=False)
 
     def forward(self, image: torch.Tensor) -> torch.Tensor:
+        return self.encode(image)[0]
+
+    def encode(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(token (B, out_dim), keypoints (B, channels, 2)): each channel's expected (x, y) in [-1, 1]."""
         x = image.permute(0, 3, 1, 2).to(torch.float32) * self.scale + self.offset
         f = self.features(x)
         b, c, h, w = f.shape
@@ -77,7 +82,8 @@ class CameraEncoder(nn.Module):
         xs = torch.linspace(-1.0, 1.0, w, device=f.device, dtype=f.dtype)
         key_y = (probs.sum(dim=3) * ys).sum(dim=2)
         key_x = (probs.sum(dim=2) * xs).sum(dim=2)
-        return self.proj(torch.cat([f.mean(dim=(2, 3)), key_x, key_y], dim=1))
+        token = self.proj(torch.cat([f.mean(dim=(2, 3)), key_x, key_y], dim=1))
+        return token, torch.stack([key_x, key_y], dim=-1)
 
 
 # ---------------------------------------------------------------- audio
