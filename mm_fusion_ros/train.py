@@ -417,8 +417,8 @@ def _run_batch(model: nn.Module, net, batch: list[Episode], tc: TrainConfig, tar
             if tc.task_state_weight > 0:
                 loss = loss + tc.task_state_weight * task_err.sum() / torch.clamp(task_n, min=1.0)
             if tc.keypoint_target_weight > 0:
-                # The cued button's (x, y) from the camera's keypoints, where the camera was present: the
-                # error reported is this one's then (the fused state's is not trained as well, below).
+                # The cued button's (x, y) from the camera's keypoints, where the camera was present. With this
+                # weight on, the task error reported is this estimate's, not the fused state's.
                 cam = c.mask[..., MODALITIES.index("camera")] * net.used[0, MODALITIES.index("camera")]
                 w = c.task_valid * cam
                 task_err = ((located - c.task[..., :2]) ** 2).sum(dim=-1) * w

@@ -125,9 +125,6 @@ class KeypointRead(nn.Module):
         picks = torch.softmax(self.query(fused).view(-1, self.queries, self.channels), dim=-1)
         return torch.matmul(picks, keypoints).flatten(1)
 
-    def forward(self, fused: torch.Tensor, keypoints: torch.Tensor) -> torch.Tensor:
-        return self.out(self.read(fused, keypoints))
-
 
 class FusionNet(nn.Module):
     def __init__(self, cfg: ModelConfig):
