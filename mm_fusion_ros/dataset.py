@@ -90,6 +90,7 @@ class Episode:
     weight: np.ndarray | None = None    # per-tick loss weight (training's keyframes); None: every tick 1
     task: np.ndarray | None = None      # (T, k) task state training supervises fused_state with (sim.task_state)
     task_weight: np.ndarray | None = None   # (T,) where that is known
+    objects: np.ndarray | None = None   # (2 N,) every button's (x, y) in dm, for the camera target (training)
 
     @property
     def ticks(self) -> int:

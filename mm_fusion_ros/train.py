@@ -73,6 +73,8 @@ class TrainConfig:
     keyframe_jump: float = 0.3         # a jump: the standardised command's RMS change in one tick above this
     task_state_weight: float = 0.0     # loss weight of fused_state[:5] against the recording's task state (0: off)
     keypoint_target_weight: float = 0.0   # loss weight of the cued button located from the camera keypoints
+    camera_target_weight: float = 0.0  # loss weight of every button's position read off the camera keypoints
+    camera_pretrain_steps: int = 0     # steps that train the camera on that target alone before cloning
     threads: int = 0                   # torch intra-op threads (0: all cores)
     init: str = ""                     # start from this checkpoint's weights and normalisation (DAgger rounds)
 
@@ -99,6 +101,11 @@ class TrainConfig:
                   (self.keyframe_jump > 0, "--keyframe-jump must be > 0"),
                   (self.task_state_weight >= 0, "--task-state-weight must be >= 0"),
                   (self.keypoint_target_weight >= 0, "--keypoint-target-weight must be >= 0"),
+                  (self.camera_target_weight >= 0, "--camera-target-weight must be >= 0"),
+                  (0 <= self.camera_pretrain_steps <= 1000000, "--camera-pretrain-steps must be in [0, 1000000]"),
+                  (self.camera_pretrain_steps == 0 or self.camera_target_weight > 0,
+                   "--camera-pretrain-steps needs --camera-target-weight above 0: cloning without that target "
+                   "unlearns what the pretraining taught"),
                   (self.threads >= 0, "--threads must be >= 0"),
                   (not self.init or Path(self.init).is_file(), f"--init: no checkpoint at {self.init}")]
         for ok, msg in checks:
@@ -122,6 +129,8 @@ def trained_config(cfg: RobotConfig, tc: TrainConfig) -> RobotConfig:
     if tc.keypoint_target_weight > 0 and model.fusion.keypoint_queries == 0:
         raise ConfigError("--keypoint-target-weight trains what the camera keypoint queries read: set "
                           "model.fusion.keypoint_queries above 0 or leave the weight at 0")
+    if tc.camera_target_weight > 0 and "camera" not in model.modalities:
+        raise ConfigError("--camera-target-weight trains the camera: it needs camera among the modalities")
     return dataclasses.replace(cfg, model=model)
 
 
@@ -238,6 +247,8 @@ class Chunk:
     valid: torch.Tensor         # (B, T)
     task: torch.Tensor          # (B, T, len(TASK_STATE)): what fused_state[:5] should say (sim.task_state)
     task_valid: torch.Tensor    # (B, T): 1 where the task state is known (after the cue, in a recording with a spec)
+    objects: torch.Tensor       # (B, 2 N): every button's (x, y) in dm, in the spec's order (zeros: unknown)
+    objects_valid: torch.Tensor  # (B,): 1 where the episode's recording says where its buttons are
 
 
 def _distinct(ep_index: list[tuple[int, np.ndarray]], store_of: Callable[[int], np.ndarray],
@@ -272,6 +283,9 @@ def make_chunk(episodes: Sequence[Episode], start: int, T: int, cfg) -> Chunk:
     valid = np.zeros((B, T), np.float32)
     task = np.zeros((B, T, len(TASK_STATE)), np.float32)
     task_valid = np.zeros((B, T), np.float32)
+    n_obj = next((len(e.objects) for e in episodes if e.objects is not None), 0)
+    objects = np.zeros((B, n_obj), np.float32)
+    objects_valid = np.zeros(B, np.float32)
     cam_index, lidar_index = [], []
     for b, ep in enumerate(episodes):
         lo, hi = start, min(start + T, ep.ticks)
@@ -299,6 +313,8 @@ def make_chunk(episodes: Sequence[Episode], start: int, T: int, cfg) -> Chunk:
         if ep.task is not None:
             task[b, :n] = ep.task[lo:hi]
             task_valid[b, :n] = ep.task_weight[lo:hi]
+        if ep.objects is not None:
+            objects[b], objects_valid[b] = ep.objects, 1.0
     cams, cam_rows = _distinct(cam_index, lambda b: episodes[b].arrays["camera_frames"], np.zeros(shape, np.uint8),
                                B, T)
     scans, scan_rows = _distinct(lidar_index, lambda b: episodes[b].arrays["lidar_scans"],
@@ -313,20 +329,43 @@ def make_chunk(episodes: Sequence[Episode], start: int, T: int, cfg) -> Chunk:
                  torch.from_numpy(audio_start.reshape(-1)), flat(imu),
                  torch.from_numpy(scans.astype(np.float32)), torch.from_numpy(scan_rows), flat(joints),
                  torch.from_numpy(mask), torch.from_numpy(dt), torch.from_numpy(action), torch.from_numpy(valid),
-                 torch.from_numpy(task), torch.from_numpy(task_valid))
+                 torch.from_numpy(task), torch.from_numpy(task_valid), torch.from_numpy(objects),
+                 torch.from_numpy(objects_valid))
+
+
+class ObjectProbe(nn.Module):
+    """Training only (``--camera-target-weight``): every button's (x, y) read linearly off the camera's keypoints.
+
+    Why: cloning the expert alone never trained the camera (README "Where learning stands", item 13: with one
+    button the tool went to the same spot wherever the button was), while the same CNN supervised to say
+    where the buttons are placed them to 2.7 cm from its keypoints alone. The gradient of the expert's
+    joint velocities reaches the CNN through the spike encoder's surrogate and the recurrence, weak and
+    late; this target reaches it in one linear layer, on every frame, for every button whether or not it
+    is the one the tone names (the pose targets of Levine et al. 2016's visuomotor pretraining). Not part
+    of the policy: it is neither saved in the checkpoint nor exported.
+    """
+
+    def __init__(self, keypoints: int, objects: int):
+        super().__init__()
+        self.head = nn.Linear(2 * keypoints, 2 * objects)
+
+    def forward(self, keypoints: torch.Tensor) -> torch.Tensor:
+        return self.head(keypoints.flatten(-2))
 
 
 class SequenceModel(nn.Module):
     """One truncated-BPTT chunk through FusionNet: what DistributedDataParallel wraps."""
 
-    def __init__(self, net, autocast_device: str | None = None):
+    def __init__(self, net, autocast_device: str | None = None, objects: ObjectProbe | None = None):
         super().__init__()
         self.net = net
         self.autocast_device = autocast_device
+        self.objects = objects
 
     def forward(self, c: Chunk, state: torch.Tensor) -> tuple:
         """(normalised actions (B, T, dof), fused states (B, T, fused_state_dim), the state after the chunk,
-        the cued button located from the camera keypoints (B, T, 2), or None without keypoint queries)."""
+        the cued button located from the camera keypoints (B, T, 2), or None without keypoint queries,
+        every button's position from the camera (B, T, 2 N), or None without an ObjectProbe)."""
         net = self.net
         B, T, M = c.mask.shape
         mask = c.mask * net.used.view(1, 1, M)
@@ -349,8 +388,9 @@ class SequenceModel(nn.Module):
         fused, located = net.read_keypoints_located(fused, keypoints.float(), mask.flatten(0, 1))
         if located is not None:
             located = located.view(B, T, -1)
+        objects = self.objects(keypoints.float()).view(B, T, -1) if self.objects is not None else None
         return (net.action_head.normalized(fused).view(B, T, -1), net.state_head(fused).view(B, T, -1), state,
-                located)
+                located, objects)
 
 
 # ---------------------------------------------------------------- the loop
@@ -364,6 +404,9 @@ class History:
     ticks_per_s: list[float] = field(default_factory=list)
     train_task_cm: list[float] = field(default_factory=list)   # the task state's RMS error (task_rms_cm)
     val_task_cm: list[float] = field(default_factory=list)
+    train_camera_cm: list[float] = field(default_factory=list)   # the camera target's RMS error (ObjectProbe)
+    val_camera_cm: list[float] = field(default_factory=list)
+    camera_pretrain_cm: list[float] = field(default_factory=list)   # validation, before and after pretraining
 
 
 def epoch_lr(tc: TrainConfig, epoch: int) -> float:
@@ -385,9 +428,9 @@ def _batches(episodes: list[Episode], B: int, rng: np.random.Generator, rank: in
 
 
 def _run_batch(model: nn.Module, net, batch: list[Episode], tc: TrainConfig, targets: tuple, rng, device,
-               optimizer=None, world: int = 1, on_chunk: Callable | None = None) -> tuple[float, float, float, float]:
+               optimizer=None, world: int = 1, on_chunk: Callable | None = None) -> tuple[float, ...]:
     """Step a batch of episodes through in chunks; returns the actions' (sum of weighted squared errors,
-    weighted tick count) and the task state's (sum of squared errors, ticks)."""
+    weighted tick count), the task state's (sum of squared errors, values) and the camera target's (the same)."""
     act_mean, act_std = targets
     T = tc.chunk_ticks
     longest = max(e.ticks for e in batch)
@@ -398,7 +441,7 @@ def _run_batch(model: nn.Module, net, batch: list[Episode], tc: TrainConfig, tar
         chunks = int(n)
     state = net.initial_state(len(batch)).to(device)
     train = optimizer is not None
-    sse = count = task_sse = task_count = 0.0
+    sse = count = task_sse = task_count = obj_sse = obj_count = 0.0
     K = len(TASK_STATE)
     for k in range(chunks):
         c = make_chunk(batch, k * T, T, net.cfg)
@@ -408,7 +451,7 @@ def _run_batch(model: nn.Module, net, batch: list[Episode], tc: TrainConfig, tar
         c = Chunk(*(getattr(c, f.name).to(device) for f in dataclasses.fields(Chunk)))
         target = (c.action - act_mean) / act_std
         with torch.set_grad_enabled(train):
-            pred, fused_state, state, located = model(c, state)
+            pred, fused_state, state, located, objects = model(c, state)
             err = ((pred - target) ** 2).mean(dim=-1) * c.valid
             n = c.valid.sum()
             loss = err.sum() / torch.clamp(n, min=1.0)
@@ -424,6 +467,14 @@ def _run_batch(model: nn.Module, net, batch: list[Episode], tc: TrainConfig, tar
                 task_err = ((located - c.task[..., :2]) ** 2).sum(dim=-1) * w
                 task_n = w.sum() * 2
                 loss = loss + tc.keypoint_target_weight * task_err.sum() / torch.clamp(task_n, min=1.0)
+            if objects is not None:
+                # Every tick that has a frame, whether or not modality dropout masked the camera for the policy.
+                w = (c.camera_index.view(objects.shape[:2]) > 0).float() * c.objects_valid.unsqueeze(1)
+                obj_err = ((objects - c.objects.unsqueeze(1)) ** 2).sum(dim=-1) * w
+                obj_n = w.sum() * objects.shape[-1]
+                loss = loss + tc.camera_target_weight * obj_err.sum() / torch.clamp(obj_n, min=1.0)
+                obj_sse += float(obj_err.detach().sum())
+                obj_count += float(obj_n)
         if not torch.isfinite(loss):
             raise TrainingError(f"non-finite loss ({float(loss.detach())}) in chunk {k} (ticks {k * T}..{(k + 1) * T - 1}) "
                                 f"of the batch of episodes {[e.name for e in batch]}")
@@ -439,7 +490,7 @@ def _run_batch(model: nn.Module, net, batch: list[Episode], tc: TrainConfig, tar
         task_count += float(task_n)
         if on_chunk is not None:
             on_chunk(len(batch) * T, float(loss.detach()))
-    return sse, count, task_sse, task_count
+    return sse, count, task_sse, task_count, obj_sse, obj_count
 
 
 def task_rms_cm(task_sse: float, task_count: float) -> float:
@@ -448,21 +499,88 @@ def task_rms_cm(task_sse: float, task_count: float) -> float:
 
 
 def attach_task_state(episodes: Sequence[Episode], cfg: RobotConfig) -> int:
-    """Give each episode whose recording carries the cell's episode spec its task state (sim.task_state);
-    the others (a team's own bags) train on the actions alone. Returns how many have one."""
+    """Give each episode whose recording carries the cell's episode spec its task state (sim.task_state)
+    and its buttons' positions (the camera target); the others (a team's own bags) train on the actions
+    alone. Returns how many have one. Refuses recordings of cells with different numbers of buttons."""
     js = MODALITIES.index("joint_state")
     dof = cfg.model.action.dof
     n = 0
+    counts: dict[int, str] = {}
     for e in episodes:
         spec = e.meta.get("episode", {}).get("spec")
         if not spec or dof != 7:
-            e.task = e.task_weight = None
+            e.task = e.task_weight = e.objects = None
             continue
+        e.objects = np.asarray(spec["buttons"], np.float32).reshape(-1) * UNITS_PER_M
+        counts.setdefault(len(spec["buttons"]), e.name)
+        if len(counts) > 1:
+            raise DatasetError("the recordings are of cells with different numbers of buttons ("
+                               + ", ".join(f"{k} in {name}" for k, name in counts.items())
+                               + "): the camera target needs one; train on one cell's recordings")
         a = e.arrays
         e.task = task_state(spec, np.asarray(a["joint_state"])[:, :dof])
         e.task_weight = task_weight(a["action"], a["labelled"], np.asarray(a["mask"])[:, js])
         n += 1
     return n
+
+
+PRETRAIN_BATCH = 64    # frames per camera pretraining step, each from a random tick of a random episode
+PRETRAIN_LR = 1e-3
+
+
+def pretrain_camera(net, probe: ObjectProbe, train_eps: Sequence[Episode], val_eps: Sequence[Episode], steps: int,
+                    rng: np.random.Generator, device, show: bool, log: Callable[[str], None]) -> tuple[float, float]:
+    """Train the camera's layers and the probe alone to say where every button is, on frames drawn across
+    all training episodes; returns the validation RMS error (cm) before and after.
+
+    Why before cloning: during cloning a batch holds a few episodes' consecutive frames, a few scenes per
+    step, and the actions' gradients dominate the clipped norm; measured, the camera target alone then
+    moved the buttons' error from 8.8 to 8.7 cm in two epochs, while 500 steps of 64 frames from 64 scenes
+    took it to 2.9 cm (README "Where learning stands", item 14).
+    """
+    from tqdm import tqdm
+
+    def frames_of(eps: Sequence[Episode], picks: list[tuple[int, int]]) -> tuple[torch.Tensor, torch.Tensor]:
+        images = np.stack([np.asarray(eps[e].arrays["camera_frames"][k]) for e, k in picks])
+        targets = np.stack([eps[e].objects for e, _ in picks])
+        return torch.from_numpy(images).to(device), torch.from_numpy(targets).to(device)
+
+    def rms_cm(picks) -> float:
+        sse = n = 0.0
+        with torch.no_grad():
+            for k in range(0, len(picks), 256):
+                images, targets = frames_of(val_eps, picks[k:k + 256])
+                sse += float(((probe(net.camera.encode(images)[1]) - targets) ** 2).sum())
+                n += targets.numel()
+        return task_rms_cm(sse, n)
+
+    train_eps = [e for e in train_eps if e.objects is not None and len(e.arrays["camera_frames"])]
+    val_eps = [e for e in val_eps if e.objects is not None and len(e.arrays["camera_frames"])]
+    if not train_eps:
+        raise DatasetError("--camera-pretrain-steps: no training episode has camera frames and the buttons' positions")
+    val_picks = [(i, int(k)) for i, e in enumerate(val_eps)
+                 for k in np.linspace(0, len(e.arrays["camera_frames"]) - 1, 20).astype(int)]
+    before = rms_cm(val_picks) if val_picks else math.nan
+    params = list(net.camera.parameters()) + list(probe.parameters())
+    optimizer = torch.optim.Adam(params, lr=PRETRAIN_LR)
+    net.train()
+    with tqdm(total=steps, desc="camera", unit="step", disable=not show, file=sys.stderr) as bar:
+        for _ in range(steps):
+            eps = rng.integers(0, len(train_eps), PRETRAIN_BATCH)
+            picks = [(int(e), int(rng.integers(0, len(train_eps[e].arrays["camera_frames"])))) for e in eps]
+            images, targets = frames_of(train_eps, picks)
+            loss = ((probe(net.camera.encode(images)[1]) - targets) ** 2).mean()
+            if not torch.isfinite(loss):
+                raise TrainingError(f"camera pretraining: non-finite loss ({float(loss.detach())})")
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            bar.update(1)
+            bar.set_postfix(cm=f"{math.sqrt(float(loss.detach())) * 100.0 / UNITS_PER_M:.1f}")
+    after = rms_cm(val_picks) if val_picks else math.nan
+    log(f"train: camera pretrained for {steps} steps of {PRETRAIN_BATCH} frames: the buttons to {after:.1f} cm RMS on "
+        f"the validation episodes (from {before:.1f})")
+    return before, after
 
 
 def start_task_heads_at_the_mean(net, episodes: Sequence[Episode]) -> None:
@@ -514,7 +632,11 @@ def train(bags: Sequence[str | Path], cfg: RobotConfig, tc: TrainConfig, out: st
         raise DatasetError(f"{len(train_eps)} training episodes cannot give {world} ranks a batch of "
                            f"{tc.batch_episodes} each; lower --batch-episodes")
     stats = normalization(train_eps)
-    with_task = attach_task_state(episodes, cfg) if tc.task_state_weight > 0 or tc.keypoint_target_weight > 0 else 0
+    with_task = (attach_task_state(episodes, cfg)
+                 if tc.task_state_weight > 0 or tc.keypoint_target_weight > 0 or tc.camera_target_weight > 0 else 0)
+    if tc.camera_target_weight > 0 and not with_task:
+        raise DatasetError("--camera-target-weight needs recordings that say where the buttons are (the "
+                           "simulated cell's episode spec); none of these bags carries one")
     if with_task and cfg.model.fused_state_dim < len(TASK_STATE):
         raise TrainingError(f"model.fused_state_dim {cfg.model.fused_state_dim} cannot hold the task state's "
                             f"{len(TASK_STATE)} values ({', '.join(TASK_STATE)}); raise it or --task-state-weight 0")
@@ -545,11 +667,22 @@ def train(bags: Sequence[str | Path], cfg: RobotConfig, tc: TrainConfig, out: st
                               stats["action_mean"], stats["action_std"])
         if with_task:
             start_task_heads_at_the_mean(net, train_eps)
+    probe = None
+    if tc.camera_target_weight > 0:
+        torch.manual_seed(tc.seed + 1)   # the probe's own draw: the policy's weights do not depend on it
+        with_objects = [e.objects for e in train_eps if e.objects is not None]
+        probe = ObjectProbe(net.camera.keypoints, len(with_objects[0]) // 2)
+        with torch.no_grad():   # at the buttons' mean, as the task heads start at theirs
+            probe.head.bias.copy_(torch.as_tensor(np.mean(with_objects, axis=0)))
+        log(f"train: the camera learns where the {len(with_objects[0]) // 2} buttons are from its keypoints, "
+            f"weight {tc.camera_target_weight}")
+        probe = probe.to(device)
     net = net.to(device)
     for e in episodes:
         e.weight = keyframe_weights(e, stats["action_std"], tc) if tc.keyframe_weight > 0 else None
     targets = (net.action_head.mean.detach().clone(), net.action_head.std.detach().clone())
-    optimizer = torch.optim.AdamW(net.parameters(), lr=tc.lr, weight_decay=tc.weight_decay)
+    params = list(net.parameters()) + (list(probe.parameters()) if probe is not None else [])
+    optimizer = torch.optim.AdamW(params, lr=tc.lr, weight_decay=tc.weight_decay)
     history, best, best_epoch, start_epoch, best_state = History(), math.inf, -1, 0, None
     resume_path = out.with_name(out.name + RESUME_SUFFIX)
     if resume:
@@ -560,6 +693,8 @@ def train(bags: Sequence[str | Path], cfg: RobotConfig, tc: TrainConfig, out: st
             raise TrainingError(f"--resume: {resume_path} was written for other options or other bags; "
                                 "resume with the same command, or train afresh")
         net.load_state_dict(blob["state_dict"])
+        if probe is not None:
+            probe.load_state_dict(blob["object_probe"])
         optimizer.load_state_dict(blob["optimizer"])
         history = History(**blob["history"])
         best, best_epoch, start_epoch = blob["best"], blob["best_epoch"], blob["epoch"] + 1
@@ -567,7 +702,7 @@ def train(bags: Sequence[str | Path], cfg: RobotConfig, tc: TrainConfig, out: st
         rng.bit_generator.state = blob["np_rng"]
         torch.set_rng_state(blob["torch_rng"])
         log(f"train: resuming after epoch {blob['epoch']} (best validation loss {best:.4f} at epoch {best_epoch})")
-    model: nn.Module = SequenceModel(net, "cuda" if device.type == "cuda" else None)
+    model: nn.Module = SequenceModel(net, "cuda" if device.type == "cuda" else None, probe)
     if world > 1:
         # find_unused_parameters: the fused-state head is not part of the behaviour-cloning loss.
         model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
@@ -578,13 +713,17 @@ def train(bags: Sequence[str | Path], cfg: RobotConfig, tc: TrainConfig, out: st
     log(f"train: {len(train_eps)} training / {len(val_eps)} validation episodes ({ticks_per_epoch} / "
         f"{sum(e.ticks for e in val_eps)} ticks), strategy {cfg.model.fusion.strategy}, modalities "
         f"{','.join(cfg.model.modalities)}, {world} rank(s) on {device}")
+    if tc.camera_pretrain_steps and start_epoch == 0:
+        # Every rank draws the same frames (the seed's own generator), so their weights stay identical.
+        history.camera_pretrain_cm = list(pretrain_camera(net, probe, train_eps, val_eps, tc.camera_pretrain_steps,
+                                                          np.random.default_rng([tc.seed, 7]), device, show, log))
     epoch = start_epoch - 1
     for epoch in range(start_epoch, tc.epochs):
         net.train()
         for group in optimizer.param_groups:   # a function of the epoch alone: --resume needs no state for it
             group["lr"] = epoch_lr(tc, epoch)
         t0 = time.perf_counter()
-        sse = count = tsse = tcount = 0.0
+        sse = count = tsse = tcount = osse = ocount = 0.0
         seen = 0
         batches = _batches(train_eps, tc.batch_episodes, rng, rank, world)
         with tqdm(total=sum(math.ceil(max(e.ticks for e in b) / tc.chunk_ticks) for b in batches) * tc.chunk_ticks
@@ -596,23 +735,26 @@ def train(bags: Sequence[str | Path], cfg: RobotConfig, tc: TrainConfig, out: st
                 bar.update(ticks)
                 bar.set_postfix(loss=f"{loss:.4f}", ticks_s=f"{seen / max(time.perf_counter() - t0, 1e-9):.0f}")
             for batch in batches:
-                s, n, ts, tn = _run_batch(model, net, batch, tc, targets, rng, device, optimizer, world, on_chunk)
-                sse, count, tsse, tcount = sse + s, count + n, tsse + ts, tcount + tn
+                s, n, ts, tn, os_, on = _run_batch(model, net, batch, tc, targets, rng, device, optimizer, world,
+                                                   on_chunk)
+                sse, count, tsse, tcount, osse, ocount = sse + s, count + n, tsse + ts, tcount + tn, osse + os_, ocount + on
         elapsed = time.perf_counter() - t0
         if world > 1:   # the epoch's loss over every rank's batches, not this rank's alone
-            totals = torch.tensor([sse, count, tsse, tcount], dtype=torch.float64)
+            totals = torch.tensor([sse, count, tsse, tcount, osse, ocount], dtype=torch.float64)
             torch.distributed.all_reduce(totals)
-            sse, count, tsse, tcount = (float(x) for x in totals)
+            sse, count, tsse, tcount, osse, ocount = (float(x) for x in totals)
         train_loss = sse / max(count, 1.0)
         net.eval()
-        vs = vn = vts = vtn = 0.0
+        vs = vn = vts = vtn = vos = von = 0.0
         for k in range(0, len(val_eps), tc.batch_episodes):
-            s, n, ts, tn = _run_batch(SequenceModel(net), net, val_eps[k:k + tc.batch_episodes], tc, targets, rng,
-                                      device)
-            vs, vn, vts, vtn = vs + s, vn + n, vts + ts, vtn + tn
+            s, n, ts, tn, os_, on = _run_batch(SequenceModel(net, objects=probe), net, val_eps[k:k + tc.batch_episodes],
+                                               tc, targets, rng, device)
+            vs, vn, vts, vtn, vos, von = vs + s, vn + n, vts + ts, vtn + tn, vos + os_, von + on
         val_loss = vs / max(vn, 1.0)
         history.train_task_cm.append(task_rms_cm(tsse, tcount))
         history.val_task_cm.append(task_rms_cm(vts, vtn))
+        history.train_camera_cm.append(task_rms_cm(osse, ocount))
+        history.val_camera_cm.append(task_rms_cm(vos, von))
         history.epoch.append(epoch + 1)
         history.train_loss.append(train_loss)
         history.val_loss.append(val_loss)
@@ -631,7 +773,8 @@ def train(bags: Sequence[str | Path], cfg: RobotConfig, tc: TrainConfig, out: st
             torch.save({"train_config": config_to_dict(tc), "dataset": sorted(e.key for e in episodes),
                         "state_dict": net.state_dict(), "optimizer": optimizer.state_dict(),
                         "history": dataclasses.asdict(history), "best": best, "best_epoch": best_epoch,
-                        "best_state": best_state, "epoch": epoch, "np_rng": rng.bit_generator.state,
+                        "best_state": best_state, "epoch": epoch,
+                        "object_probe": probe.state_dict() if probe is not None else None, "np_rng": rng.bit_generator.state,
                         "torch_rng": torch.get_rng_state()}, tmp)
             os.replace(tmp, resume_path)
             if plot:
@@ -639,6 +782,8 @@ def train(bags: Sequence[str | Path], cfg: RobotConfig, tc: TrainConfig, out: st
         # After the epoch's checkpoint is in place: an interruption from here on loses nothing of it.
         task = (f", task state {history.train_task_cm[-1]:.1f} / {history.val_task_cm[-1]:.1f} cm RMS"
                 if vtn and (tc.task_state_weight > 0 or tc.keypoint_target_weight > 0) else "")
+        if von:
+            task += f", buttons from the camera {history.train_camera_cm[-1]:.1f} / {history.val_camera_cm[-1]:.1f} cm RMS"
         log(f"train: epoch {epoch + 1}: train loss {train_loss:.4f}, validation loss {val_loss:.4f}"
             f"{' (best)' if improved else ''}{task}, {history.ticks_per_s[-1]:.0f} ticks/s")
         if epoch + 1 - best_epoch >= tc.patience:
@@ -697,7 +842,16 @@ def plot_history(history: History, best_epoch: int, path: str | Path, title: str
     ax.set_ylabel("loss (standardised action MSE)")
     ax.set_yscale("log")
     ax.set_title(title)
-    ax.legend()
+    ax.legend(loc="upper left")
+    cm = [(name, values) for name, values in (("task, validation", history.val_task_cm),
+                                              ("buttons from the camera, validation", history.val_camera_cm))
+          if values and np.isfinite(values).any()]
+    if cm:   # the auxiliary targets' errors on their own axis: centimetres, not standardised actions
+        right = ax.twinx()
+        for (name, values), style in zip(cm, ("--", "-.")):
+            right.plot(history.epoch, values, style, color="black", label=name)
+        right.set_ylabel("RMS error (cm)")
+        right.legend(loc="center right", fontsize="small")
     fig.tight_layout()
     tmp = path.with_name(path.stem + ".tmp" + path.suffix)
     fig.savefig(tmp, dpi=110)
@@ -731,6 +885,12 @@ def add_train_command(add: Callable) -> None:
     p.add_argument("--task-state-weight", type=float, default=d.task_state_weight,
                    help="loss weight of fused_state[:5] against the cell's task state (the cued button, the tool's "
                         "offset from it), where a recording carries the episode spec; 0: off")
+    p.add_argument("--camera-target-weight", type=float, default=d.camera_target_weight,
+                   help="loss weight of every button's position read linearly off the camera keypoints (a "
+                        "training-only probe), where a recording carries the spec; 0: off")
+    p.add_argument("--camera-pretrain-steps", type=int, default=d.camera_pretrain_steps,
+                   help="steps of 64 frames that train the camera on --camera-target-weight's target alone before "
+                        "cloning (0: none)")
     p.add_argument("--keypoint-target-weight", type=float, default=d.keypoint_target_weight,
                    help="loss weight of the cued button's position located from what the camera keypoint queries "
                         "read (model.fusion.keypoint_queries > 0), where a recording carries the spec; 0: off")
@@ -754,6 +914,8 @@ def cmd_train(args, cfg: RobotConfig) -> int:
                      keyframe_weight=args.keyframe_weight, keyframe_ticks=args.keyframe_ticks,
                      keyframe_jump=args.keyframe_jump, task_state_weight=args.task_state_weight,
                      keypoint_target_weight=args.keypoint_target_weight,
+                     camera_target_weight=args.camera_target_weight,
+                     camera_pretrain_steps=args.camera_pretrain_steps,
                      label_topic=args.label_topic, include_failures=args.include_failures, threads=args.threads,
                      init=args.init)
     try:

@@ -127,7 +127,7 @@ def test_a_training_chunk_computes_what_the_streaming_step_computes_tick_by_tick
     chunk = make_chunk(batch, start, T, m)
     assert (chunk.audio_start < 0).any() and (chunk.audio_start >= 0).any()
     with torch.no_grad():
-        pred, fused_state, state, _ = SequenceModel(net)(chunk, net.initial_state(len(batch)))
+        pred, fused_state, state, _, _ = SequenceModel(net)(chunk, net.initial_state(len(batch)))
         ref_state = net.initial_state(len(batch))
         for k in range(T):
             ticks = np.array([start + k])
@@ -472,3 +472,68 @@ def test_init_starts_from_a_checkpoint_weights_and_normalisation_kept(trained, d
               progress=False, log=_quiet)
     with pytest.raises(ConfigError, match="--init: no checkpoint"):
         TrainConfig(init=str(tmp_path / "none.pt")).validate()
+
+
+def test_the_camera_target_is_every_button_and_trains_the_camera_alone(episodes, cfg):
+    """--camera-target-weight: each chunk carries its episodes' buttons (the recorded spec, in dm), and the
+    probe's loss reaches the camera's convolutions, which behaviour cloning alone barely trained."""
+    from mm_fusion_ros.sim.task_state import UNITS_PER_M
+    from mm_fusion_ros.train import ObjectProbe, attach_task_state
+
+    attach_task_state(episodes, cfg)
+    chunk = make_chunk(episodes[:2], 100, 20, cfg.model)
+    for b, e in enumerate(episodes[:2]):
+        buttons = np.asarray(e.meta["episode"]["spec"]["buttons"], np.float32)
+        np.testing.assert_allclose(chunk.objects[b].numpy(), buttons.reshape(-1) * UNITS_PER_M, atol=1e-5)
+    assert chunk.objects_valid.tolist() == [1.0, 1.0]
+    net = build_model(cfg.model, seed=0)
+    probe = ObjectProbe(net.camera.keypoints, chunk.objects.shape[1] // 2)
+    *_, objects = SequenceModel(net, objects=probe)(chunk, net.initial_state(2))
+    assert objects.shape == (2, 20, chunk.objects.shape[1])
+    ((objects - chunk.objects.unsqueeze(1)) ** 2).mean().backward()
+    first_conv = net.camera.features[0].weight.grad
+    assert first_conv is not None and float(first_conv.abs().sum()) > 0
+    assert net.action_head.mlp[0].weight.grad is None    # the probe reads the camera, not the policy's head
+    # Recordings of cells with other numbers of buttons cannot share one probe.
+    three = dataclasses.replace(episodes[0])
+    two = dataclasses.replace(episodes[1], name="two_buttons", meta={"episode": {"spec": {
+        **episodes[1].meta["episode"]["spec"], "buttons": episodes[1].meta["episode"]["spec"]["buttons"][:2]}}})
+    with pytest.raises(DatasetError, match="different numbers of buttons .*two_buttons"):
+        attach_task_state([three, two], cfg)
+    # Without a camera there is nothing for it to train.
+    with pytest.raises(ConfigError, match="--camera-target-weight .* camera"):
+        trained_config(cfg, TrainConfig(camera_target_weight=1.0, modalities=("audio", "imu", "lidar", "joint_state")))
+
+
+def test_training_with_the_camera_target_reports_where_the_camera_puts_the_buttons(trained, demos, cfg, cache,
+                                                                                   tmp_path):
+    _, off = trained
+    assert all(np.isnan(off["history"]["val_camera_cm"]))
+    on = train([demos], cfg, TrainConfig(**QUICK, camera_target_weight=1.0), tmp_path / "cam.pt", cache=cache,
+               progress=False, log=_quiet)
+    cm = on["history"]["val_camera_cm"]
+    assert all(np.isfinite(cm)) and 0 < cm[0] < 100
+    # The probe is training's own: the checkpoint is the policy, loadable as any other.
+    assert not any("object" in k for k in read_checkpoint(tmp_path / "cam.pt")["state_dict"])
+
+
+def test_camera_pretraining_teaches_the_camera_where_the_buttons_are(episodes, cfg):
+    """--camera-pretrain-steps: the camera and the probe alone, on frames from every episode. Measured on
+    the frames it trained on (three recorded scenes cannot show generalisation to a fourth): the error
+    falls well below the buttons' mean, where the probe starts; the policy's other layers do not move."""
+    from mm_fusion_ros.train import ObjectProbe, attach_task_state, pretrain_camera
+
+    attach_task_state(episodes, cfg)
+    net = build_model(cfg.model, seed=0)
+    probe = ObjectProbe(net.camera.keypoints, len(episodes[0].objects) // 2)
+    with torch.no_grad():
+        probe.head.bias.copy_(torch.as_tensor(np.mean([e.objects for e in episodes], axis=0)))
+    heads = {k: v.clone() for k, v in net.state_dict().items() if not k.startswith("camera.")}
+    before, after = pretrain_camera(net, probe, episodes, episodes, 150, np.random.default_rng(0), "cpu", False,
+                                    _quiet)
+    assert before > 1.0 and after < 0.5 * before, (before, after)
+    for k, v in net.state_dict().items():
+        if k in heads:
+            torch.testing.assert_close(v, heads[k], rtol=0, atol=0)
+    with pytest.raises(ConfigError, match="--camera-pretrain-steps needs --camera-target-weight"):
+        TrainConfig(camera_pretrain_steps=10).validate()
