@@ -166,6 +166,9 @@ class FusionConfig:
     heads: int = 4                # attention heads (hybrid, hierarchical)
     rank: int = 4                 # factors per modality (bilinear)
     keypoint_queries: int = 0     # queries of the fused state over the camera's keypoints (0: none; FusionNet)
+    # What the queries are computed from: the fused state, or the audio cell's state alone (the cue), so
+    # that what they read cannot be inferred from where the arm is heading (KeypointRead).
+    keypoint_query_source: Literal["fused", "audio"] = "fused"
 
     def validate(self, key: str, dim: int) -> None:
         _check(self.heads > 0 and dim % self.heads == 0, f"{key}.heads",

@@ -384,8 +384,9 @@ class SequenceModel(nn.Module):
         for k in range(T):
             state = net.recur_advance(drive[:, k], mask[:, k], c.dt[:, k], state)
             states.append(state)
-        fused, _, _ = net.fusion(torch.stack(states, dim=1).flatten(0, 1), mask.flatten(0, 1))
-        fused, located = net.read_keypoints_located(fused, keypoints.float(), mask.flatten(0, 1))
+        states = torch.stack(states, dim=1).flatten(0, 1)
+        fused, _, _ = net.fusion(states, mask.flatten(0, 1))
+        fused, located = net.read_keypoints_located(fused, keypoints.float(), mask.flatten(0, 1), states)
         if located is not None:
             located = located.view(B, T, -1)
         objects = self.objects(keypoints.float()).view(B, T, -1) if self.objects is not None else None

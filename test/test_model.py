@@ -16,15 +16,18 @@ STRATEGIES = ("early", "late", "hybrid", "hierarchical", "bilinear", "adaptive")
 ATTENTION_STRATEGIES = ("hybrid", "hierarchical")
 
 
-# Every strategy, and one with the fused state's queries over the camera's keypoints (KeypointRead).
-VARIANTS = STRATEGIES + ("hybrid+keypoints",)
+# Every strategy, and one with queries over the camera's keypoints (KeypointRead) from the fused state and
+# one with them from the audio cell's state.
+VARIANTS = STRATEGIES + ("hybrid+keypoints", "hybrid+audio_keypoints")
 
 
 def with_strategy(cfg: ModelConfig, strategy: str) -> ModelConfig:
-    """``strategy``, or ``<strategy>+keypoints`` for that strategy with two keypoint queries."""
+    """``strategy``, or ``<strategy>+keypoints`` / ``+audio_keypoints`` for that strategy with two keypoint
+    queries from the fused state / from the audio cell's state."""
     name, _, extra = strategy.partition("+")
-    return dataclasses.replace(cfg, fusion=dataclasses.replace(cfg.fusion, strategy=name,
-                                                               keypoint_queries=2 if extra == "keypoints" else 0))
+    return dataclasses.replace(cfg, fusion=dataclasses.replace(
+        cfg.fusion, strategy=name, keypoint_queries=2 if extra.endswith("keypoints") else 0,
+        keypoint_query_source="audio" if extra == "audio_keypoints" else "fused"))
 
 
 @pytest.fixture(scope="module")
@@ -86,7 +89,7 @@ def extreme_inputs(cfg: ModelConfig, batch: int, make_inputs) -> list[dict]:
 def test_forward_shapes_ranges_and_finiteness(models, strategy, make_inputs):
     model = models[strategy]
     assert model.cfg.fusion.strategy == strategy.partition("+")[0]
-    assert (model.keypoint_read is not None) == strategy.endswith("+keypoints")
+    assert (model.keypoint_read is not None) == strategy.endswith("keypoints")
     for batch in (1, 3):
         inputs = make_inputs(model.cfg, 0, batch)
         for spec in input_specs(model.cfg, batch):
@@ -516,3 +519,28 @@ def test_camera_keypoints_follow_an_object_from_initialisation(default_config, s
     most = int(moved.abs().sum(dim=1).argmax())
     assert float(moved[most].abs().max()) > 0.03
     assert bool((moved[most] > 0).all())                                     # right and down: x and y grow
+
+
+def test_audio_asked_keypoint_queries_read_the_same_whatever_the_joints_say(models, make_inputs):
+    """keypoint_query_source audio: which keypoints are read depends on the audio cell's state alone, not
+    on the fused vector (where the joint states say where the arm is heading, the shortcut that the fused
+    queries took); the fused-state queries do depend on it."""
+    M = len(MODALITIES)
+    torch.manual_seed(0)
+    state = torch.randn(2, M, models["hybrid"].cfg.encoder.hidden)
+    keypoints = torch.rand(2, models["hybrid"].camera.keypoints, 2) * 2 - 1
+    mask = torch.ones(2, M)
+    fused_a, fused_b = torch.randn(2, state.shape[-1]), torch.randn(2, state.shape[-1])
+    audio = models["hybrid+audio_keypoints"]
+    with torch.no_grad():
+        _, a = audio.read_keypoints_located(fused_a, keypoints, mask, state)
+        _, b = audio.read_keypoints_located(fused_b, keypoints, mask, state)
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+        other = state.clone()
+        other[:, MODALITIES.index("audio")] = torch.randn_like(other[:, 0])
+        _, c = audio.read_keypoints_located(fused_a, keypoints, mask, other)
+        assert float((c - a).abs().max()) > 1e-4
+        fused_net = models["hybrid+keypoints"]
+        _, d = fused_net.read_keypoints_located(fused_a, keypoints, mask, state)
+        _, e = fused_net.read_keypoints_located(fused_b, keypoints, mask, state)
+        assert float((d - e).abs().max()) > 1e-4

@@ -112,13 +112,14 @@ def test_dataset_is_exactly_what_replay_feeds_the_engine(demos, cfg, episodes, t
     assert a["labelled"].mean() > 0.99 and np.abs(a["action"]).max() > 0.05
 
 
-@pytest.mark.parametrize("keypoint_queries", [0, 2])
-def test_a_training_chunk_computes_what_the_streaming_step_computes_tick_by_tick(episodes, cfg, keypoint_queries):
+@pytest.mark.parametrize("keypoint_queries,source", [(0, "fused"), (2, "fused"), (2, "audio")])
+def test_a_training_chunk_computes_what_the_streaming_step_computes_tick_by_tick(episodes, cfg, keypoint_queries,
+                                                                                 source):
     """Training's shortcuts (audio windows cut from one convolution over the track, the cells' input
     half and the fusion over all ticks at once) change nothing: the same predictions and state as
     the step's own parts fed each tick's tensors, the way replay feeds them."""
-    m = dataclasses.replace(cfg.model, fusion=dataclasses.replace(cfg.model.fusion,
-                                                                  keypoint_queries=keypoint_queries))
+    m = dataclasses.replace(cfg.model, fusion=dataclasses.replace(cfg.model.fusion, keypoint_queries=keypoint_queries,
+                                                                  keypoint_query_source=source))
     # The two paths round differently (batched and single-frame convolutions differ by ~3e-8), and a
     # current within that of a spike onset fires once more in one of them (seed 3 with the 12x12 camera
     # keypoints: one count, 8e-5 on one action). Seed 0's currents sit clear of every onset.
@@ -144,7 +145,7 @@ def test_a_training_chunk_computes_what_the_streaming_step_computes_tick_by_tick
             mask = chunk.mask[:, k] * net.used
             ref_state = net.recur(net.lif(currents), mask, chunk.dt[:, k], ref_state)
             fused, _, _ = net.fusion(ref_state, mask)
-            fused = net.read_keypoints(fused, keypoints, mask)
+            fused = net.read_keypoints(fused, keypoints, mask, ref_state)
             torch.testing.assert_close(pred[:, k], net.action_head.normalized(fused), rtol=1e-4, atol=1e-5)
             torch.testing.assert_close(fused_state[:, k], net.state_head(fused), rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(state, ref_state, rtol=1e-4, atol=1e-5)
