@@ -73,6 +73,7 @@ class TrainConfig:
     keyframe_jump: float = 0.3         # a jump: the standardised command's RMS change in one tick above this
     task_state_weight: float = 0.0     # loss weight of fused_state[:5] against the recording's task state (0: off)
     keypoint_target_weight: float = 0.0   # loss weight of the cued button located from the camera keypoints
+    keypoint_target_ticks: int = 0     # only on this many ticks from the cue on, before the arm has gone far (0: all)
     camera_target_weight: float = 0.0  # loss weight of every button's position read off the camera keypoints
     camera_pretrain_steps: int = 0     # steps that train the camera on that target alone before cloning
     threads: int = 0                   # torch intra-op threads (0: all cores)
@@ -101,6 +102,7 @@ class TrainConfig:
                   (self.keyframe_jump > 0, "--keyframe-jump must be > 0"),
                   (self.task_state_weight >= 0, "--task-state-weight must be >= 0"),
                   (self.keypoint_target_weight >= 0, "--keypoint-target-weight must be >= 0"),
+                  (self.keypoint_target_ticks >= 0, "--keypoint-target-ticks must be >= 0"),
                   (self.camera_target_weight >= 0, "--camera-target-weight must be >= 0"),
                   (0 <= self.camera_pretrain_steps <= 1000000, "--camera-pretrain-steps must be in [0, 1000000]"),
                   (self.camera_pretrain_steps == 0 or self.camera_target_weight > 0,
@@ -247,6 +249,7 @@ class Chunk:
     valid: torch.Tensor         # (B, T)
     task: torch.Tensor          # (B, T, len(TASK_STATE)): what fused_state[:5] should say (sim.task_state)
     task_valid: torch.Tensor    # (B, T): 1 where the task state is known (after the cue, in a recording with a spec)
+    task_age: torch.Tensor      # (B, T): ticks since it became known (0 at the cue's tick; -1: not known)
     objects: torch.Tensor       # (B, 2 N): every button's (x, y) in dm, in the spec's order (zeros: unknown)
     objects_valid: torch.Tensor  # (B,): 1 where the episode's recording says where its buttons are
 
@@ -283,6 +286,7 @@ def make_chunk(episodes: Sequence[Episode], start: int, T: int, cfg) -> Chunk:
     valid = np.zeros((B, T), np.float32)
     task = np.zeros((B, T, len(TASK_STATE)), np.float32)
     task_valid = np.zeros((B, T), np.float32)
+    task_age = np.full((B, T), -1.0, np.float32)
     n_obj = next((len(e.objects) for e in episodes if e.objects is not None), 0)
     objects = np.zeros((B, n_obj), np.float32)
     objects_valid = np.zeros(B, np.float32)
@@ -313,6 +317,10 @@ def make_chunk(episodes: Sequence[Episode], start: int, T: int, cfg) -> Chunk:
         if ep.task is not None:
             task[b, :n] = ep.task[lo:hi]
             task_valid[b, :n] = ep.task_weight[lo:hi]
+            known = np.flatnonzero(ep.task_weight > 0)
+            if len(known):
+                age = np.arange(lo, hi, dtype=np.float32) - known[0]
+                task_age[b, :n] = np.where(age >= 0, age, -1.0)
         if ep.objects is not None:
             objects[b], objects_valid[b] = ep.objects, 1.0
     cams, cam_rows = _distinct(cam_index, lambda b: episodes[b].arrays["camera_frames"], np.zeros(shape, np.uint8),
@@ -329,7 +337,8 @@ def make_chunk(episodes: Sequence[Episode], start: int, T: int, cfg) -> Chunk:
                  torch.from_numpy(audio_start.reshape(-1)), flat(imu),
                  torch.from_numpy(scans.astype(np.float32)), torch.from_numpy(scan_rows), flat(joints),
                  torch.from_numpy(mask), torch.from_numpy(dt), torch.from_numpy(action), torch.from_numpy(valid),
-                 torch.from_numpy(task), torch.from_numpy(task_valid), torch.from_numpy(objects),
+                 torch.from_numpy(task), torch.from_numpy(task_valid), torch.from_numpy(task_age),
+                 torch.from_numpy(objects),
                  torch.from_numpy(objects_valid))
 
 
@@ -465,6 +474,10 @@ def _run_batch(model: nn.Module, net, batch: list[Episode], tc: TrainConfig, tar
                 # weight on, the task error reported is this estimate's, not the fused state's.
                 cam = c.mask[..., MODALITIES.index("camera")] * net.used[0, MODALITIES.index("camera")]
                 w = c.task_valid * cam
+                if tc.keypoint_target_ticks:
+                    # Only while the arm has barely moved: later, where it heads says where the button is on the
+                    # expert's path, a shortcut that closed loop is the policy's own guess (README item 15).
+                    w = w * ((c.task_age >= 0) & (c.task_age < tc.keypoint_target_ticks)).float()
                 task_err = ((located - c.task[..., :2]) ** 2).sum(dim=-1) * w
                 task_n = w.sum() * 2
                 loss = loss + tc.keypoint_target_weight * task_err.sum() / torch.clamp(task_n, min=1.0)
@@ -892,6 +905,9 @@ def add_train_command(add: Callable) -> None:
     p.add_argument("--camera-pretrain-steps", type=int, default=d.camera_pretrain_steps,
                    help="steps of 64 frames that train the camera on --camera-target-weight's target alone before "
                         "cloning (0: none)")
+    p.add_argument("--keypoint-target-ticks", type=int, default=d.keypoint_target_ticks,
+                   help="the keypoint target only on this many ticks from the cue on (before the arm has gone far, "
+                        "so it cannot be met from where the arm heads); 0: every tick")
     p.add_argument("--keypoint-target-weight", type=float, default=d.keypoint_target_weight,
                    help="loss weight of the cued button's position located from what the camera keypoint queries "
                         "read (model.fusion.keypoint_queries > 0), where a recording carries the spec; 0: off")
@@ -915,6 +931,7 @@ def cmd_train(args, cfg: RobotConfig) -> int:
                      keyframe_weight=args.keyframe_weight, keyframe_ticks=args.keyframe_ticks,
                      keyframe_jump=args.keyframe_jump, task_state_weight=args.task_state_weight,
                      keypoint_target_weight=args.keypoint_target_weight,
+                     keypoint_target_ticks=args.keypoint_target_ticks,
                      camera_target_weight=args.camera_target_weight,
                      camera_pretrain_steps=args.camera_pretrain_steps,
                      label_topic=args.label_topic, include_failures=args.include_failures, threads=args.threads,

@@ -538,3 +538,19 @@ def test_camera_pretraining_teaches_the_camera_where_the_buttons_are(episodes, c
             torch.testing.assert_close(v, heads[k], rtol=0, atol=0)
     with pytest.raises(ConfigError, match="--camera-pretrain-steps needs --camera-target-weight"):
         TrainConfig(camera_pretrain_steps=10).validate()
+
+
+def test_chunks_say_how_long_ago_the_cue_was_for_the_early_keypoint_target(episodes, cfg):
+    """--keypoint-target-ticks N keeps the keypoint target to the N ticks from the cue on: each chunk carries
+    every tick's age since the task state became known (0 at the expert's first command, -1 before)."""
+    from mm_fusion_ros.train import attach_task_state
+
+    attach_task_state(episodes, cfg)
+    e = episodes[0]
+    onset = int(np.flatnonzero(e.task_weight > 0)[0])
+    chunk = make_chunk([e], onset - 5, 20, cfg.model)
+    np.testing.assert_array_equal(chunk.task_age[0].numpy(), np.r_[[-1] * 5, np.arange(15)].astype(np.float32))
+    later = make_chunk([e], onset + 100, 10, cfg.model)
+    np.testing.assert_array_equal(later.task_age[0].numpy(), np.arange(100, 110, dtype=np.float32))
+    with pytest.raises(ConfigError, match="--keypoint-target-ticks"):
+        TrainConfig(keypoint_target_ticks=-1).validate()
