@@ -515,27 +515,35 @@ def task_rms_cm(task_sse: float, task_count: float) -> float:
 def attach_task_state(episodes: Sequence[Episode], cfg: RobotConfig) -> int:
     """Give each episode whose recording carries the cell's episode spec its task state (sim.task_state)
     and its buttons' positions (the camera target); the others (a team's own bags) train on the actions
-    alone. Returns how many have one. Refuses recordings of cells with different numbers of buttons."""
+    alone. Returns how many have one."""
     js = MODALITIES.index("joint_state")
     dof = cfg.model.action.dof
     n = 0
-    counts: dict[int, str] = {}
     for e in episodes:
         spec = e.meta.get("episode", {}).get("spec")
         if not spec or dof != 7:
             e.task = e.task_weight = e.objects = None
             continue
         e.objects = np.asarray(spec["buttons"], np.float32).reshape(-1) * UNITS_PER_M
-        counts.setdefault(len(spec["buttons"]), e.name)
-        if len(counts) > 1:
-            raise DatasetError("the recordings are of cells with different numbers of buttons ("
-                               + ", ".join(f"{k} in {name}" for k, name in counts.items())
-                               + "): the camera target needs one; train on one cell's recordings")
         a = e.arrays
         e.task = task_state(spec, np.asarray(a["joint_state"])[:, :dof])
         e.task_weight = task_weight(a["action"], a["labelled"], np.asarray(a["mask"])[:, js])
         n += 1
     return n
+
+
+def buttons_per_cell(episodes: Sequence[Episode]) -> int:
+    """How many buttons the recordings' cell has (the camera target's outputs); refuses recordings of cells
+    with different numbers, naming an episode of each."""
+    counts: dict[int, str] = {}
+    for e in episodes:
+        if e.objects is not None:
+            counts.setdefault(len(e.objects) // 2, e.name)
+    if len(counts) > 1:
+        raise DatasetError("the recordings are of cells with different numbers of buttons ("
+                           + ", ".join(f"{k} in {name}" for k, name in counts.items())
+                           + "): the camera target needs one; train on one cell's recordings")
+    return next(iter(counts))
 
 
 PRETRAIN_BATCH = 64    # frames per camera pretraining step, each from a random tick of a random episode
@@ -684,11 +692,12 @@ def train(bags: Sequence[str | Path], cfg: RobotConfig, tc: TrainConfig, out: st
     probe = None
     if tc.camera_target_weight > 0:
         torch.manual_seed(tc.seed + 1)   # the probe's own draw: the policy's weights do not depend on it
-        with_objects = [e.objects for e in train_eps if e.objects is not None]
-        probe = ObjectProbe(net.camera.keypoints, len(with_objects[0]) // 2)
+        buttons = buttons_per_cell(episodes)
+        probe = ObjectProbe(net.camera.keypoints, buttons)
         with torch.no_grad():   # at the buttons' mean, as the task heads start at theirs
-            probe.head.bias.copy_(torch.as_tensor(np.mean(with_objects, axis=0)))
-        log(f"train: the camera learns where the {len(with_objects[0]) // 2} buttons are from its keypoints, "
+            probe.head.bias.copy_(torch.as_tensor(np.mean([e.objects for e in train_eps if e.objects is not None],
+                                                          axis=0)))
+        log(f"train: the camera learns where the {buttons} buttons are from its keypoints, "
             f"weight {tc.camera_target_weight}")
         probe = probe.to(device)
     net = net.to(device)

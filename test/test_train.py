@@ -479,9 +479,10 @@ def test_the_camera_target_is_every_button_and_trains_the_camera_alone(episodes,
     """--camera-target-weight: each chunk carries its episodes' buttons (the recorded spec, in dm), and the
     probe's loss reaches the camera's convolutions, which behaviour cloning alone barely trained."""
     from mm_fusion_ros.sim.task_state import UNITS_PER_M
-    from mm_fusion_ros.train import ObjectProbe, attach_task_state
+    from mm_fusion_ros.train import ObjectProbe, attach_task_state, buttons_per_cell
 
     attach_task_state(episodes, cfg)
+    assert buttons_per_cell(episodes) == 3
     chunk = make_chunk(episodes[:2], 100, 20, cfg.model)
     for b, e in enumerate(episodes[:2]):
         buttons = np.asarray(e.meta["episode"]["spec"]["buttons"], np.float32)
@@ -499,8 +500,9 @@ def test_the_camera_target_is_every_button_and_trains_the_camera_alone(episodes,
     three = dataclasses.replace(episodes[0])
     two = dataclasses.replace(episodes[1], name="two_buttons", meta={"episode": {"spec": {
         **episodes[1].meta["episode"]["spec"], "buttons": episodes[1].meta["episode"]["spec"]["buttons"][:2]}}})
+    attach_task_state([three, two], cfg)   # the task state alone has no use for the count
     with pytest.raises(DatasetError, match="different numbers of buttons .*two_buttons"):
-        attach_task_state([three, two], cfg)
+        buttons_per_cell([three, two])
     # Without a camera there is nothing for it to train.
     with pytest.raises(ConfigError, match="--camera-target-weight .* camera"):
         trained_config(cfg, TrainConfig(camera_target_weight=1.0, modalities=("audio", "imu", "lidar", "joint_state")))
