@@ -98,8 +98,9 @@ class ActionHead(nn.Module):
 
 
 class KeypointRead(nn.Module):
-    """Queries of the fused state over the camera's keypoints: each query's softmax over the keypoint
-    channels picks image positions, which are projected back into the fused vector.
+    """Queries over the camera's keypoints, asked by the fused state or by the audio cell's state
+    (``keypoint_query_source``): each query's softmax over the keypoint channels picks image positions,
+    which are projected back into the fused vector.
 
     Why: the cell's cue names a colour and only the camera sees where that colour is, so the action
     needs "the position of the keypoint the tone names", a product of the audio memory and one of
