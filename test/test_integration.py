@@ -157,10 +157,17 @@ def test_estop_zeroes_the_output_within_one_tick(run):
     assert received, "fusion_node never logged the e-stop"
     t_received = received[0]
     assert 0 <= t_received - run["estop_sent"] < 0.1          # the Bool crossed DDS promptly
-    after = commands_between(monitor, t_received, run["enable_requested"])
+    # A command carries its tick's place on the grid, and a tick on a loaded machine runs a little after it:
+    # one stamped just before the enable request may already have run enabled. So the window by stamp ends
+    # 50 ms early, and the ticks the node itself reported as latched are checked one by one.
+    after = commands_between(monitor, t_received, run["enable_requested"] - 0.05)
     assert after and after[0][0] <= t_received + 2 * period   # the node kept ticking ...
     moving = [(round(t - t_received, 4), v.round(3).tolist()) for t, v in after if v.any()]
     assert not moving, f"commands after the e-stop was received: {moving[:5]}"   # the first tick is at rest
+    latched = {round(r.t, 6) for r in monitor.ticks if "e-stop latched" in r.message}
+    assert latched and latched >= {round(t, 6) for t, _ in after[1:]}, "ticks in the window not reported latched"
+    moving_latched = [round(t - t_received, 4) for t, v in monitor.commands if round(t, 6) in latched and v.any()]
+    assert not moving_latched, f"moving commands on ticks the node reported latched: {moving_latched[:5]}"
     assert run["enable_while_asserted"][0] is False           # the latch holds while the button is down
     assert run["enable_after_release"][0] is True
     resumed = [v for t, v in monitor.commands if t > run["released_at"] and v.any()]
