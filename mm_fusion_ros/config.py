@@ -169,6 +169,10 @@ class FusionConfig:
     # What the queries are computed from: the fused state, or the audio cell's state alone (the cue), so
     # that what they read cannot be inferred from where the arm is heading (KeypointRead).
     keypoint_query_source: Literal["fused", "audio"] = "fused"
+    # The cell's buttons as a cue names them (0: off; CueRead): the camera's keypoints read as this many
+    # (x, y), the audio cell's state as which of them the tone names, and the named one's offset from the
+    # tool (the Panda's published kinematics over the joint states) into the fused vector.
+    cue_objects: int = 0
 
     def validate(self, key: str, dim: int) -> None:
         _check(self.heads > 0 and dim % self.heads == 0, f"{key}.heads",
@@ -176,6 +180,10 @@ class FusionConfig:
         _check(1 <= self.rank <= 64, f"{key}.rank", f"must be in [1, 64], got {self.rank}")
         _check(0 <= self.keypoint_queries <= 16, f"{key}.keypoint_queries",
                f"must be in [0, 16], got {self.keypoint_queries}")
+        _check(0 <= self.cue_objects <= 16, f"{key}.cue_objects", f"must be in [0, 16], got {self.cue_objects}")
+        _check(not (self.cue_objects and self.keypoint_queries), f"{key}.cue_objects",
+               f"cannot be set together with {key}.keypoint_queries, another way to read the camera's keypoints: "
+               f"set one of them to 0 (got {self.cue_objects} and {self.keypoint_queries})")
 
 
 DEFAULT_JOINTS = tuple(f"joint_{i}" for i in range(1, 8))

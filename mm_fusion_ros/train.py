@@ -42,6 +42,7 @@ from torch import nn
 
 from .config import MODALITIES, ConfigError, RobotConfig, config_to_dict
 from .dataset import DEFAULT_LABEL_TOPIC, DatasetError, Episode, load_episodes
+from .model.network import ObjectLocator
 from .sim.task_state import TASK_STATE, UNITS_PER_M, task_state, task_weight
 
 RESUME_SUFFIX = ".resume"
@@ -76,6 +77,7 @@ class TrainConfig:
     keypoint_target_ticks: int = 0     # only on this many ticks from the cue on, before the arm has gone far (0: all)
     camera_target_weight: float = 0.0  # loss weight of every button's position read off the camera keypoints
     camera_pretrain_steps: int = 0     # steps that train the camera on that target alone before cloning
+    cue_target_weight: float = 0.0     # loss weight of which button the cue names, from the audio cell (CueRead)
     threads: int = 0                   # torch intra-op threads (0: all cores)
     init: str = ""                     # start from this checkpoint's weights and normalisation (DAgger rounds)
 
@@ -104,6 +106,7 @@ class TrainConfig:
                   (self.keypoint_target_weight >= 0, "--keypoint-target-weight must be >= 0"),
                   (self.keypoint_target_ticks >= 0, "--keypoint-target-ticks must be >= 0"),
                   (self.camera_target_weight >= 0, "--camera-target-weight must be >= 0"),
+                  (self.cue_target_weight >= 0, "--cue-target-weight must be >= 0"),
                   (0 <= self.camera_pretrain_steps <= 1000000, "--camera-pretrain-steps must be in [0, 1000000]"),
                   (self.camera_pretrain_steps == 0 or self.camera_target_weight > 0,
                    "--camera-pretrain-steps needs --camera-target-weight above 0: cloning without that target "
@@ -128,9 +131,14 @@ def trained_config(cfg: RobotConfig, tc: TrainConfig) -> RobotConfig:
     if tc.modalities:
         model = dataclasses.replace(model, modalities=tuple(m for m in MODALITIES if m in tc.modalities))
     model.validate("model")
-    if tc.keypoint_target_weight > 0 and model.fusion.keypoint_queries == 0:
-        raise ConfigError("--keypoint-target-weight trains what the camera keypoint queries read: set "
-                          "model.fusion.keypoint_queries above 0 or leave the weight at 0")
+    if tc.keypoint_target_weight > 0 and model.fusion.keypoint_queries == 0 and model.fusion.cue_objects == 0:
+        raise ConfigError("--keypoint-target-weight trains what is read off the camera's keypoints: set "
+                          "model.fusion.keypoint_queries or model.fusion.cue_objects above 0, or leave the weight at 0")
+    if tc.cue_target_weight > 0 and model.fusion.cue_objects == 0:
+        raise ConfigError("--cue-target-weight trains the cue read's belief: set model.fusion.cue_objects to the "
+                          "cell's number of buttons, or leave the weight at 0")
+    if tc.cue_target_weight > 0 and "audio" not in model.modalities:
+        raise ConfigError("--cue-target-weight trains the audio cell: it needs audio among the modalities")
     if tc.camera_target_weight > 0 and "camera" not in model.modalities:
         raise ConfigError("--camera-target-weight trains the camera: it needs camera among the modalities")
     return dataclasses.replace(cfg, model=model)
@@ -252,6 +260,7 @@ class Chunk:
     task_age: torch.Tensor      # (B, T): ticks since it became known (0 at the cue's tick; -1: not known)
     objects: torch.Tensor       # (B, 2 N): every button's (x, y) in dm, in the spec's order (zeros: unknown)
     objects_valid: torch.Tensor  # (B,): 1 where the episode's recording says where its buttons are
+    cue: torch.Tensor           # (B,) int64: which of them the cue names (-1: unknown)
 
 
 def _distinct(ep_index: list[tuple[int, np.ndarray]], store_of: Callable[[int], np.ndarray],
@@ -290,6 +299,7 @@ def make_chunk(episodes: Sequence[Episode], start: int, T: int, cfg) -> Chunk:
     n_obj = next((len(e.objects) for e in episodes if e.objects is not None), 0)
     objects = np.zeros((B, n_obj), np.float32)
     objects_valid = np.zeros(B, np.float32)
+    cue = np.full(B, -1, np.int64)
     cam_index, lidar_index = [], []
     for b, ep in enumerate(episodes):
         lo, hi = start, min(start + T, ep.ticks)
@@ -323,6 +333,7 @@ def make_chunk(episodes: Sequence[Episode], start: int, T: int, cfg) -> Chunk:
                 task_age[b, :n] = np.where(age >= 0, age, -1.0)
         if ep.objects is not None:
             objects[b], objects_valid[b] = ep.objects, 1.0
+            cue[b] = ep.cue
     cams, cam_rows = _distinct(cam_index, lambda b: episodes[b].arrays["camera_frames"], np.zeros(shape, np.uint8),
                                B, T)
     scans, scan_rows = _distinct(lidar_index, lambda b: episodes[b].arrays["lidar_scans"],
@@ -339,10 +350,10 @@ def make_chunk(episodes: Sequence[Episode], start: int, T: int, cfg) -> Chunk:
                  torch.from_numpy(mask), torch.from_numpy(dt), torch.from_numpy(action), torch.from_numpy(valid),
                  torch.from_numpy(task), torch.from_numpy(task_valid), torch.from_numpy(task_age),
                  torch.from_numpy(objects),
-                 torch.from_numpy(objects_valid))
+                 torch.from_numpy(objects_valid), torch.from_numpy(cue))
 
 
-class ObjectProbe(nn.Module):
+class ObjectProbe(ObjectLocator):
     """Training only (``--camera-target-weight``): every button's (x, y) read linearly off the camera's keypoints.
 
     Why: cloning the expert alone never trained the camera (README "Where learning stands", item 13: with one
@@ -351,21 +362,15 @@ class ObjectProbe(nn.Module):
     joint velocities reaches the CNN through the spike encoder's surrogate and the recurrence, weak and
     late; this target reaches it in one linear layer, on every frame, for every button whether or not it
     is the one the tone names (the pose targets of Levine et al. 2016's visuomotor pretraining). Not part
-    of the policy: it is neither saved in the checkpoint nor exported.
+    of the policy: it is neither saved in the checkpoint nor exported. (With ``model.fusion.cue_objects`` the
+    policy has its own locator, ``CueRead.objects``, and the target trains that one instead.)
     """
-
-    def __init__(self, keypoints: int, objects: int):
-        super().__init__()
-        self.head = nn.Linear(2 * keypoints, 2 * objects)
-
-    def forward(self, keypoints: torch.Tensor) -> torch.Tensor:
-        return self.head(keypoints.flatten(-2))
 
 
 class SequenceModel(nn.Module):
     """One truncated-BPTT chunk through FusionNet: what DistributedDataParallel wraps."""
 
-    def __init__(self, net, autocast_device: str | None = None, objects: ObjectProbe | None = None):
+    def __init__(self, net, autocast_device: str | None = None, objects: ObjectLocator | None = None):
         super().__init__()
         self.net = net
         self.autocast_device = autocast_device
@@ -373,8 +378,9 @@ class SequenceModel(nn.Module):
 
     def forward(self, c: Chunk, state: torch.Tensor) -> tuple:
         """(normalised actions (B, T, dof), fused states (B, T, fused_state_dim), the state after the chunk,
-        the cued button located from the camera keypoints (B, T, 2), or None without keypoint queries,
-        every button's position from the camera (B, T, 2 N), or None without an ObjectProbe)."""
+        the cued button located from the camera keypoints (B, T, 2), or None without keypoint queries or a
+        cue read, which button the cue names (B, T, N logits), or None without a cue read, every button's
+        position from the camera (B, T, 2 N), or None without an ObjectProbe or a cue read)."""
         net = self.net
         B, T, M = c.mask.shape
         mask = c.mask * net.used.view(1, 1, M)
@@ -395,12 +401,12 @@ class SequenceModel(nn.Module):
             states.append(state)
         states = torch.stack(states, dim=1).flatten(0, 1)
         fused, _, _ = net.fusion(states, mask.flatten(0, 1))
-        fused, located = net.read_keypoints_located(fused, keypoints.float(), mask.flatten(0, 1), states)
-        if located is not None:
-            located = located.view(B, T, -1)
-        objects = self.objects(keypoints.float()).view(B, T, -1) if self.objects is not None else None
+        fused, reads = net.read_camera(fused, keypoints.float(), mask.flatten(0, 1), states, c.joint_state)
+        located, cue, objects = (x.view(B, T, -1) if x is not None else None for x in reads)
+        if objects is None and self.objects is not None:
+            objects = self.objects(keypoints.float()).view(B, T, -1)
         return (net.action_head.normalized(fused).view(B, T, -1), net.state_head(fused).view(B, T, -1), state,
-                located, objects)
+                located, cue, objects)
 
 
 # ---------------------------------------------------------------- the loop
@@ -417,6 +423,8 @@ class History:
     train_camera_cm: list[float] = field(default_factory=list)   # the camera target's RMS error (ObjectProbe)
     val_camera_cm: list[float] = field(default_factory=list)
     camera_pretrain_cm: list[float] = field(default_factory=list)   # validation, before and after pretraining
+    train_cue_acc: list[float] = field(default_factory=list)   # ticks whose cue belief names the cued button
+    val_cue_acc: list[float] = field(default_factory=list)
 
 
 def epoch_lr(tc: TrainConfig, epoch: int) -> float:
@@ -440,7 +448,8 @@ def _batches(episodes: list[Episode], B: int, rng: np.random.Generator, rank: in
 def _run_batch(model: nn.Module, net, batch: list[Episode], tc: TrainConfig, targets: tuple, rng, device,
                optimizer=None, world: int = 1, on_chunk: Callable | None = None) -> tuple[float, ...]:
     """Step a batch of episodes through in chunks; returns the actions' (sum of weighted squared errors,
-    weighted tick count), the task state's (sum of squared errors, values) and the camera target's (the same)."""
+    weighted tick count), the task state's (sum of squared errors, values), the camera target's (the same)
+    and the cue target's (ticks whose belief names the cued button, ticks it was asked on)."""
     act_mean, act_std = targets
     T = tc.chunk_ticks
     longest = max(e.ticks for e in batch)
@@ -451,7 +460,7 @@ def _run_batch(model: nn.Module, net, batch: list[Episode], tc: TrainConfig, tar
         chunks = int(n)
     state = net.initial_state(len(batch)).to(device)
     train = optimizer is not None
-    sse = count = task_sse = task_count = obj_sse = obj_count = 0.0
+    sse = count = task_sse = task_count = obj_sse = obj_count = cue_hits = cue_count = 0.0
     K = len(TASK_STATE)
     for k in range(chunks):
         c = make_chunk(batch, k * T, T, net.cfg)
@@ -461,7 +470,7 @@ def _run_batch(model: nn.Module, net, batch: list[Episode], tc: TrainConfig, tar
         c = Chunk(*(getattr(c, f.name).to(device) for f in dataclasses.fields(Chunk)))
         target = (c.action - act_mean) / act_std
         with torch.set_grad_enabled(train):
-            pred, fused_state, state, located, objects = model(c, state)
+            pred, fused_state, state, located, cue, objects = model(c, state)
             err = ((pred - target) ** 2).mean(dim=-1) * c.valid
             n = c.valid.sum()
             loss = err.sum() / torch.clamp(n, min=1.0)
@@ -489,6 +498,19 @@ def _run_batch(model: nn.Module, net, batch: list[Episode], tc: TrainConfig, tar
                 loss = loss + tc.camera_target_weight * obj_err.sum() / torch.clamp(obj_n, min=1.0)
                 obj_sse += float(obj_err.detach().sum())
                 obj_count += float(obj_n)
+            if cue is not None:
+                # Which button the tone names, from the audio cell's state alone, on every tick from the cue on
+                # where the microphone was present: a classification the arm's motion cannot answer early on
+                # and need not (CueRead).
+                audio = c.mask[..., MODALITIES.index("audio")] * net.used[0, MODALITIES.index("audio")]
+                known = (c.cue >= 0).float().unsqueeze(1)
+                w = c.task_valid * audio * known
+                named = torch.clamp(c.cue, min=0).unsqueeze(1).expand(-1, cue.shape[1])
+                ce = nn.functional.cross_entropy(cue.flatten(0, 1), named.flatten(), reduction="none").view_as(w)
+                if tc.cue_target_weight > 0:
+                    loss = loss + tc.cue_target_weight * (ce * w).sum() / torch.clamp(w.sum(), min=1.0)
+                cue_hits += float(((cue.argmax(dim=-1) == named).float() * w).sum())
+                cue_count += float(w.sum())
         if not torch.isfinite(loss):
             raise TrainingError(f"non-finite loss ({float(loss.detach())}) in chunk {k} (ticks {k * T}..{(k + 1) * T - 1}) "
                                 f"of the batch of episodes {[e.name for e in batch]}")
@@ -504,7 +526,7 @@ def _run_batch(model: nn.Module, net, batch: list[Episode], tc: TrainConfig, tar
         task_count += float(task_n)
         if on_chunk is not None:
             on_chunk(len(batch) * T, float(loss.detach()))
-    return sse, count, task_sse, task_count, obj_sse, obj_count
+    return sse, count, task_sse, task_count, obj_sse, obj_count, cue_hits, cue_count
 
 
 def task_rms_cm(task_sse: float, task_count: float) -> float:
@@ -523,8 +545,10 @@ def attach_task_state(episodes: Sequence[Episode], cfg: RobotConfig) -> int:
         spec = e.meta.get("episode", {}).get("spec")
         if not spec or dof != 7:
             e.task = e.task_weight = e.objects = None
+            e.cue = -1
             continue
         e.objects = np.asarray(spec["buttons"], np.float32).reshape(-1) * UNITS_PER_M
+        e.cue = int(spec["target"])
         a = e.arrays
         e.task = task_state(spec, np.asarray(a["joint_state"])[:, :dof])
         e.task_weight = task_weight(a["action"], a["labelled"], np.asarray(a["mask"])[:, js])
@@ -655,10 +679,17 @@ def train(bags: Sequence[str | Path], cfg: RobotConfig, tc: TrainConfig, out: st
                            f"{tc.batch_episodes} each; lower --batch-episodes")
     stats = normalization(train_eps)
     with_task = (attach_task_state(episodes, cfg)
-                 if tc.task_state_weight > 0 or tc.keypoint_target_weight > 0 or tc.camera_target_weight > 0 else 0)
+                 if tc.task_state_weight > 0 or tc.keypoint_target_weight > 0 or tc.camera_target_weight > 0
+                 or tc.cue_target_weight > 0 else 0)
     if tc.camera_target_weight > 0 and not with_task:
         raise DatasetError("--camera-target-weight needs recordings that say where the buttons are (the "
                            "simulated cell's episode spec); none of these bags carries one")
+    if tc.cue_target_weight > 0 and not with_task:
+        raise DatasetError("--cue-target-weight needs recordings that say which button the cue names (the "
+                           "simulated cell's episode spec); none of these bags carries one")
+    if cfg.model.fusion.cue_objects and with_task and buttons_per_cell(episodes) != cfg.model.fusion.cue_objects:
+        raise DatasetError(f"model.fusion.cue_objects is {cfg.model.fusion.cue_objects} but the recordings' cell has "
+                           f"{buttons_per_cell(episodes)} buttons: set it to that")
     if with_task and cfg.model.fused_state_dim < len(TASK_STATE):
         raise TrainingError(f"model.fused_state_dim {cfg.model.fused_state_dim} cannot hold the task state's "
                             f"{len(TASK_STATE)} values ({', '.join(TASK_STATE)}); raise it or --task-state-weight 0")
@@ -666,8 +697,9 @@ def train(bags: Sequence[str | Path], cfg: RobotConfig, tc: TrainConfig, out: st
         log(f"train: {with_task} of {len(episodes)} episodes carry the cell's task state: fused_state[:"
             f"{len(TASK_STATE)}] learns {', '.join(TASK_STATE)} (dm), weight {tc.task_state_weight}")
     if with_task and tc.keypoint_target_weight > 0:
-        log(f"train: {with_task} of {len(episodes)} episodes carry the cell's task state: the camera keypoint "
-            f"queries learn to locate the cued button, weight {tc.keypoint_target_weight}")
+        reader = "cue read" if cfg.model.fusion.cue_objects else "camera keypoint queries"
+        log(f"train: {with_task} of {len(episodes)} episodes carry the cell's task state: the {reader} "
+            f"learn{'s' if cfg.model.fusion.cue_objects else ''} to locate the cued button, weight {tc.keypoint_target_weight}")
     net = build_model(cfg.model, seed=tc.seed)
     if tc.init:
         # The earlier policy's function unchanged at the start, normalisation included: new statistics
@@ -690,7 +722,19 @@ def train(bags: Sequence[str | Path], cfg: RobotConfig, tc: TrainConfig, out: st
         if with_task:
             start_task_heads_at_the_mean(net, train_eps)
     probe = None
-    if tc.camera_target_weight > 0:
+    if net.cue_read is not None:
+        probe = net.cue_read.objects   # the policy's own locator: the camera target trains that one
+        if with_task and not tc.init:
+            with torch.no_grad():   # at the buttons' mean, as the task heads start at theirs
+                probe.head.bias.copy_(torch.as_tensor(np.mean([e.objects for e in train_eps if e.objects is not None],
+                                                              axis=0)))
+        if tc.camera_target_weight > 0:
+            log(f"train: the cue read's locator learns where the {cfg.model.fusion.cue_objects} buttons are from the "
+                f"camera's keypoints, weight {tc.camera_target_weight}")
+        if tc.cue_target_weight > 0:
+            log(f"train: the cue read's belief learns which button the tone names from the audio cell's state, "
+                f"weight {tc.cue_target_weight}")
+    elif tc.camera_target_weight > 0:
         torch.manual_seed(tc.seed + 1)   # the probe's own draw: the policy's weights do not depend on it
         buttons = buttons_per_cell(episodes)
         probe = ObjectProbe(net.camera.keypoints, buttons)
@@ -700,11 +744,12 @@ def train(bags: Sequence[str | Path], cfg: RobotConfig, tc: TrainConfig, out: st
         log(f"train: the camera learns where the {buttons} buttons are from its keypoints, "
             f"weight {tc.camera_target_weight}")
         probe = probe.to(device)
+    in_net = probe is not None and net.cue_read is not None
     net = net.to(device)
     for e in episodes:
         e.weight = keyframe_weights(e, stats["action_std"], tc) if tc.keyframe_weight > 0 else None
     targets = (net.action_head.mean.detach().clone(), net.action_head.std.detach().clone())
-    params = list(net.parameters()) + (list(probe.parameters()) if probe is not None else [])
+    params = list(net.parameters()) + (list(probe.parameters()) if probe is not None and not in_net else [])
     optimizer = torch.optim.AdamW(params, lr=tc.lr, weight_decay=tc.weight_decay)
     history, best, best_epoch, start_epoch, best_state = History(), math.inf, -1, 0, None
     resume_path = out.with_name(out.name + RESUME_SUFFIX)
@@ -716,7 +761,7 @@ def train(bags: Sequence[str | Path], cfg: RobotConfig, tc: TrainConfig, out: st
             raise TrainingError(f"--resume: {resume_path} was written for other options or other bags; "
                                 "resume with the same command, or train afresh")
         net.load_state_dict(blob["state_dict"])
-        if probe is not None:
+        if probe is not None and not in_net:
             probe.load_state_dict(blob["object_probe"])
         optimizer.load_state_dict(blob["optimizer"])
         history = History(**blob["history"])
@@ -746,7 +791,7 @@ def train(bags: Sequence[str | Path], cfg: RobotConfig, tc: TrainConfig, out: st
         for group in optimizer.param_groups:   # a function of the epoch alone: --resume needs no state for it
             group["lr"] = epoch_lr(tc, epoch)
         t0 = time.perf_counter()
-        sse = count = tsse = tcount = osse = ocount = 0.0
+        sse = count = tsse = tcount = osse = ocount = chits = ccount = 0.0
         seen = 0
         batches = _batches(train_eps, tc.batch_episodes, rng, rank, world)
         with tqdm(total=sum(math.ceil(max(e.ticks for e in b) / tc.chunk_ticks) for b in batches) * tc.chunk_ticks
@@ -758,26 +803,28 @@ def train(bags: Sequence[str | Path], cfg: RobotConfig, tc: TrainConfig, out: st
                 bar.update(ticks)
                 bar.set_postfix(loss=f"{loss:.4f}", ticks_s=f"{seen / max(time.perf_counter() - t0, 1e-9):.0f}")
             for batch in batches:
-                s, n, ts, tn, os_, on = _run_batch(model, net, batch, tc, targets, rng, device, optimizer, world,
-                                                   on_chunk)
-                sse, count, tsse, tcount, osse, ocount = sse + s, count + n, tsse + ts, tcount + tn, osse + os_, ocount + on
+                out_ = _run_batch(model, net, batch, tc, targets, rng, device, optimizer, world, on_chunk)
+                sse, count, tsse, tcount, osse, ocount, chits, ccount = (
+                    a + b for a, b in zip((sse, count, tsse, tcount, osse, ocount, chits, ccount), out_))
         elapsed = time.perf_counter() - t0
         if world > 1:   # the epoch's loss over every rank's batches, not this rank's alone
-            totals = torch.tensor([sse, count, tsse, tcount, osse, ocount], dtype=torch.float64)
+            totals = torch.tensor([sse, count, tsse, tcount, osse, ocount, chits, ccount], dtype=torch.float64)
             torch.distributed.all_reduce(totals)
-            sse, count, tsse, tcount, osse, ocount = (float(x) for x in totals)
+            sse, count, tsse, tcount, osse, ocount, chits, ccount = (float(x) for x in totals)
         train_loss = sse / max(count, 1.0)
         net.eval()
-        vs = vn = vts = vtn = vos = von = 0.0
+        vs = vn = vts = vtn = vos = von = vch = vcc = 0.0
         for k in range(0, len(val_eps), tc.batch_episodes):
-            s, n, ts, tn, os_, on = _run_batch(SequenceModel(net, objects=probe), net, val_eps[k:k + tc.batch_episodes],
-                                               tc, targets, rng, device)
-            vs, vn, vts, vtn, vos, von = vs + s, vn + n, vts + ts, vtn + tn, vos + os_, von + on
+            out_ = _run_batch(SequenceModel(net, objects=probe), net, val_eps[k:k + tc.batch_episodes], tc, targets,
+                              rng, device)
+            vs, vn, vts, vtn, vos, von, vch, vcc = (a + b for a, b in zip((vs, vn, vts, vtn, vos, von, vch, vcc), out_))
         val_loss = vs / max(vn, 1.0)
         history.train_task_cm.append(task_rms_cm(tsse, tcount))
         history.val_task_cm.append(task_rms_cm(vts, vtn))
         history.train_camera_cm.append(task_rms_cm(osse, ocount))
         history.val_camera_cm.append(task_rms_cm(vos, von))
+        history.train_cue_acc.append(chits / ccount if ccount else math.nan)
+        history.val_cue_acc.append(vch / vcc if vcc else math.nan)
         history.epoch.append(epoch + 1)
         history.train_loss.append(train_loss)
         history.val_loss.append(val_loss)
@@ -797,7 +844,7 @@ def train(bags: Sequence[str | Path], cfg: RobotConfig, tc: TrainConfig, out: st
                         "state_dict": net.state_dict(), "optimizer": optimizer.state_dict(),
                         "history": dataclasses.asdict(history), "best": best, "best_epoch": best_epoch,
                         "best_state": best_state, "epoch": epoch,
-                        "object_probe": probe.state_dict() if probe is not None else None, "np_rng": rng.bit_generator.state,
+                        "object_probe": probe.state_dict() if probe is not None and not in_net else None, "np_rng": rng.bit_generator.state,
                         "torch_rng": torch.get_rng_state()}, tmp)
             os.replace(tmp, resume_path)
             if plot:
@@ -807,6 +854,9 @@ def train(bags: Sequence[str | Path], cfg: RobotConfig, tc: TrainConfig, out: st
                 if vtn and (tc.task_state_weight > 0 or tc.keypoint_target_weight > 0) else "")
         if von:
             task += f", buttons from the camera {history.train_camera_cm[-1]:.1f} / {history.val_camera_cm[-1]:.1f} cm RMS"
+        if vcc:
+            task += (f", cue named {100 * history.train_cue_acc[-1]:.0f} / {100 * history.val_cue_acc[-1]:.0f} % of "
+                     "the ticks")
         log(f"train: epoch {epoch + 1}: train loss {train_loss:.4f}, validation loss {val_loss:.4f}"
             f"{' (best)' if improved else ''}{task}, {history.ticks_per_s[-1]:.0f} ticks/s")
         if epoch + 1 - best_epoch >= tc.patience:
@@ -914,6 +964,9 @@ def add_train_command(add: Callable) -> None:
     p.add_argument("--camera-pretrain-steps", type=int, default=d.camera_pretrain_steps,
                    help="steps of 64 frames that train the camera on --camera-target-weight's target alone before "
                         "cloning (0: none)")
+    p.add_argument("--cue-target-weight", type=float, default=d.cue_target_weight,
+                   help="loss weight of which button the tone names, classified from the audio cell's state by the "
+                        "cue read (model.fusion.cue_objects > 0), where a recording carries the spec; 0: off")
     p.add_argument("--keypoint-target-ticks", type=int, default=d.keypoint_target_ticks,
                    help="the keypoint target only on this many ticks from the cue on (before the arm has gone far, "
                         "so it cannot be met from where the arm heads); 0: every tick")
@@ -942,6 +995,7 @@ def cmd_train(args, cfg: RobotConfig) -> int:
                      keypoint_target_weight=args.keypoint_target_weight,
                      keypoint_target_ticks=args.keypoint_target_ticks,
                      camera_target_weight=args.camera_target_weight,
+                     cue_target_weight=args.cue_target_weight,
                      camera_pretrain_steps=args.camera_pretrain_steps,
                      label_topic=args.label_topic, include_failures=args.include_failures, threads=args.threads,
                      init=args.init)

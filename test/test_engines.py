@@ -209,15 +209,17 @@ def test_onnxruntime_follows_the_joint_state_like_torch(robot, onnx_path, make_i
 
 
 @pytest.mark.parametrize("strategy", ["early", "late", "hierarchical", "bilinear", "adaptive", "hybrid+keypoints",
-                                      "hybrid+audio_keypoints"])
+                                      "hybrid+audio_keypoints", "hybrid+cue"])
 def test_every_fusion_strategy_exports_flat_and_matches_torch(robot, tmp_path, strategy):
     """The default (hybrid) is covered above; each other strategy must export and run the same too, and
-    so must the fused state's queries over the camera's keypoints (``+keypoints``: two of them)."""
+    so must the fused state's queries over the camera's keypoints (``+keypoints``: two of them) and the cue
+    read (``+cue``: three buttons, the Panda's kinematics inside the graph)."""
     cfg, _ = robot
     name, _, extra = strategy.partition("+")
     model_cfg = dataclasses.replace(cfg.model, fusion=dataclasses.replace(
         cfg.model.fusion, strategy=name, keypoint_queries=2 if extra.endswith("keypoints") else 0,
-        keypoint_query_source="audio" if extra == "audio_keypoints" else "fused"))
+        keypoint_query_source="audio" if extra == "audio_keypoints" else "fused",
+        cue_objects=3 if extra == "cue" else 0))
     cfg = dataclasses.replace(cfg, model=model_cfg,
                               engine=dataclasses.replace(cfg.engine, artifact_dir=str(tmp_path)))
     model = build_model(model_cfg, seed=5)

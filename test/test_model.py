@@ -16,18 +16,19 @@ STRATEGIES = ("early", "late", "hybrid", "hierarchical", "bilinear", "adaptive")
 ATTENTION_STRATEGIES = ("hybrid", "hierarchical")
 
 
-# Every strategy, and one with queries over the camera's keypoints (KeypointRead) from the fused state and
-# one with them from the audio cell's state.
-VARIANTS = STRATEGIES + ("hybrid+keypoints", "hybrid+audio_keypoints")
+# Every strategy, and one with queries over the camera's keypoints (KeypointRead) from the fused state,
+# one with them from the audio cell's state, and one with the cue read (CueRead, three buttons).
+VARIANTS = STRATEGIES + ("hybrid+keypoints", "hybrid+audio_keypoints", "hybrid+cue")
 
 
 def with_strategy(cfg: ModelConfig, strategy: str) -> ModelConfig:
     """``strategy``, or ``<strategy>+keypoints`` / ``+audio_keypoints`` for that strategy with two keypoint
-    queries from the fused state / from the audio cell's state."""
+    queries from the fused state / from the audio cell's state, or ``+cue`` with a cue read of 3 buttons."""
     name, _, extra = strategy.partition("+")
     return dataclasses.replace(cfg, fusion=dataclasses.replace(
         cfg.fusion, strategy=name, keypoint_queries=2 if extra.endswith("keypoints") else 0,
-        keypoint_query_source="audio" if extra == "audio_keypoints" else "fused"))
+        keypoint_query_source="audio" if extra == "audio_keypoints" else "fused",
+        cue_objects=3 if extra == "cue" else 0))
 
 
 @pytest.fixture(scope="module")
@@ -90,6 +91,7 @@ def test_forward_shapes_ranges_and_finiteness(models, strategy, make_inputs):
     model = models[strategy]
     assert model.cfg.fusion.strategy == strategy.partition("+")[0]
     assert (model.keypoint_read is not None) == strategy.endswith("keypoints")
+    assert (model.cue_read is not None) == strategy.endswith("+cue")
     for batch in (1, 3):
         inputs = make_inputs(model.cfg, 0, batch)
         for spec in input_specs(model.cfg, batch):
@@ -544,3 +546,57 @@ def test_audio_asked_keypoint_queries_read_the_same_whatever_the_joints_say(mode
         _, d = fused_net.read_keypoints_located(fused_a, keypoints, mask, state)
         _, e = fused_net.read_keypoints_located(fused_b, keypoints, mask, state)
         assert float((d - e).abs().max()) > 1e-4
+
+
+def test_the_networks_tool_tip_is_the_published_kinematics():
+    """CueRead's tool tip (torch, exported with the network) is sim.task_state's (numpy, checked against
+    MuJoCo's tool site in test_sim) for random joint vectors."""
+    from mm_fusion_ros.model.kinematics import panda_tool_tip
+    from mm_fusion_ros.sim.task_state import tool_tips
+    q = np.random.default_rng(0).uniform(-2.8, 2.8, (64, 7))
+    ours = panda_tool_tip(torch.tensor(q, dtype=torch.float64)).numpy()
+    np.testing.assert_allclose(ours, tool_tips(q), atol=1e-12, rtol=0)
+    assert np.ptp(ours, axis=0).min() > 0.1        # the joints move the tip: not a constant
+
+
+def test_the_cue_read_takes_which_button_from_the_audio_alone_and_where_from_the_camera(models):
+    """CueRead: the belief over the buttons is a function of the audio cell's state only (not of the fused
+    vector, the joints or the camera); the cued position is the belief's mix of the positions read off the
+    keypoints; the tool's offset enters the fused vector; with camera, audio or joints masked nothing does."""
+    net = models["hybrid+cue"]
+    M, D = len(MODALITIES), net.cfg.encoder.hidden
+    torch.manual_seed(0)
+    state = torch.randn(2, M, D)
+    keypoints = torch.rand(2, net.camera.keypoints, 2) * 2 - 1
+    joints = torch.zeros(2, 2 * net.cfg.action.dof)
+    joints[:, :7] = torch.tensor([0.0, -0.785, 0.0, -2.356, 0.0, 1.571, 0.785])
+    mask = torch.ones(2, M)
+    fused_a, fused_b = torch.randn(2, D), torch.randn(2, D)
+    with torch.no_grad():
+        out_a, a = net.read_camera(fused_a, keypoints, mask, state, joints)
+        _, b = net.read_camera(fused_b, keypoints, mask, state, joints)
+        moved = joints.clone()
+        moved[:, 0] += 0.5
+        out_moved, c = net.read_camera(fused_a, keypoints, mask, state, moved)
+        for x in (b, c):
+            torch.testing.assert_close(x.cue, a.cue, rtol=0, atol=0)
+            torch.testing.assert_close(x.located, a.located, rtol=0, atol=0)
+        assert float((out_moved - out_a).abs().max()) > 1e-4          # the tool's offset is read
+        other = state.clone()
+        other[:, MODALITIES.index("camera")] = torch.randn(2, D)
+        other[:, MODALITIES.index("joint_state")] = torch.randn(2, D)
+        _, d = net.read_camera(fused_a, keypoints, mask, other, joints)
+        torch.testing.assert_close(d.cue, a.cue, rtol=0, atol=0)
+        other[:, MODALITIES.index("audio")] = torch.randn(2, D)
+        _, e = net.read_camera(fused_a, keypoints, mask, other, joints)
+        assert float((e.cue - a.cue).abs().max()) > 1e-4
+        belief = torch.softmax(a.cue, dim=-1)
+        mix = (belief.unsqueeze(-1) * a.objects.view(2, 3, 2)).sum(dim=1)
+        torch.testing.assert_close(a.located, mix)
+        for name in ("camera", "audio", "joint_state"):
+            off = mask.clone()
+            off[:, MODALITIES.index(name)] = 0
+            out_off, _ = net.read_camera(fused_a, keypoints, off, state, joints)
+            out_off_moved, _ = net.read_camera(fused_a, keypoints, off, state, moved)
+            torch.testing.assert_close(out_off, out_off_moved, rtol=0, atol=0)   # nothing read
+            torch.testing.assert_close(out_off, fused_a + net.cue_read.out.bias, rtol=0, atol=1e-6)

@@ -112,14 +112,16 @@ def test_dataset_is_exactly_what_replay_feeds_the_engine(demos, cfg, episodes, t
     assert a["labelled"].mean() > 0.99 and np.abs(a["action"]).max() > 0.05
 
 
-@pytest.mark.parametrize("keypoint_queries,source", [(0, "fused"), (2, "fused"), (2, "audio")])
+@pytest.mark.parametrize("keypoint_queries,source,cue_objects", [(0, "fused", 0), (2, "fused", 0), (2, "audio", 0),
+                                                                 (0, "fused", 3)])
 def test_a_training_chunk_computes_what_the_streaming_step_computes_tick_by_tick(episodes, cfg, keypoint_queries,
-                                                                                 source):
+                                                                                 source, cue_objects):
     """Training's shortcuts (audio windows cut from one convolution over the track, the cells' input
     half and the fusion over all ticks at once) change nothing: the same predictions and state as
     the step's own parts fed each tick's tensors, the way replay feeds them."""
     m = dataclasses.replace(cfg.model, fusion=dataclasses.replace(cfg.model.fusion, keypoint_queries=keypoint_queries,
-                                                                  keypoint_query_source=source))
+                                                                  keypoint_query_source=source,
+                                                                  cue_objects=cue_objects))
     # The two paths round differently (batched and single-frame convolutions differ by ~3e-8), and a
     # current within that of a spike onset fires once more in one of them (seed 3 with the 12x12 camera
     # keypoints: one count, 8e-5 on one action). Seed 0's currents sit clear of every onset.
@@ -128,7 +130,7 @@ def test_a_training_chunk_computes_what_the_streaming_step_computes_tick_by_tick
     chunk = make_chunk(batch, start, T, m)
     assert (chunk.audio_start < 0).any() and (chunk.audio_start >= 0).any()
     with torch.no_grad():
-        pred, fused_state, state, _, _ = SequenceModel(net)(chunk, net.initial_state(len(batch)))
+        pred, fused_state, state, _, _, _ = SequenceModel(net)(chunk, net.initial_state(len(batch)))
         ref_state = net.initial_state(len(batch))
         for k in range(T):
             ticks = np.array([start + k])
@@ -145,7 +147,7 @@ def test_a_training_chunk_computes_what_the_streaming_step_computes_tick_by_tick
             mask = chunk.mask[:, k] * net.used
             ref_state = net.recur(net.lif(currents), mask, chunk.dt[:, k], ref_state)
             fused, _, _ = net.fusion(ref_state, mask)
-            fused = net.read_keypoints(fused, keypoints, mask, ref_state)
+            fused, _ = net.read_camera(fused, keypoints, mask, ref_state, joints)
             torch.testing.assert_close(pred[:, k], net.action_head.normalized(fused), rtol=1e-4, atol=1e-5)
             torch.testing.assert_close(fused_state[:, k], net.state_head(fused), rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(state, ref_state, rtol=1e-4, atol=1e-5)
@@ -556,3 +558,52 @@ def test_chunks_say_how_long_ago_the_cue_was_for_the_early_keypoint_target(episo
     np.testing.assert_array_equal(later.task_age[0].numpy(), np.arange(100, 110, dtype=np.float32))
     with pytest.raises(ConfigError, match="--keypoint-target-ticks"):
         TrainConfig(keypoint_target_ticks=-1).validate()
+
+
+def test_the_cue_target_is_the_named_button_and_trains_the_audio_path_alone(episodes, cfg):
+    """--cue-target-weight (model.fusion.cue_objects): each chunk carries which button its episode's tone names
+    (the recorded spec), and the cross-entropy on the cue read's belief reaches the microphone's encoder and
+    cell but neither the camera nor the joint states: which button cannot be learned from the arm's motion."""
+    from mm_fusion_ros.train import attach_task_state
+
+    attach_task_state(episodes, cfg)
+    chunk = make_chunk(episodes[:2], 200, 40, cfg.model)
+    assert bool((chunk.mask[..., MODALITIES.index("audio")] > 0).all())
+    assert chunk.cue.tolist() == [int(e.meta["episode"]["spec"]["target"]) for e in episodes[:2]]
+    m = dataclasses.replace(cfg.model, fusion=dataclasses.replace(cfg.model.fusion, cue_objects=3))
+    net = build_model(m, seed=0).train()   # the LIF layers' surrogate gradient is training's
+    _, _, _, located, cue, objects = SequenceModel(net)(chunk, net.initial_state(2))
+    assert cue.shape == (2, 40, 3) and located.shape == (2, 40, 2) and objects.shape == (2, 40, 6)
+    named = chunk.cue.unsqueeze(1).expand(-1, 40)
+    torch.nn.functional.cross_entropy(cue.flatten(0, 1), named.flatten()).backward()
+    grads = {k: p.grad for k, p in net.named_parameters()}
+    assert float(grads["cue_read.cue.weight"].abs().sum()) > 0
+    assert any(g is not None and float(g.abs().sum()) > 0 for k, g in grads.items() if k.startswith("audio."))
+    for prefix in ("camera.", "joint_state.", "cue_read.objects.", "action_head."):
+        assert all(g is None or float(g.abs().sum()) == 0 for k, g in grads.items() if k.startswith(prefix)), prefix
+    # Refused before any work: a weight without the read, the read without audio, a cell of another size.
+    with pytest.raises(ConfigError, match="--cue-target-weight .*cue_objects"):
+        trained_config(cfg, TrainConfig(cue_target_weight=1.0))
+    cued = dataclasses.replace(cfg, model=m)
+    with pytest.raises(ConfigError, match="--cue-target-weight .*audio"):
+        trained_config(cued, TrainConfig(cue_target_weight=1.0, modalities=("camera", "imu", "lidar", "joint_state")))
+    with pytest.raises(ConfigError, match="cue_objects: cannot be set together with .*keypoint_queries"):
+        dataclasses.replace(m.fusion, keypoint_queries=2).validate("model.fusion", m.encoder.hidden)
+
+
+def test_training_the_cue_read_reports_how_often_the_belief_names_the_cued_button(demos, cfg, cache, tmp_path):
+    m = dataclasses.replace(cfg.model, fusion=dataclasses.replace(cfg.model.fusion, cue_objects=3))
+    cued = dataclasses.replace(cfg, model=m)
+    report = train([demos], cued, TrainConfig(**QUICK, cue_target_weight=1.0, camera_target_weight=1.0),
+                   tmp_path / "cue.pt", cache=cache, progress=False, log=_quiet)
+    for key in ("train_cue_acc", "val_cue_acc"):
+        acc = report["history"][key]
+        assert len(acc) == 1 and 0.0 <= acc[0] <= 1.0, (key, acc)
+    assert np.isfinite(report["history"]["val_camera_cm"]).all()
+    # The locator is the policy's own now: in the checkpoint, and loaded with it.
+    state = read_checkpoint(tmp_path / "cue.pt")["state_dict"]
+    assert "cue_read.objects.head.weight" in state and "cue_read.cue.weight" in state
+    two = dataclasses.replace(cfg, model=dataclasses.replace(m, fusion=dataclasses.replace(m.fusion, cue_objects=2)))
+    with pytest.raises(DatasetError, match="cue_objects is 2 but the recordings' cell has 3 buttons"):
+        train([demos], two, TrainConfig(**QUICK, cue_target_weight=1.0), tmp_path / "two.pt", cache=cache,
+              progress=False, log=_quiet)

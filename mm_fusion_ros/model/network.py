@@ -17,13 +17,16 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
 from torch import nn
 
 from ..config import MODALITIES, ActionConfig, ModelConfig, config_to_dict, model_config_from_dict
+from ..sim.task_state import UNITS_PER_M
 from .fusion import make_fusion
+from .kinematics import panda_tool_tip
 from .liquid import CfCCells
 from .preprocess import AudioEncoder, CameraEncoder, ImuEncoder, JointStateEncoder, LidarEncoder
 from .spiking import LeakyIntegrateFire
@@ -128,6 +131,62 @@ class KeypointRead(nn.Module):
         return torch.matmul(picks, keypoints).flatten(1)
 
 
+class ObjectLocator(nn.Module):
+    """Every object's (x, y) (dm, base frame) read linearly off the camera's keypoints (B, C, 2) -> (B, 2 N)."""
+
+    def __init__(self, keypoints: int, objects: int):
+        super().__init__()
+        self.head = nn.Linear(2 * keypoints, 2 * objects)
+
+    def forward(self, keypoints: torch.Tensor) -> torch.Tensor:
+        return self.head(keypoints.flatten(-2))
+
+
+class CameraReads(NamedTuple):
+    """What training supervises of the camera reads (None where the model has no such read)."""
+
+    located: torch.Tensor | None   # (B, 2) the cued object's (x, y), dm
+    cue: torch.Tensor | None       # (B, N) logits: which object the cue names
+    objects: torch.Tensor | None   # (B, 2 N) every object's (x, y), dm
+
+
+class CueRead(nn.Module):
+    """The button a tone names, as a product of two reads each with one source (``model.fusion.cue_objects``).
+
+    The camera's keypoints give every button's (x, y) (``ObjectLocator``), the audio cell's state alone a
+    belief over which of them the cue names (a softmax), and their product the named button's position;
+    its offset from the tool tip (the Panda's published kinematics over the measured joints) and the tool's
+    height enter the fused vector, with the belief.
+
+    Why: every target that asked the network where the cued button is could be met from where the arm was
+    heading on the expert's path (README "Where learning stands", items 15-16: the estimate nearest the
+    cued button in 29 of 30 episodes with the expert's help, 6 of 20 without). Here neither factor can see
+    the arm's motion: the positions are a function of one frame, indexed by colour, and which colour a
+    function of the microphone's cell, trained as a classification (``mm-fusion train
+    --cue-target-weight``). The offset from the tool is what the expert's IK acts on.
+    """
+
+    def __init__(self, dim: int, keypoints: int, objects: int):
+        super().__init__()
+        self.n = objects
+        self.objects = ObjectLocator(keypoints, objects)
+        self.cue = nn.Linear(dim, objects)
+        self.out = nn.Linear(objects + 3, dim)
+
+    def forward(self, fused: torch.Tensor, keypoints: torch.Tensor, audio_state: torch.Tensor,
+                joint_positions: torch.Tensor, present: torch.Tensor) -> tuple[torch.Tensor, CameraReads]:
+        objects = self.objects(keypoints)
+        logits = self.cue(audio_state)
+        belief = torch.softmax(logits, dim=-1)
+        located = torch.matmul(belief.unsqueeze(1), objects.view(-1, self.n, 2)).squeeze(1)
+        # A masked sensor's data may be anything, NaN included, and NaN * 0 is NaN: select, do not multiply.
+        keep = present > 0.5
+        tip = panda_tool_tip(torch.where(keep, joint_positions, torch.zeros_like(joint_positions))) * UNITS_PER_M
+        read = torch.cat([located - tip[:, :2], tip[:, 2:3], belief], dim=-1)
+        read = torch.where(keep, read, torch.zeros_like(read))
+        return fused + self.out(read), CameraReads(located, logits, objects)
+
+
 class FusionNet(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -159,6 +218,8 @@ class FusionNet(nn.Module):
         self.keypoint_read = KeypointRead(dim, self.camera.keypoints, cfg.fusion.keypoint_queries,
                                           cfg.fusion.keypoint_query_source) \
             if cfg.fusion.keypoint_queries > 0 else None
+        self.cue_read = CueRead(dim, self.camera.keypoints, cfg.fusion.cue_objects) \
+            if cfg.fusion.cue_objects > 0 else None
 
     def initial_state(self, batch: int = 1) -> torch.Tensor:
         return torch.zeros(batch, len(MODALITIES), self.cfg.encoder.hidden)
@@ -172,8 +233,22 @@ class FusionNet(nn.Module):
         rates = self.lif(currents)  # every modality's LIF layer at once
         new_state = self.recur(rates, mask, dt, state)
         fused, attention, contribution = self.fusion(new_state, mask)
-        fused = self.read_keypoints(fused, keypoints, mask, new_state)
+        fused, _ = self.read_camera(fused, keypoints, mask, new_state, joint_state)
         return self.action_head(fused), self.state_head(fused), new_state, attention, contribution, frames
+
+    def read_camera(self, fused: torch.Tensor, keypoints: torch.Tensor, mask: torch.Tensor, state: torch.Tensor,
+                    joint_state: torch.Tensor) -> tuple[torch.Tensor, CameraReads]:
+        """The fused vector plus what is read off the camera's keypoints (``KeypointRead`` or ``CueRead``),
+        and what training supervises of it. ``joint_state``: the raw (B, 2 dof) input, positions first."""
+        if self.cue_read is None:
+            fused, located = self.read_keypoints_located(fused, keypoints, mask, state)
+            return fused, CameraReads(located, None, None)
+        present = torch.ones_like(mask[:, :1])
+        for name in ("camera", "audio", "joint_state"):   # nothing is read while any of its sources is masked
+            i = MODALITIES.index(name)
+            present = present * mask[:, i:i + 1]
+        audio = state[:, MODALITIES.index("audio")]
+        return self.cue_read(fused, keypoints, audio, joint_state[:, :self.cfg.action.dof], present)
 
     def read_keypoints(self, fused: torch.Tensor, keypoints: torch.Tensor, mask: torch.Tensor,
                        state: torch.Tensor) -> torch.Tensor:
