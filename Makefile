@@ -45,12 +45,15 @@ demo-sim: $(STAMP)
 # behaviour cloning through the live aligner. Evaluation seeds start at 1000, never these.
 POLICY ?= policies/sim_policy.pt
 TRAIN_EPISODES ?= 200
-TRAIN_EPOCHS ?= 30
+TRAIN_EPOCHS ?= 20
+# The camera pretrained on where the buttons are, then cloning with the cue read's targets (README
+# "Where learning stands", item 17): the button positions, which one the tone names, and their product.
 train: $(STAMP)
 	$(VENV)/bin/mm-fusion record artifacts/demos --config config/sim.yaml --episodes $(TRAIN_EPISODES) --seed 0 \
 	  --noise 0.1 --noise-tau 0.5 --workers 2 --resume
 	$(VENV)/bin/mm-fusion train artifacts/demos --config config/sim.yaml --out $(POLICY) --epochs $(TRAIN_EPOCHS) \
-	  --batch-episodes 8 --chunk-ticks 120 --workers 2 --cache artifacts/dataset_cache --plot artifacts/train_loss.png
+	  --batch-episodes 8 --chunk-ticks 120 --workers 2 --cache artifacts/dataset_cache --plot artifacts/train_loss.png \
+	  --camera-pretrain-steps 3000 --camera-target-weight 1 --cue-target-weight 1 --keypoint-target-weight 1
 
 # Closed-loop evaluation of the shipped policy: 200 episodes on seeds 1000..1199 (none trained on).
 eval: $(STAMP)

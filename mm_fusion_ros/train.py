@@ -490,7 +490,8 @@ def _run_batch(model: nn.Module, net, batch: list[Episode], tc: TrainConfig, tar
                 task_err = ((located - c.task[..., :2]) ** 2).sum(dim=-1) * w
                 task_n = w.sum() * 2
                 loss = loss + tc.keypoint_target_weight * task_err.sum() / torch.clamp(task_n, min=1.0)
-            if objects is not None:
+            if objects is not None and c.objects.shape[-1] == objects.shape[-1]:
+                # (a cue read's locator without recordings that say where the buttons are: nothing to compare)
                 # Every tick that has a frame, whether or not modality dropout masked the camera for the policy.
                 w = (c.camera_index.view(objects.shape[:2]) > 0).float() * c.objects_valid.unsqueeze(1)
                 obj_err = ((objects - c.objects.unsqueeze(1)) ** 2).sum(dim=-1) * w

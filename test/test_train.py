@@ -514,7 +514,10 @@ def test_training_with_the_camera_target_reports_where_the_camera_puts_the_butto
                                                                                    tmp_path):
     _, off = trained
     assert all(np.isnan(off["history"]["val_camera_cm"]))
-    on = train([demos], cfg, TrainConfig(**QUICK, camera_target_weight=1.0), tmp_path / "cam.pt", cache=cache,
+    # The training-only probe is the camera target's without a cue read (which has its own locator).
+    plain = dataclasses.replace(cfg, model=dataclasses.replace(
+        cfg.model, fusion=dataclasses.replace(cfg.model.fusion, cue_objects=0)))
+    on = train([demos], plain, TrainConfig(**QUICK, camera_target_weight=1.0), tmp_path / "cam.pt", cache=cache,
                progress=False, log=_quiet)
     cm = on["history"]["val_camera_cm"]
     assert all(np.isfinite(cm)) and 0 < cm[0] < 100
@@ -582,8 +585,10 @@ def test_the_cue_target_is_the_named_button_and_trains_the_audio_path_alone(epis
     for prefix in ("camera.", "joint_state.", "cue_read.objects.", "action_head."):
         assert all(g is None or float(g.abs().sum()) == 0 for k, g in grads.items() if k.startswith(prefix)), prefix
     # Refused before any work: a weight without the read, the read without audio, a cell of another size.
+    without = dataclasses.replace(cfg, model=dataclasses.replace(
+        cfg.model, fusion=dataclasses.replace(cfg.model.fusion, cue_objects=0)))
     with pytest.raises(ConfigError, match="--cue-target-weight .*cue_objects"):
-        trained_config(cfg, TrainConfig(cue_target_weight=1.0))
+        trained_config(without, TrainConfig(cue_target_weight=1.0))
     cued = dataclasses.replace(cfg, model=m)
     with pytest.raises(ConfigError, match="--cue-target-weight .*audio"):
         trained_config(cued, TrainConfig(cue_target_weight=1.0, modalities=("camera", "imu", "lidar", "joint_state")))

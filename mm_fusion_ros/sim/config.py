@@ -110,7 +110,7 @@ class SimAudioConfig:
     sample_rate: int = 16000
     chunk_s: float = 0.02
     cue_start_s: float = 0.5      # first cue, after the episode starts
-    cue_period_s: float = 3.0     # the cue repeats
+    cue_period_s: float = 1.0     # the cue repeats; every 1 s audio window then holds some of it (README item 17)
     cue_s: float = 0.4
     cue_tones_hz: tuple[float, ...] = (500.0, 1100.0, 2300.0, 700.0, 1600.0, 3200.0)  # button k's tone
     cue_level: float = 0.25       # full scale
