@@ -575,7 +575,7 @@ PRETRAIN_BATCH = 64    # frames per camera pretraining step, each from a random 
 PRETRAIN_LR = 1e-3
 
 
-def pretrain_camera(net, probe: ObjectProbe, train_eps: Sequence[Episode], val_eps: Sequence[Episode], steps: int,
+def pretrain_camera(net, probe: ObjectLocator, train_eps: Sequence[Episode], val_eps: Sequence[Episode], steps: int,
                     rng: np.random.Generator, device, show: bool, log: Callable[[str], None]) -> tuple[float, float]:
     """Train the camera's layers and the probe alone to say where every button is, on frames drawn across
     all training episodes; returns the validation RMS error (cm) before and after.
@@ -644,6 +644,9 @@ def start_task_heads_at_the_mean(net, episodes: Sequence[Episode]) -> None:
         net.state_head.bias[:len(TASK_STATE)] = mean
         if net.keypoint_read is not None:
             net.keypoint_read.locate.bias.copy_(mean[:2])
+        objects = [e.objects for e in episodes if e.objects is not None]
+        if net.cue_read is not None and objects:   # every button's position: the cue read's locator
+            net.cue_read.objects.head.bias.copy_(torch.as_tensor(np.mean(objects, axis=0)))
 
 
 def train(bags: Sequence[str | Path], cfg: RobotConfig, tc: TrainConfig, out: str | Path, *,
@@ -688,9 +691,10 @@ def train(bags: Sequence[str | Path], cfg: RobotConfig, tc: TrainConfig, out: st
     if tc.cue_target_weight > 0 and not with_task:
         raise DatasetError("--cue-target-weight needs recordings that say which button the cue names (the "
                            "simulated cell's episode spec); none of these bags carries one")
-    if cfg.model.fusion.cue_objects and with_task and buttons_per_cell(episodes) != cfg.model.fusion.cue_objects:
+    buttons = buttons_per_cell(episodes) if cfg.model.fusion.cue_objects and with_task else 0
+    if buttons and buttons != cfg.model.fusion.cue_objects:
         raise DatasetError(f"model.fusion.cue_objects is {cfg.model.fusion.cue_objects} but the recordings' cell has "
-                           f"{buttons_per_cell(episodes)} buttons: set it to that")
+                           f"{buttons} buttons: set it to that")
     if with_task and cfg.model.fused_state_dim < len(TASK_STATE):
         raise TrainingError(f"model.fused_state_dim {cfg.model.fused_state_dim} cannot hold the task state's "
                             f"{len(TASK_STATE)} values ({', '.join(TASK_STATE)}); raise it or --task-state-weight 0")
@@ -722,13 +726,8 @@ def train(bags: Sequence[str | Path], cfg: RobotConfig, tc: TrainConfig, out: st
                               stats["action_mean"], stats["action_std"])
         if with_task:
             start_task_heads_at_the_mean(net, train_eps)
-    probe = None
+    probe = None   # the training-only ObjectProbe; a cue read has its own locator, which the camera target trains
     if net.cue_read is not None:
-        probe = net.cue_read.objects   # the policy's own locator: the camera target trains that one
-        if with_task and not tc.init:
-            with torch.no_grad():   # at the buttons' mean, as the task heads start at theirs
-                probe.head.bias.copy_(torch.as_tensor(np.mean([e.objects for e in train_eps if e.objects is not None],
-                                                              axis=0)))
         if tc.camera_target_weight > 0:
             log(f"train: the cue read's locator learns where the {cfg.model.fusion.cue_objects} buttons are from the "
                 f"camera's keypoints, weight {tc.camera_target_weight}")
@@ -745,12 +744,12 @@ def train(bags: Sequence[str | Path], cfg: RobotConfig, tc: TrainConfig, out: st
         log(f"train: the camera learns where the {buttons} buttons are from its keypoints, "
             f"weight {tc.camera_target_weight}")
         probe = probe.to(device)
-    in_net = probe is not None and net.cue_read is not None
+    locator = probe if probe is not None else net.cue_read.objects if net.cue_read is not None else None
     net = net.to(device)
     for e in episodes:
         e.weight = keyframe_weights(e, stats["action_std"], tc) if tc.keyframe_weight > 0 else None
     targets = (net.action_head.mean.detach().clone(), net.action_head.std.detach().clone())
-    params = list(net.parameters()) + (list(probe.parameters()) if probe is not None and not in_net else [])
+    params = list(net.parameters()) + (list(probe.parameters()) if probe is not None else [])
     optimizer = torch.optim.AdamW(params, lr=tc.lr, weight_decay=tc.weight_decay)
     history, best, best_epoch, start_epoch, best_state = History(), math.inf, -1, 0, None
     resume_path = out.with_name(out.name + RESUME_SUFFIX)
@@ -762,7 +761,7 @@ def train(bags: Sequence[str | Path], cfg: RobotConfig, tc: TrainConfig, out: st
             raise TrainingError(f"--resume: {resume_path} was written for other options or other bags; "
                                 "resume with the same command, or train afresh")
         net.load_state_dict(blob["state_dict"])
-        if probe is not None and not in_net:
+        if probe is not None:
             probe.load_state_dict(blob["object_probe"])
         optimizer.load_state_dict(blob["optimizer"])
         history = History(**blob["history"])
@@ -784,7 +783,7 @@ def train(bags: Sequence[str | Path], cfg: RobotConfig, tc: TrainConfig, out: st
         f"{','.join(cfg.model.modalities)}, {world} rank(s) on {device}")
     if tc.camera_pretrain_steps and start_epoch == 0:
         # Every rank draws the same frames (the seed's own generator), so their weights stay identical.
-        history.camera_pretrain_cm = list(pretrain_camera(net, probe, train_eps, val_eps, tc.camera_pretrain_steps,
+        history.camera_pretrain_cm = list(pretrain_camera(net, locator, train_eps, val_eps, tc.camera_pretrain_steps,
                                                           np.random.default_rng([tc.seed, 7]), device, show, log))
     epoch = start_epoch - 1
     for epoch in range(start_epoch, tc.epochs):
@@ -845,7 +844,7 @@ def train(bags: Sequence[str | Path], cfg: RobotConfig, tc: TrainConfig, out: st
                         "state_dict": net.state_dict(), "optimizer": optimizer.state_dict(),
                         "history": dataclasses.asdict(history), "best": best, "best_epoch": best_epoch,
                         "best_state": best_state, "epoch": epoch,
-                        "object_probe": probe.state_dict() if probe is not None and not in_net else None, "np_rng": rng.bit_generator.state,
+                        "object_probe": probe.state_dict() if probe is not None else None, "np_rng": rng.bit_generator.state,
                         "torch_rng": torch.get_rng_state()}, tmp)
             os.replace(tmp, resume_path)
             if plot:
