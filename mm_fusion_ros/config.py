@@ -200,6 +200,13 @@ class ActionConfig:
     names: tuple[str, ...] = DEFAULT_JOINTS
     lower: tuple[float, ...] = (-1.0,) * 7
     upper: tuple[float, ...] = (1.0,) * 7
+    # joint: the head says joint velocities. tool: it says the tool tip's twist (v, w; base frame), which
+    # damped least squares on the Panda's published kinematics turns into joint velocities inside the
+    # network (``model.kinematics.tool_twist_to_joints``); the output is joint velocities either way.
+    space: Literal["joint", "tool"] = "joint"
+    rest: tuple[float, ...] = ()       # tool: the posture the null space pulls towards (rad), one per DOF
+    null_gain: float = 0.5             # tool: 1/s, that pull
+    damping: float = 0.05              # tool: lambda of the damped least squares
 
     @property
     def dof(self) -> int:
@@ -215,6 +222,11 @@ class ActionConfig:
             _check(all(math.isfinite(v) for v in vals), f"{key}.{side}", f"values must be finite, got {list(vals)}")
         for i, (lo, hi) in enumerate(zip(self.lower, self.upper)):
             _check(lo < hi, f"{key}.lower", f"lower[{i}]={lo} must be below upper[{i}]={hi} ({self.names[i]})")
+        if self.space == "tool":
+            _check(len(self.rest) == len(self.names), f"{key}.rest",
+                   f"space tool needs the rest posture, one value per DOF ({len(self.names)}), got {len(self.rest)}")
+            _check(self.null_gain >= 0, f"{key}.null_gain", f"must be >= 0, got {self.null_gain}")
+            _check(self.damping > 0, f"{key}.damping", f"must be positive, got {self.damping}")
 
 
 @dataclass(frozen=True)
@@ -245,6 +257,9 @@ class ModelConfig:
                and len(set(self.modalities)) == len(self.modalities), f"{key}.modalities",
                f"must be distinct names from {list(MODALITIES)}, got {list(self.modalities)}")
         self.fusion.validate(f"{key}.fusion", self.encoder.hidden)
+        _check(self.action.space != "tool" or "joint_state" in self.modalities, f"{key}.action.space",
+               "tool turns the tool's twist into joint velocities at the measured joints: modalities must "
+               f"include joint_state, got {list(self.modalities)}")
         _check(self.fused_state_dim > 0, f"{key}.fused_state_dim", f"must be positive, got {self.fused_state_dim}")
 
 

@@ -142,6 +142,7 @@ def config_key(cfg: RobotConfig, label_topic: str) -> str:
     # modalities): ablations and strategies share one cache.
     shapes = {k: v for k, v in config_to_dict(cfg.model).items() if k in ("camera", "audio", "imu", "lidar", "action")}
     shapes["camera"] = {k: shapes["camera"][k] for k in ("height", "width")}   # the frames, not the CNN
+    shapes["action"] = {k: shapes["action"][k] for k in ("names",)}   # the labels, not what the head outputs
     h.update(json.dumps({"model": shapes, "inputs": config_to_dict(cfg.inputs),
                          "control_rate_hz": cfg.control_rate_hz, "ros_distro": cfg.ros_distro,
                          "label_topic": label_topic}, sort_keys=True).encode())

@@ -42,6 +42,7 @@ from torch import nn
 
 from .config import MODALITIES, ConfigError, RobotConfig, config_to_dict
 from .dataset import DEFAULT_LABEL_TOPIC, DatasetError, Episode, load_episodes
+from .model.kinematics import joints_to_tool_twist
 from .model.network import ObjectLocator
 from .sim.task_state import TASK_STATE, UNITS_PER_M, task_state, task_weight
 
@@ -215,6 +216,23 @@ def keyframe_weights(episode: Episode, action_std: np.ndarray, tc: TrainConfig) 
     return (1.0 + tc.keyframe_weight * near).astype(np.float32)
 
 
+def to_tool_space(episodes: Sequence[Episode], dof: int) -> None:
+    """The joint-velocity labels as the tool twists they give at the measured joints (``joints_to_tool_twist``),
+    for a tool-space head (``model.action.space: tool``); ticks without joint states lose their label.
+    The expert's null-space motion, which moves no tool, drops out: the head's own null-space pull stands
+    for it. The cache keeps the joint labels, so joint- and tool-space runs share one."""
+    js = MODALITIES.index("joint_state")
+    for e in episodes:
+        a = e.arrays
+        q = torch.from_numpy(np.asarray(a["joint_state"], np.float64)[:, :dof])
+        qdot = torch.from_numpy(np.asarray(a["action"], np.float64))
+        present = np.asarray(a["mask"])[:, js] > 0.5
+        arrays = dict(a)
+        arrays["action"] = joints_to_tool_twist(q, qdot).numpy().astype(np.float32) * present[:, None]
+        arrays["labelled"] = (np.asarray(a["labelled"]) * present).astype(np.asarray(a["labelled"]).dtype)
+        e.arrays = arrays
+
+
 def normalization(episodes: Sequence[Episode]) -> dict[str, np.ndarray]:
     """Mean and std of the IMU channels, the joint state and the labelled actions over the ticks
     where each was present."""
@@ -291,7 +309,7 @@ def make_chunk(episodes: Sequence[Episode], start: int, T: int, cfg) -> Chunk:
     joints = np.zeros((B, T, 2 * m.action.dof), np.float32)
     mask = np.zeros((B, T, len(MODALITIES)), np.float32)
     dt = np.full((B, T, 1), 0.01, np.float32)
-    action = np.zeros((B, T, m.action.dof), np.float32)
+    action = np.zeros((B, T, np.asarray(episodes[0].arrays["action"]).shape[1]), np.float32)   # joints or a twist
     valid = np.zeros((B, T), np.float32)
     task = np.zeros((B, T, len(TASK_STATE)), np.float32)
     task_valid = np.zeros((B, T), np.float32)
@@ -405,7 +423,8 @@ class SequenceModel(nn.Module):
         located, cue, objects = (x.view(B, T, -1) if x is not None else None for x in reads)
         if objects is None and self.objects is not None:
             objects = self.objects(keypoints.float()).view(B, T, -1)
-        return (net.action_head.normalized(fused).view(B, T, -1), net.state_head(fused).view(B, T, -1), state,
+        joints = net.measured_joints(c.joint_state, mask.flatten(0, 1))
+        return (net.action_head.normalized(fused, joints).view(B, T, -1), net.state_head(fused).view(B, T, -1), state,
                 located, cue, objects)
 
 
@@ -677,6 +696,8 @@ def train(bags: Sequence[str | Path], cfg: RobotConfig, tc: TrainConfig, out: st
     if world > 1 and rank == 0:
         torch.distributed.barrier()
     episodes = successful(episodes, tc.include_failures, log if rank == 0 else _silent)
+    if cfg.model.action.space == "tool":
+        to_tool_space(episodes, cfg.model.action.dof)
     train_eps, val_eps = split_episodes(episodes, tc.val_fraction)
     if world > 1 and len(train_eps) < world * tc.batch_episodes:
         raise DatasetError(f"{len(train_eps)} training episodes cannot give {world} ranks a batch of "

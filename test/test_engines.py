@@ -209,17 +209,20 @@ def test_onnxruntime_follows_the_joint_state_like_torch(robot, onnx_path, make_i
 
 
 @pytest.mark.parametrize("strategy", ["early", "late", "hierarchical", "bilinear", "adaptive", "hybrid+keypoints",
-                                      "hybrid+audio_keypoints", "hybrid+cue"])
+                                      "hybrid+audio_keypoints", "hybrid+cue", "hybrid+cue+tool"])
 def test_every_fusion_strategy_exports_flat_and_matches_torch(robot, tmp_path, strategy):
     """The default (hybrid) is covered above; each other strategy must export and run the same too, and
     so must the fused state's queries over the camera's keypoints (``+keypoints``: two of them) and the cue
-    read (``+cue``: three buttons, the Panda's kinematics inside the graph)."""
+    read (``+cue``: three buttons, the Panda's kinematics inside the graph) and the tool-space head (``+tool``:
+    the damped least squares inside the graph)."""
     cfg, _ = robot
-    name, _, extra = strategy.partition("+")
-    model_cfg = dataclasses.replace(cfg.model, fusion=dataclasses.replace(
-        cfg.model.fusion, strategy=name, keypoint_queries=2 if extra.endswith("keypoints") else 0,
-        keypoint_query_source="audio" if extra == "audio_keypoints" else "fused",
-        cue_objects=3 if extra == "cue" else 0))
+    name, *extras = strategy.split("+")
+    action = cfg.model.action if "tool" not in extras else dataclasses.replace(
+        cfg.model.action, space="tool", rest=(0.0, -0.785, 0.0, -2.356, 0.0, 1.571, 0.785))
+    model_cfg = dataclasses.replace(cfg.model, action=action, fusion=dataclasses.replace(
+        cfg.model.fusion, strategy=name, keypoint_queries=2 if any(e.endswith("keypoints") for e in extras) else 0,
+        keypoint_query_source="audio" if "audio_keypoints" in extras else "fused",
+        cue_objects=3 if "cue" in extras else 0))
     cfg = dataclasses.replace(cfg, model=model_cfg,
                               engine=dataclasses.replace(cfg.engine, artifact_dir=str(tmp_path)))
     model = build_model(model_cfg, seed=5)

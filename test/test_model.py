@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from mm_fusion_ros.config import MODALITIES, ModelConfig
+from mm_fusion_ros.sim.panda import READY_Q
 from mm_fusion_ros.model import (INPUT_NAMES, OUTPUT_NAMES, FusionNet, build_model, config_mismatch, input_specs,
                                  load_checkpoint, output_specs, save_checkpoint)
 
@@ -18,17 +19,20 @@ ATTENTION_STRATEGIES = ("hybrid", "hierarchical")
 
 # Every strategy, and one with queries over the camera's keypoints (KeypointRead) from the fused state,
 # one with them from the audio cell's state, and one with the cue read (CueRead, three buttons).
-VARIANTS = STRATEGIES + ("hybrid+keypoints", "hybrid+audio_keypoints", "hybrid+cue")
+VARIANTS = STRATEGIES + ("hybrid+keypoints", "hybrid+audio_keypoints", "hybrid+cue", "hybrid+cue+tool")
 
 
 def with_strategy(cfg: ModelConfig, strategy: str) -> ModelConfig:
     """``strategy``, or ``<strategy>+keypoints`` / ``+audio_keypoints`` for that strategy with two keypoint
-    queries from the fused state / from the audio cell's state, or ``+cue`` with a cue read of 3 buttons."""
-    name, _, extra = strategy.partition("+")
-    return dataclasses.replace(cfg, fusion=dataclasses.replace(
-        cfg.fusion, strategy=name, keypoint_queries=2 if extra.endswith("keypoints") else 0,
-        keypoint_query_source="audio" if extra == "audio_keypoints" else "fused",
-        cue_objects=3 if extra == "cue" else 0))
+    queries from the fused state / from the audio cell's state, ``+cue`` with a cue read of 3 buttons, and
+    ``+tool`` with a tool-space action head (at the Panda's ready pose as its rest posture)."""
+    name, *extras = strategy.split("+")
+    action = cfg.action if "tool" not in extras else dataclasses.replace(
+        cfg.action, space="tool", rest=tuple(float(x) for x in READY_Q))
+    return dataclasses.replace(cfg, action=action, fusion=dataclasses.replace(
+        cfg.fusion, strategy=name, keypoint_queries=2 if any(e.endswith("keypoints") for e in extras) else 0,
+        keypoint_query_source="audio" if "audio_keypoints" in extras else "fused",
+        cue_objects=3 if "cue" in extras else 0))
 
 
 @pytest.fixture(scope="module")
@@ -91,7 +95,8 @@ def test_forward_shapes_ranges_and_finiteness(models, strategy, make_inputs):
     model = models[strategy]
     assert model.cfg.fusion.strategy == strategy.partition("+")[0]
     assert (model.keypoint_read is not None) == strategy.endswith("keypoints")
-    assert (model.cue_read is not None) == strategy.endswith("+cue")
+    assert (model.cue_read is not None) == ("+cue" in strategy)
+    assert model.action_head.tool == strategy.endswith("+tool")
     for batch in (1, 3):
         inputs = make_inputs(model.cfg, 0, batch)
         for spec in input_specs(model.cfg, batch):
@@ -600,3 +605,76 @@ def test_the_cue_read_takes_which_button_from_the_audio_alone_and_where_from_the
             out_off_moved, _ = net.read_camera(fused_a, keypoints, off, state, moved)
             torch.testing.assert_close(out_off, out_off_moved, rtol=0, atol=0)   # nothing read
             torch.testing.assert_close(out_off, fused_a + net.cue_read.out.bias, rtol=0, atol=1e-6)
+
+
+def test_the_tool_space_heads_kinematics_are_the_published_panda():
+    """The tool-space head's Jacobian is the tool tip's derivative (central differences of the published
+    kinematics), its Cholesky solve is a linear solve, and its joint velocities are the damped least squares
+    with the exact null-space projector, computed in numpy; with almost no damping they give the tool the
+    twist asked for, whatever the null-space pull."""
+    from mm_fusion_ros.model.kinematics import (joints_to_tool_twist, panda_tool_jacobian, panda_tool_tip, spd_solve,
+                                                tool_twist_to_joints)
+    rng = np.random.default_rng(3)
+    q = torch.tensor(READY_Q + rng.normal(0, 0.3, (16, 7)))
+    J, tip, _ = panda_tool_jacobian(q)
+    np.testing.assert_allclose(tip.numpy(), panda_tool_tip(q).numpy(), atol=1e-12)
+    h = 1e-6
+    for i in range(7):
+        dq = torch.zeros(7, dtype=q.dtype)
+        dq[i] = h
+        fd = (panda_tool_tip(q + dq) - panda_tool_tip(q - dq)) / (2 * h)
+        np.testing.assert_allclose(J[:, :3, i].numpy(), fd.numpy(), atol=1e-7)
+    np.testing.assert_allclose(torch.linalg.norm(J[:, 3:], dim=1).numpy(), 1.0, atol=1e-12)   # unit joint axes
+    A = torch.tensor(rng.normal(size=(16, 6, 6)))
+    A = A @ A.transpose(1, 2) + 0.1 * torch.eye(6, dtype=A.dtype)
+    b = torch.tensor(rng.normal(size=(16, 6)))
+    np.testing.assert_allclose(spd_solve(A, b).numpy(), torch.linalg.solve(A, b).numpy(), atol=1e-9)
+    twist = torch.tensor(rng.normal(0, 0.1, (16, 6)))
+    rest = torch.tensor(READY_Q).unsqueeze(0)
+    qdot = tool_twist_to_joints(q, twist, rest, 0.5, 0.05).numpy()
+    for k in range(16):
+        Jk = J[k].numpy()
+        want = (Jk.T @ np.linalg.solve(Jk @ Jk.T + 0.05 ** 2 * np.eye(6), twist[k].numpy())
+                + (np.eye(7) - np.linalg.pinv(Jk) @ Jk) @ (0.5 * (READY_Q - q[k].numpy())))
+        np.testing.assert_allclose(qdot[k], want, atol=2e-5)   # the projector carries 1e-6 of damping
+    exact = tool_twist_to_joints(q, twist, rest, 0.5, 1e-5)
+    np.testing.assert_allclose(joints_to_tool_twist(q, exact).numpy(), twist.numpy(), atol=1e-5)
+    assert float((exact - tool_twist_to_joints(q, twist, rest, 0.0, 1e-5)).abs().max()) > 1e-3   # the pull moves joints
+
+
+def test_a_tool_space_head_commands_what_it_says_and_stays_in_range(models, make_inputs):
+    """``action.space: tool``: the joint velocities are the head's twist through the damped least squares at
+    the measured joints, scaled as a whole (direction kept) into the action range."""
+    from mm_fusion_ros.model.kinematics import joints_to_tool_twist, tool_twist_to_joints
+    net = models["hybrid+cue+tool"]
+    inputs = make_inputs(net.cfg, 4, 2)
+    q = torch.tensor(READY_Q, dtype=torch.float32).repeat(2, 1) + 0.1
+    inputs["joint_state"][:, :7] = q
+    inputs["mask"][:] = 1.0
+    head = net.action_head
+    fused = torch.randn(2, net.cfg.encoder.hidden)
+    with torch.no_grad():
+        twist = head.mean + head.std * head.normalized(fused, q)
+        want = tool_twist_to_joints(q, twist, head.rest, head.null_gain, head.damping)
+        np.testing.assert_allclose(head(fused, q).numpy(), want.numpy(), atol=1e-6)
+        head.std.mul_(100.0)   # a twist far beyond what the joints may do
+        fast = tool_twist_to_joints(q, head.mean + head.std * head.normalized(fused, q), head.rest, head.null_gain,
+                                    head.damping)
+        out = head(fused, q)
+        head.std.div_(100.0)
+    assert float(out.abs().max()) == pytest.approx(1.0, abs=1e-5)   # the range is [-1, 1]: the fastest joint at it
+    np.testing.assert_allclose((out / out.norm(dim=-1, keepdim=True)).numpy(),
+                               (fast / fast.norm(dim=-1, keepdim=True)).numpy(), atol=1e-5)
+    assert joints_to_tool_twist(q, out).abs().max() > 0
+
+
+def test_a_tool_space_action_needs_its_rest_posture_and_the_joint_states():
+    from mm_fusion_ros.config import ActionConfig, ConfigError
+    with pytest.raises(ConfigError, match="rest"):
+        ActionConfig(space="tool").validate("model.action")
+    with pytest.raises(ConfigError, match="damping"):
+        ActionConfig(space="tool", rest=tuple(READY_Q), damping=0.0).validate("model.action")
+    cfg = ModelConfig(action=ActionConfig(space="tool", rest=tuple(float(x) for x in READY_Q)),
+                      modalities=("camera", "audio", "imu", "lidar"))
+    with pytest.raises(ConfigError, match="joint_state"):
+        cfg.validate("model")

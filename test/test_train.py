@@ -612,3 +612,33 @@ def test_training_the_cue_read_reports_how_often_the_belief_names_the_cued_butto
     with pytest.raises(DatasetError, match="cue_objects is 2 but the recordings' cell has 3 buttons"):
         train([demos], two, TrainConfig(**QUICK, cue_target_weight=1.0), tmp_path / "two.pt", cache=cache,
               progress=False, log=_quiet)
+
+
+def test_tool_space_labels_are_the_twists_the_experts_joint_velocities_give():
+    """``to_tool_space``: each labelled tick's joint velocities become J(q) qdot at that tick's measured joints,
+    in the tool-space head's units; ticks without joint states lose their label; the cached arrays (which a
+    joint-space run shares) are not written to."""
+    from mm_fusion_ros.dataset import Episode
+    from mm_fusion_ros.model.kinematics import tool_twist_to_joints
+    from mm_fusion_ros.sim.panda import READY_Q
+    from mm_fusion_ros.train import to_tool_space
+    rng = np.random.default_rng(0)
+    T = 20
+    q = READY_Q + rng.normal(0, 0.2, (T, 7))
+    twist = rng.normal(0, 0.05, (T, 6))
+    # Joint velocities that give exactly these twists (almost no damping) plus a null-space motion.
+    qdot = tool_twist_to_joints(torch.tensor(q), torch.tensor(twist), torch.tensor(READY_Q + 0.5)[None], 1.0,
+                                1e-5).numpy()
+    mask = np.ones((T, len(MODALITIES)), np.float32)
+    mask[5, MODALITIES.index("joint_state")] = 0.0
+    arrays = {"joint_state": np.concatenate([q, np.zeros_like(q)], axis=1).astype(np.float32),
+              "action": qdot.astype(np.float32), "labelled": np.ones(T, np.float32), "mask": mask}
+    cached = {k: v.copy() for k, v in arrays.items()}
+    e = Episode("e", "k", arrays, {})
+    to_tool_space([e], 7)
+    assert e.arrays["action"].shape == (T, 6)
+    keep = np.arange(T) != 5
+    np.testing.assert_allclose(e.arrays["action"][keep], twist[keep], atol=2e-4)   # float32 joints
+    assert e.arrays["labelled"][5] == 0 and e.arrays["labelled"][keep].all()
+    for k in cached:
+        np.testing.assert_array_equal(arrays[k], cached[k])

@@ -12,6 +12,8 @@ import torch
 
 from ..sim.panda import FLANGE_D, MDH, TIP_RADIUS, TOOL_LENGTH
 
+TOOL_FEATURES = 12   # tool_pose_features: the tip (3) and the rotation matrix (9)
+
 
 def _mdh(a: float, d: float, alpha: float, q: torch.Tensor) -> torch.Tensor:
     """Craig's RotX(alpha) TransX(a) RotZ(q) TransZ(d) for a batch of angles (B,) -> (B, 4, 4)."""
@@ -34,3 +36,88 @@ def panda_tool_tip(q: torch.Tensor) -> torch.Tensor:
         T = torch.matmul(T, _mdh(a, d, alpha, q[:, i]))
     reach = FLANGE_D + TOOL_LENGTH + TIP_RADIUS
     return T[:, :3, 3] + T[:, :3, 2] * reach   # TransZ(reach) from the last joint's frame
+
+
+def panda_tool_pose(q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(B, 7) -> the tool tip (B, 3), the tool's rotation (B, 3, 3), and every joint's origin (B, 7, 3) and
+    axis (B, 7, 3), all in the base frame (m). In Craig's convention joint i turns about its own frame's z."""
+    T = None
+    origins, axes = [], []
+    for (a, d, alpha), i in zip(MDH, range(7)):
+        step = _mdh(a, d, alpha, q[:, i])
+        T = step if T is None else torch.matmul(T, step)
+        origins.append(T[:, :3, 3])
+        axes.append(T[:, :3, 2])
+    reach = FLANGE_D + TOOL_LENGTH + TIP_RADIUS
+    tip = T[:, :3, 3] + T[:, :3, 2] * reach
+    return tip, T[:, :3, :3], torch.stack(origins, dim=1), torch.stack(axes, dim=1)
+
+
+def panda_tool_jacobian(q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(B, 7) -> the geometric Jacobian of the tool tip (B, 6, 7): rows v (m/s) then w (rad/s) per rad/s of
+    each joint; and the tip (B, 3) and the tool's rotation (B, 3, 3) it was taken at."""
+    tip, rot, origins, axes = panda_tool_pose(q)
+    r = tip.unsqueeze(1) - origins
+    z = axes
+    # z_i x (p - o_i), by components: torch.linalg.cross has no ONNX export.
+    linear = torch.stack([z[..., 1] * r[..., 2] - z[..., 2] * r[..., 1], z[..., 2] * r[..., 0] - z[..., 0] * r[..., 2],
+                          z[..., 0] * r[..., 1] - z[..., 1] * r[..., 0]], dim=-1)   # (B, 7, 3)
+    return torch.cat([linear, axes], dim=-1).transpose(1, 2), tip, rot
+
+
+def spd_solve(A: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """x with A x = b for a batch of small symmetric positive definite A (B, n, n), b (B, n): Cholesky,
+    unrolled over n. Written out because ONNX has no linear-solve or inverse operator (torch.linalg.solve
+    does not export), and n = 6 here: 21 square roots and divisions per tick."""
+    n = A.shape[-1]
+    L = [[None] * n for _ in range(n)]
+    for j in range(n):
+        s = A[:, j, j] - sum(L[j][k] * L[j][k] for k in range(j)) if j else A[:, j, j]
+        L[j][j] = torch.sqrt(s)
+        for i in range(j + 1, n):
+            s = A[:, i, j] - sum(L[i][k] * L[j][k] for k in range(j)) if j else A[:, i, j]
+            L[i][j] = s / L[j][j]
+    y = [None] * n
+    for i in range(n):   # L y = b
+        s = b[:, i] - sum(L[i][k] * y[k] for k in range(i)) if i else b[:, i]
+        y[i] = s / L[i][i]
+    x = [None] * n
+    for i in reversed(range(n)):   # L^T x = y
+        s = y[i] - sum(L[k][i] * x[k] for k in range(i + 1, n)) if i < n - 1 else y[i]
+        x[i] = s / L[i][i]
+    return torch.stack(x, dim=-1)
+
+
+def tool_twist_to_joints(q: torch.Tensor, twist: torch.Tensor, rest: torch.Tensor, null_gain: float,
+                         damping: float) -> torch.Tensor:
+    """Joint velocities (B, 7) for a tool twist (B, 6: v in m/s, w in rad/s, base frame, at the tool tip):
+    damped least squares, ``J^T (J J^T + damping^2 I)^-1 twist``, plus ``null_gain * (rest - q)`` projected
+    into the Jacobian's null space, so that the elbow keeps to the rest posture without moving the tool.
+
+    The operational-space controller every Cartesian teleoperation and servo interface runs (MoveIt
+    Servo, Franka's Cartesian velocity interface), inside the network: the policy says where the tool
+    should go, and the arm's kinematics, which it need not learn, say how the joints get it there."""
+    J, _, _ = panda_tool_jacobian(q)
+    Jt = J.transpose(1, 2)
+    JJt = torch.matmul(J, Jt)
+    eye = torch.eye(6, dtype=q.dtype, device=q.device).unsqueeze(0)
+    qdot = torch.matmul(Jt, spd_solve(JJt + damping ** 2 * eye, twist).unsqueeze(-1)).squeeze(-1)
+    pull = null_gain * (rest - q)
+    # (I - J^+ J) pull with J^+ = J^T (J J^T)^-1; a hair of damping keeps it finite at a singularity.
+    along = torch.matmul(Jt, spd_solve(JJt + 1e-6 * eye, torch.matmul(J, pull.unsqueeze(-1)).squeeze(-1))
+                         .unsqueeze(-1)).squeeze(-1)
+    return qdot + pull - along
+
+
+def tool_pose_features(q: torch.Tensor, units_per_m: float) -> torch.Tensor:
+    """(B, 7) -> (B, 12): the tool tip (in ``units_per_m``) and its rotation matrix, row by row: what a policy
+    acting in tool space needs to know of the arm (an orientation error is linear in the matrix)."""
+    tip, rot, _, _ = panda_tool_pose(q)
+    return torch.cat([tip * units_per_m, rot.flatten(1)], dim=-1)
+
+
+def joints_to_tool_twist(q: torch.Tensor, qdot: torch.Tensor) -> torch.Tensor:
+    """(B, 7), (B, 7) -> the tool twist (B, 6) those joint velocities give: J(q) qdot. Training turns the
+    expert's joint-velocity labels into the tool-space head's targets with it."""
+    J, _, _ = panda_tool_jacobian(q)
+    return torch.matmul(J, qdot.unsqueeze(-1)).squeeze(-1)
