@@ -204,7 +204,8 @@ class ActionConfig:
     # damped least squares on the Panda's published kinematics turns into joint velocities inside the
     # network (``model.kinematics.tool_twist_to_joints``); the output is joint velocities either way.
     space: Literal["joint", "tool"] = "joint"
-    rest: tuple[float, ...] = ()       # tool: the posture the null space pulls towards (rad), one per DOF
+    # tool: the posture the null space pulls towards (rad), one per DOF; the Panda's ready pose by default
+    rest: tuple[float, ...] = (0.0, -math.pi / 4, 0.0, -3 * math.pi / 4, 0.0, math.pi / 2, math.pi / 4)
     null_gain: float = 0.5             # tool: 1/s, that pull
     damping: float = 0.05              # tool: lambda of the damped least squares
 
@@ -224,7 +225,7 @@ class ActionConfig:
             _check(lo < hi, f"{key}.lower", f"lower[{i}]={lo} must be below upper[{i}]={hi} ({self.names[i]})")
         if self.space == "tool":
             _check(len(self.rest) == len(self.names), f"{key}.rest",
-                   f"space tool needs the rest posture, one value per DOF ({len(self.names)}), got {len(self.rest)}")
+                   f"space tool needs a rest posture, one value per DOF ({len(self.names)}), got {len(self.rest)}")
             _check(self.null_gain >= 0, f"{key}.null_gain", f"must be >= 0, got {self.null_gain}")
             _check(self.damping > 0, f"{key}.damping", f"must be positive, got {self.damping}")
 

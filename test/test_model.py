@@ -671,7 +671,7 @@ def test_a_tool_space_head_commands_what_it_says_and_stays_in_range(models, make
 def test_a_tool_space_action_needs_its_rest_posture_and_the_joint_states():
     from mm_fusion_ros.config import ActionConfig, ConfigError
     with pytest.raises(ConfigError, match="rest"):
-        ActionConfig(space="tool").validate("model.action")
+        ActionConfig(space="tool", rest=(0.0, 0.0, 0.0)).validate("model.action")
     with pytest.raises(ConfigError, match="damping"):
         ActionConfig(space="tool", rest=tuple(READY_Q), damping=0.0).validate("model.action")
     cfg = ModelConfig(action=ActionConfig(space="tool", rest=tuple(float(x) for x in READY_Q)),
