@@ -31,11 +31,7 @@ def _mdh(a: float, d: float, alpha: float, q: torch.Tensor) -> torch.Tensor:
 
 def panda_tool_tip(q: torch.Tensor) -> torch.Tensor:
     """(B, 7) joint positions (rad) -> (B, 3) the tool tip (what touches a button) in the base frame (m)."""
-    T = _mdh(*MDH[0], q[:, 0])
-    for (a, d, alpha), i in zip(MDH[1:], range(1, 7)):
-        T = torch.matmul(T, _mdh(a, d, alpha, q[:, i]))
-    reach = FLANGE_D + TOOL_LENGTH + TIP_RADIUS
-    return T[:, :3, 3] + T[:, :3, 2] * reach   # TransZ(reach) from the last joint's frame
+    return panda_tool_pose(q)[0]
 
 
 def panda_tool_pose(q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
