@@ -419,12 +419,13 @@ class SequenceModel(nn.Module):
             states.append(state)
         states = torch.stack(states, dim=1).flatten(0, 1)
         fused, _, _ = net.fusion(states, mask.flatten(0, 1))
-        fused, reads = net.read_camera(fused, keypoints.float(), mask.flatten(0, 1), states, c.joint_state)
+        joints = net.measured_joints(c.joint_state, mask.flatten(0, 1))
+        pose = None if joints is None else net.action_head.arm_pose(joints)   # as FusionNet.forward: once
+        fused, reads = net.read_camera(fused, keypoints.float(), mask.flatten(0, 1), states, c.joint_state, pose)
         located, cue, objects = (x.view(B, T, -1) if x is not None else None for x in reads)
         if objects is None and self.objects is not None:
             objects = self.objects(keypoints.float()).view(B, T, -1)
-        joints = net.measured_joints(c.joint_state, mask.flatten(0, 1))
-        return (net.action_head.normalized(fused, joints).view(B, T, -1), net.state_head(fused).view(B, T, -1), state,
+        return (net.action_head.normalized(fused, joints, pose).view(B, T, -1), net.state_head(fused).view(B, T, -1), state,
                 located, cue, objects)
 
 

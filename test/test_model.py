@@ -678,3 +678,35 @@ def test_a_tool_space_action_needs_its_rest_posture_and_the_joint_states():
                       modalities=("camera", "audio", "imu", "lidar"))
     with pytest.raises(ConfigError, match="joint_state"):
         cfg.validate("model")
+
+
+def test_the_kinematics_run_once_a_tick_and_say_what_running_them_per_reader_said(models):
+    """FusionNet.forward runs the Panda's kinematics once (the tool-space head's float64 ``arm_pose``) for both
+    the cue read's tool offset and the head: the same outputs as each computing its own, whichever inputs are
+    masked (with the camera or audio masked the cue read's tip is then the real arm's, not the zero pose's,
+    and must still read nothing)."""
+    net = models["hybrid+cue+tool"]
+    M, D = len(MODALITIES), net.cfg.encoder.hidden
+    torch.manual_seed(1)
+    state = torch.randn(3, M, D)
+    keypoints = torch.rand(3, net.camera.keypoints, 2) * 2 - 1
+    joint_state = torch.zeros(3, 2 * net.cfg.action.dof)
+    joint_state[:, :7] = torch.tensor(READY_Q, dtype=torch.float32) + torch.randn(3, 7) * 0.3
+    fused = torch.randn(3, D)
+    for off in (None, "camera", "audio", "joint_state"):
+        mask = torch.ones(3, M)
+        if off:
+            mask[:, MODALITIES.index(off)] = 0
+        with torch.no_grad():
+            joints = net.measured_joints(joint_state, mask)
+            pose = net.action_head.arm_pose(joints)
+            shared, reads = net.read_camera(fused, keypoints, mask, state, joint_state, pose)
+            own, own_reads = net.read_camera(fused, keypoints, mask, state, joint_state)
+            torch.testing.assert_close(shared, own, rtol=0, atol=1e-5, msg=f"masked: {off}")
+            torch.testing.assert_close(reads.located, own_reads.located, rtol=0, atol=0)
+            torch.testing.assert_close(net.action_head(shared, joints, pose), net.action_head(shared, joints),
+                                       rtol=0, atol=0)
+            if off is None:   # all present: the tool's offset is read, so the shared tip is really used
+                moved = net.action_head.arm_pose(joints + 0.3)
+                assert float((net.read_camera(fused, keypoints, mask, state, joint_state, moved)[0]
+                              - shared).abs().max()) > 1e-4

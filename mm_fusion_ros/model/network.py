@@ -26,7 +26,7 @@ from torch import nn
 from ..config import MODALITIES, ActionConfig, ModelConfig, config_to_dict, model_config_from_dict
 from ..sim.task_state import UNITS_PER_M
 from .fusion import make_fusion
-from .kinematics import TOOL_FEATURES, panda_tool_tip, tool_pose_features, tool_twist_to_joints
+from .kinematics import TOOL_FEATURES, PandaPose, panda_tool_pose, tool_pose_features, tool_twist_to_joints
 from .liquid import CfCCells
 from .preprocess import AudioEncoder, CameraEncoder, ImuEncoder, JointStateEncoder, LidarEncoder
 from .spiking import LeakyIntegrateFire
@@ -111,19 +111,28 @@ class ActionHead(nn.Module):
             self.register_buffer("mean", 0.5 * (lower + upper))
             self.register_buffer("std", 0.25 * (upper - lower))
 
-    def normalized(self, fused: torch.Tensor, joints: torch.Tensor | None = None) -> torch.Tensor:
-        """The standardised output; ``joints`` (B, dof), the measured positions, in tool space only."""
+    def normalized(self, fused: torch.Tensor, joints: torch.Tensor | None = None,
+                   pose: PandaPose | None = None) -> torch.Tensor:
+        """The standardised output; ``joints`` (B, dof), the measured positions, in tool space only, and
+        ``pose``, their ``arm_pose`` where the caller has it."""
         if self.tool:
-            fused = torch.cat([fused, tool_pose_features(joints, UNITS_PER_M)], dim=-1)
+            fused = torch.cat([fused, tool_pose_features(joints, UNITS_PER_M, pose)], dim=-1)
         return self.mlp(fused)
 
-    def forward(self, fused: torch.Tensor, joints: torch.Tensor | None = None) -> torch.Tensor:
-        out = self.mean + self.std * self.normalized(fused, joints)
+    def arm_pose(self, joints: torch.Tensor) -> PandaPose:
+        """The kinematics a tool-space head works from, in float64: the null-space projector solves with
+        J J^T almost undamped, where float32's rounding (torch and ONNX Runtime round differently) reached
+        5e-4 rad/s (measured)."""
+        return panda_tool_pose(joints.double())
+
+    def forward(self, fused: torch.Tensor, joints: torch.Tensor | None = None,
+                pose: PandaPose | None = None) -> torch.Tensor:
+        if self.tool and pose is None:
+            pose = self.arm_pose(joints)
+        out = self.mean + self.std * self.normalized(fused, joints, pose)
         if self.tool:
-            # In float64: the null-space projector solves with J J^T almost undamped, where float32's rounding
-            # (torch and ONNX Runtime round differently) reached 5e-4 rad/s (measured).
             out = tool_twist_to_joints(joints.double(), out.double(), self.rest.double(), self.null_gain,
-                                       self.damping).to(fused.dtype)
+                                       self.damping, pose).to(fused.dtype)
             over = torch.maximum(out / self.upper, out / self.lower).amax(dim=-1, keepdim=True)
             out = out / torch.clamp(over, min=1.0)
         return torch.clamp(out, min=self.lower, max=self.upper)
@@ -203,14 +212,19 @@ class CueRead(nn.Module):
         self.out = nn.Linear(objects + 3, dim)
 
     def forward(self, fused: torch.Tensor, keypoints: torch.Tensor, audio_state: torch.Tensor,
-                joint_positions: torch.Tensor, present: torch.Tensor) -> tuple[torch.Tensor, CameraReads]:
+                joint_positions: torch.Tensor, present: torch.Tensor,
+                tip: torch.Tensor | None = None) -> tuple[torch.Tensor, CameraReads]:
+        """``tip``: the tool tip (m) at ``joint_positions`` where the caller has it (any value where
+        ``present`` is off: nothing is read then)."""
         objects = self.objects(keypoints)
         logits = self.cue(audio_state)
         belief = torch.softmax(logits, dim=-1)
         located = torch.matmul(belief.unsqueeze(1), objects.view(-1, self.n, 2)).squeeze(1)
         # A masked sensor's data may be anything, NaN included, and NaN * 0 is NaN: select, do not multiply.
         keep = present > 0.5
-        tip = panda_tool_tip(torch.where(keep, joint_positions, torch.zeros_like(joint_positions))) * UNITS_PER_M
+        if tip is None:
+            tip = panda_tool_pose(torch.where(keep, joint_positions, torch.zeros_like(joint_positions))).tip
+        tip = tip.to(fused.dtype) * UNITS_PER_M
         read = torch.cat([located - tip[:, :2], tip[:, 2:3], belief], dim=-1)
         read = torch.where(keep, read, torch.zeros_like(read))
         return fused + self.out(read), CameraReads(located, logits, objects)
@@ -262,8 +276,10 @@ class FusionNet(nn.Module):
         rates = self.lif(currents)  # every modality's LIF layer at once
         new_state = self.recur(rates, mask, dt, state)
         fused, attention, contribution = self.fusion(new_state, mask)
-        fused, _ = self.read_camera(fused, keypoints, mask, new_state, joint_state)
-        return (self.action_head(fused, self.measured_joints(joint_state, mask)), self.state_head(fused), new_state,
+        joints = self.measured_joints(joint_state, mask)
+        pose = None if joints is None else self.action_head.arm_pose(joints)   # once a tick, for both
+        fused, _ = self.read_camera(fused, keypoints, mask, new_state, joint_state, pose)
+        return (self.action_head(fused, joints, pose), self.state_head(fused), new_state,
                 attention, contribution, frames)
 
     def measured_joints(self, joint_state: torch.Tensor, mask: torch.Tensor) -> torch.Tensor | None:
@@ -276,9 +292,11 @@ class FusionNet(nn.Module):
         return torch.where(mask[:, i:i + 1] > 0.5, q, torch.zeros_like(q))
 
     def read_camera(self, fused: torch.Tensor, keypoints: torch.Tensor, mask: torch.Tensor, state: torch.Tensor,
-                    joint_state: torch.Tensor) -> tuple[torch.Tensor, CameraReads]:
+                    joint_state: torch.Tensor, pose: PandaPose | None = None) -> tuple[torch.Tensor, CameraReads]:
         """The fused vector plus what is read off the camera's keypoints (``KeypointRead`` or ``CueRead``),
-        and what training supervises of it. ``joint_state``: the raw (B, 2 dof) input, positions first."""
+        and what training supervises of it. ``joint_state``: the raw (B, 2 dof) input, positions first;
+        ``pose``: the tool-space head's ``arm_pose`` of ``measured_joints``, where there is one (the cue read
+        uses its tip rather than running the kinematics again)."""
         if self.cue_read is None:
             fused, located = self.read_keypoints_located(fused, keypoints, mask, state)
             return fused, CameraReads(located, None, None)
@@ -287,7 +305,8 @@ class FusionNet(nn.Module):
             i = MODALITIES.index(name)
             present = present * mask[:, i:i + 1]
         audio = state[:, MODALITIES.index("audio")]
-        return self.cue_read(fused, keypoints, audio, joint_state[:, :self.cfg.action.dof], present)
+        return self.cue_read(fused, keypoints, audio, joint_state[:, :self.cfg.action.dof], present,
+                             None if pose is None else pose.tip)
 
     def read_keypoints(self, fused: torch.Tensor, keypoints: torch.Tensor, mask: torch.Tensor,
                        state: torch.Tensor) -> torch.Tensor:
