@@ -9,7 +9,7 @@ STAMP := $(VENV)/.installed
 export ROS_AUTOMATIC_DISCOVERY_RANGE := LOCALHOST
 export ROS_DOMAIN_ID ?= 42
 
-.PHONY: setup demo demo-sim train eval test bench bench-live bench-sim bench-remote clean
+.PHONY: setup demo demo-sim train eval test bench bench-live bench-estop bench-sim bench-remote clean
 
 setup: $(STAMP)
 
@@ -69,6 +69,10 @@ bench: $(STAMP)
 # The live loop for 5 minutes: ticks over budget, p99 tick time, camera transport, lost messages.
 bench-live: $(STAMP)
 	$(PY) bench/live_loop.py --config config/robot.yaml --duration 300 --out artifacts/bench_live.json --plot artifacts/bench_live.png
+
+# E-stop over DDS: press -> fusion_node latched -> first command at rest, 30 presses in the live pipeline.
+bench-estop: $(STAMP)
+	$(PY) bench/estop_latency.py --presses 30 --out artifacts/bench_estop.json
 
 # The simulated cell: real-time factor, scripted-expert success over 200 episodes, recording throughput.
 bench-sim: $(STAMP)

@@ -214,10 +214,12 @@ def make_fusion(context, engine, **overrides):
 
 def test_slow_inference_does_not_lose_sensor_messages(context):
     cfg = load_config(ROBOT_YAML)
-    engine = FakeEngine(cfg.model, delay_s=0.05)
-    # Shallow queues: had inference run on the intake thread, a 50 ms tick would overflow them.
-    node = make_fusion(context, engine, **{"inputs.imu.depth": 3, "inputs.camera.depth": 1,
-                                           "inputs.lidar.depth": 1, "inputs.joint_state.depth": 3})
+    engine = FakeEngine(cfg.model, delay_s=0.2)
+    # Queues that a 200 ms tick on the intake thread would overflow (40 IMU samples, 6-7 frames, 2 scans,
+    # 20 joint states arrive meanwhile), but deep enough to ride out the intake thread being scheduled late
+    # for up to ~90 ms on a loaded machine, which is not what this test is about.
+    node = make_fusion(context, engine, **{"inputs.imu.depth": 20, "inputs.camera.depth": 3,
+                                           "inputs.lidar.depth": 1, "inputs.joint_state.depth": 10})
     node.spin_in_background()
     talker = rclpy.create_node("talker", context=context)
     pubs = {"imu": talker.create_publisher(Imu, cfg.inputs.imu.topic, 200),
@@ -246,15 +248,28 @@ def test_slow_inference_does_not_lose_sensor_messages(context):
         assert wait_until(lambda: dict(node.received) == sent, timeout=5.0), (dict(node.received), sent)
         assert dict(node.accepted) == sent and not node.bad
         ticks = node.tick_s.values()
-        assert engine.calls >= 10 and (ticks >= 0.05).all()  # inference really took 50 ms per tick meanwhile
+        assert engine.calls >= 5 and (ticks >= 0.2).all()   # inference really took 200 ms per tick meanwhile
     finally:
         node.close()
         talker.destroy_node()
 
 
-def test_dry_run_estop_within_one_tick_and_enable(context):
+def test_dry_run_estop_from_the_next_tick_and_enable(context):
     cfg = load_config(ROBOT_YAML)
     node = make_fusion(context, FakeEngine(cfg.model, action=0.5), **{"inputs.required": ["imu"]})
+    # When the node has latched the e-stop (on its node clock, the clock the command stamps are on). Every
+    # tick stamped after it ran after it (a tick runs at or after its place on the grid), so it must be at
+    # rest: a causal bound that holds however loaded the machine is. How long the Bool takes to cross DDS is
+    # a timing figure, measured by bench/estop_latency.py, not asserted here.
+    latched_at: list[float] = []
+    runtime_estop = node.runtime.estop
+
+    def estop_then_note_the_time(active: bool) -> None:
+        runtime_estop(active)
+        if active and not latched_at:
+            latched_at.append(node.get_clock().now().nanoseconds * 1e-9)
+
+    node.runtime.estop = estop_then_note_the_time
     node.spin_in_background()
     io = rclpy.create_node("io", context=context)
     commands, previews, actions = [], [], []
@@ -297,12 +312,12 @@ def test_dry_run_estop_within_one_tick_and_enable(context):
         t_estop = now_s(io)
         estop.publish(Bool(data=True))
         period = 1.0 / cfg.control_rate_hz
-        assert wait_until(lambda: commands[-1][0] > t_estop + 5 * period)
-        after = [(t, v) for t, v in commands if t > t_estop]
-        # In-process the e-stop arrives well within a tick: the first tick after it is already at rest.
-        first_zero = next(t for t, v in after if not any(v))
-        assert first_zero - t_estop <= period + 0.002
-        assert all(not any(v) for t, v in after if t >= first_zero)
+        assert wait_until(lambda: latched_at and commands[-1][0] > latched_at[0] + 5 * period)
+        assert latched_at[0] >= t_estop
+        after = [(t, v) for t, v in commands if t > latched_at[0]]
+        assert len(after) >= 5   # the node kept ticking, ...
+        moving = [(round(t - latched_at[0], 4), v) for t, v in after if any(v)]
+        assert not moving, f"commands from ticks after the e-stop was latched: {moving[:3]}"   # ... at rest
         # Released button: still latched; the enable service refuses while asserted, accepts after.
         assert not call_enable(True).success
         estop.publish(Bool(data=False))

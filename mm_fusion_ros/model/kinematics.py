@@ -116,7 +116,7 @@ def tool_twist_to_joints(q: torch.Tensor, twist: torch.Tensor, rest: torch.Tenso
     Jt = J.transpose(1, 2)
     JJt = torch.matmul(J, Jt)
     eye = torch.eye(6, dtype=q.dtype, device=q.device).unsqueeze(0)
-    pull = null_gain * (rest - q).expand_as(q)
+    pull = null_gain * (rest - q)
     # Two solves: the damped one for the twist, and (I - J^+ J) pull with J^+ = J^T (J J^T)^-1 (a hair of
     # damping keeps it finite at a singularity). Neither needs the other, so they go as one batch of 2B:
     # the unrolled Cholesky's operator count, which is what ONNX Runtime's cost follows, is then paid once.
