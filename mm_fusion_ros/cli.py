@@ -132,7 +132,8 @@ def cmd_bench_engine(args, cfg: RobotConfig) -> int:
         except Exception as exc:  # a backend that cannot run here is reported, not fatal
             _log(f"skipping {name}: {exc}")
     inputs = _bench_inputs(cfg, 64)
-    state0 = np.zeros((1, len(MODALITIES), cfg.model.encoder.hidden), np.float32)
+    from .model.network import state_slots
+    state0 = np.zeros((1, state_slots(cfg.model), cfg.model.encoder.hidden), np.float32)
     latencies: dict[str, list[float]] = {name: [] for name in engines}
     states = {name: state0.copy() for name in engines}
 

@@ -50,8 +50,12 @@ class CameraConfig:
     # Each layer's stride (the first is the stem's). The keypoints are read off the last layer's map:
     # (4, 2, 2) gives 6x6 cells of 11 cm over the cell's table, (4, 2, 1) 12x12 of 5.6 cm.
     strides: tuple[int, ...] = (4, 2, 2)
+    # Keypoints read at full resolution off a 1x1 convolution of the pixels (a learned colour filter each),
+    # beside the CNN's: a 6x6 map places a 4 cm button cap to ~2 cm, a colour centroid to 0.5 mm. 0: none.
+    pixel_keypoints: int = 0
 
     def validate(self, key: str) -> None:
+        _check(0 <= self.pixel_keypoints <= 64, f"{key}.pixel_keypoints", f"must be in [0, 64], got {self.pixel_keypoints}")
         _check(8 <= self.height <= 4096, f"{key}.height", f"must be in [8, 4096], got {self.height}")
         _check(8 <= self.width <= 4096, f"{key}.width", f"must be in [8, 4096], got {self.width}")
         _check_channels(self.channels, f"{key}.channels")
@@ -173,6 +177,11 @@ class FusionConfig:
     # (x, y), the audio cell's state as which of them the tone names, and the named one's offset from the
     # tool (the Panda's published kinematics over the joint states) into the fused vector.
     cue_objects: int = 0
+    # The cue read's estimate of every button held across ticks while the camera cannot see it (a gate per
+    # button from how strongly the camera's pixel keypoints find their colour), in one more slot of the
+    # state: overhead, the hand covers the cued cap for the last 2-3 cm of the approach and the whole press
+    # (README item 23). Needs cue_objects and model.camera.pixel_keypoints.
+    cue_memory: bool = False
 
     def validate(self, key: str, dim: int) -> None:
         _check(self.heads > 0 and dim % self.heads == 0, f"{key}.heads",
@@ -181,6 +190,10 @@ class FusionConfig:
         _check(0 <= self.keypoint_queries <= 16, f"{key}.keypoint_queries",
                f"must be in [0, 16], got {self.keypoint_queries}")
         _check(0 <= self.cue_objects <= 16, f"{key}.cue_objects", f"must be in [0, 16], got {self.cue_objects}")
+        _check(not self.cue_memory or self.cue_objects > 0, f"{key}.cue_memory",
+               "needs cue_objects above 0: it holds the cue read's estimates")
+        _check(not self.cue_memory or dim >= 2 * self.cue_objects + 1, f"{key}.cue_memory",
+               f"needs model.encoder.hidden >= 2 * cue_objects + 1 = {2 * self.cue_objects + 1}, got {dim}")
         _check(not (self.cue_objects and self.keypoint_queries), f"{key}.cue_objects",
                f"cannot be set together with {key}.keypoint_queries, another way to read the camera's keypoints: "
                f"set one of them to 0 (got {self.cue_objects} and {self.keypoint_queries})")
@@ -258,6 +271,8 @@ class ModelConfig:
                and len(set(self.modalities)) == len(self.modalities), f"{key}.modalities",
                f"must be distinct names from {list(MODALITIES)}, got {list(self.modalities)}")
         self.fusion.validate(f"{key}.fusion", self.encoder.hidden)
+        _check(not self.fusion.cue_memory or self.camera.pixel_keypoints > 0, f"{key}.fusion.cue_memory",
+               f"needs {key}.camera.pixel_keypoints above 0: its gates read how strongly they find their colour")
         _check(self.action.space != "tool" or "joint_state" in self.modalities, f"{key}.action.space",
                "tool turns the tool's twist into joint velocities at the measured joints: modalities must "
                f"include joint_state, got {list(self.modalities)}")

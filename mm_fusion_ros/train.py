@@ -405,7 +405,8 @@ class SequenceModel(nn.Module):
         episode = torch.arange(B, device=c.mask.device).repeat_interleave(T)
         with torch.autocast(self.autocast_device or "cpu", dtype=torch.bfloat16,
                             enabled=self.autocast_device == "cuda"):
-            camera, keypoints = (x[c.camera_index] for x in net.camera.encode(c.camera))
+            camera, keypoints, visibility = net.camera.encode_reads(c.camera)
+            camera, keypoints = camera[c.camera_index], keypoints[c.camera_index]
             lidar = net.lidar(c.lidar)[c.lidar_index]
             audio = net.audio.track_tokens(c.audio_track, episode, c.audio_start)
             currents = net.stack_tokens(camera, audio, net.imu(c.imu), lidar, net.joint_state(c.joint_state))
@@ -413,15 +414,27 @@ class SequenceModel(nn.Module):
         # The recurrence in fp32 (dt = 1e-4 s would vanish in bf16), and only what depends on the
         # state runs tick by tick: the cells' input half, the fusion and the heads take every tick at once.
         drive = net.recur_input(rates.float().view(B, T, M, -1))
-        states = []
+        cells, memory = state[:, :M], state[:, M] if net.memory else None
+        if memory is not None:   # the cue read's memory: this frame's estimates at once, the gates tick by tick
+            camera_slot = MODALITIES.index("camera")
+            seen_now = net.cue_read.objects(keypoints.float()).view(B, T, -1)
+            visible = visibility[c.camera_index].float().view(B, T, -1)
+        states, memories = [], []
         for k in range(T):
-            state = net.recur_advance(drive[:, k], mask[:, k], c.dt[:, k], state)
-            states.append(state)
+            cells = net.recur_advance(drive[:, k], mask[:, k], c.dt[:, k], cells)
+            states.append(cells)
+            if memory is not None:
+                memory = net.cue_read.remember(memory, seen_now[:, k], visible[:, k],
+                                               mask[:, k, camera_slot:camera_slot + 1])
+                memories.append(memory)
         states = torch.stack(states, dim=1).flatten(0, 1)
+        state = cells if memory is None else torch.cat([cells, memory.unsqueeze(1)], dim=1)
+        memories = torch.stack(memories, dim=1).flatten(0, 1) if memories else None
         fused, _, _ = net.fusion(states, mask.flatten(0, 1))
         joints = net.measured_joints(c.joint_state, mask.flatten(0, 1))
         pose = None if joints is None else net.action_head.arm_pose(joints)   # as FusionNet.forward: once
-        fused, reads = net.read_camera(fused, keypoints.float(), mask.flatten(0, 1), states, c.joint_state, pose)
+        fused, reads = net.read_camera(fused, keypoints.float(), mask.flatten(0, 1), states, c.joint_state, pose,
+                                       memories)
         located, cue, objects = (x.view(B, T, -1) if x is not None else None for x in reads)
         if objects is None and self.objects is not None:
             objects = self.objects(keypoints.float()).view(B, T, -1)
@@ -759,7 +772,7 @@ def train(bags: Sequence[str | Path], cfg: RobotConfig, tc: TrainConfig, out: st
     elif tc.camera_target_weight > 0:
         torch.manual_seed(tc.seed + 1)   # the probe's own draw: the policy's weights do not depend on it
         buttons = buttons_per_cell(episodes)
-        probe = ObjectProbe(net.camera.keypoints, buttons)
+        probe = ObjectProbe(net.camera.keypoints, buttons, net.camera.pixel_keypoints)
         with torch.no_grad():   # at the buttons' mean, as the task heads start at theirs
             probe.head.bias.copy_(torch.as_tensor(np.mean([e.objects for e in train_eps if e.objects is not None],
                                                           axis=0)))

@@ -197,10 +197,21 @@ def test_wrong_type_inside_a_list_names_the_element(params, tmp_path):
     ("model.fused_state_dim", 0),
     ("model.imu.window_s", 0.01),                  # 2 samples at 200 Hz
     ("model.fusion.rank", 0),
+    ("model.camera.pixel_keypoints", -1),
+    ("model.camera.pixel_keypoints", 65),
+    ("model.fusion.cue_memory", True),             # without cue_objects (0 here): nothing to hold
 ])
 def test_impossible_value_is_refused(params, tmp_path, key, value):
     set_key(params, key, value)
     assert_refused(tmp_path, params, key)
+
+
+def test_a_cue_memory_without_pixel_keypoints_is_refused_naming_both(params, tmp_path):
+    set_key(params, "model.fusion.cue_objects", 3)
+    set_key(params, "model.fusion.cue_memory", True)
+    assert_refused(tmp_path, params, "model.fusion.cue_memory")
+    set_key(params, "model.camera.pixel_keypoints", 3)
+    assert load_config(write_params(tmp_path, params, "ok.yaml")).model.fusion.cue_memory
 
 
 def test_audio_window_shorter_than_one_fft_is_refused(params, tmp_path):

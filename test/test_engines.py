@@ -209,12 +209,14 @@ def test_onnxruntime_follows_the_joint_state_like_torch(robot, onnx_path, make_i
 
 
 @pytest.mark.parametrize("strategy", ["early", "late", "hierarchical", "bilinear", "adaptive", "hybrid+keypoints",
-                                      "hybrid+audio_keypoints", "hybrid+cue", "hybrid+cue+tool"])
+                                      "hybrid+audio_keypoints", "hybrid+cue", "hybrid+cue+tool",
+                                      "hybrid+cue+tool+memory"])
 def test_every_fusion_strategy_exports_flat_and_matches_torch(robot, tmp_path, strategy):
     """The default (hybrid) is covered above; each other strategy must export and run the same too, and
     so must the fused state's queries over the camera's keypoints (``+keypoints``: two of them) and the cue
     read (``+cue``: three buttons, the Panda's kinematics inside the graph) and the tool-space head (``+tool``:
-    the damped least squares inside the graph)."""
+    the damped least squares inside the graph) and the cue read's memory (``+memory``: pixel keypoints, their
+    gates, one more state slot)."""
     cfg, _ = robot
     name, *extras = strategy.split("+")
     action = cfg.model.action if "tool" not in extras else dataclasses.replace(
@@ -222,7 +224,8 @@ def test_every_fusion_strategy_exports_flat_and_matches_torch(robot, tmp_path, s
     model_cfg = dataclasses.replace(cfg.model, action=action, fusion=dataclasses.replace(
         cfg.model.fusion, strategy=name, keypoint_queries=2 if any(e.endswith("keypoints") for e in extras) else 0,
         keypoint_query_source="audio" if "audio_keypoints" in extras else "fused",
-        cue_objects=3 if "cue" in extras else 0))
+        cue_objects=3 if "cue" in extras else 0, cue_memory="memory" in extras),
+        camera=dataclasses.replace(cfg.model.camera, pixel_keypoints=3 if "memory" in extras else 0))
     cfg = dataclasses.replace(cfg, model=model_cfg,
                               engine=dataclasses.replace(cfg.engine, artifact_dir=str(tmp_path)))
     model = build_model(model_cfg, seed=5)

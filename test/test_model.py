@@ -19,20 +19,23 @@ ATTENTION_STRATEGIES = ("hybrid", "hierarchical")
 
 # Every strategy, and one with queries over the camera's keypoints (KeypointRead) from the fused state,
 # one with them from the audio cell's state, and one with the cue read (CueRead, three buttons).
-VARIANTS = STRATEGIES + ("hybrid+keypoints", "hybrid+audio_keypoints", "hybrid+cue", "hybrid+cue+tool")
+VARIANTS = STRATEGIES + ("hybrid+keypoints", "hybrid+audio_keypoints", "hybrid+cue", "hybrid+cue+tool",
+                         "hybrid+cue+tool+memory")
 
 
 def with_strategy(cfg: ModelConfig, strategy: str) -> ModelConfig:
     """``strategy``, or ``<strategy>+keypoints`` / ``+audio_keypoints`` for that strategy with two keypoint
     queries from the fused state / from the audio cell's state, ``+cue`` with a cue read of 3 buttons, and
-    ``+tool`` with a tool-space action head (at the Panda's ready pose as its rest posture)."""
+    ``+tool`` with a tool-space action head (at the Panda's ready pose as its rest posture), ``+memory`` with
+    three pixel keypoints and the cue read's memory of the buttons in one more state slot."""
     name, *extras = strategy.split("+")
     action = cfg.action if "tool" not in extras else dataclasses.replace(
         cfg.action, space="tool", rest=tuple(float(x) for x in READY_Q))
     return dataclasses.replace(cfg, action=action, fusion=dataclasses.replace(
         cfg.fusion, strategy=name, keypoint_queries=2 if any(e.endswith("keypoints") for e in extras) else 0,
         keypoint_query_source="audio" if "audio_keypoints" in extras else "fused",
-        cue_objects=3 if "cue" in extras else 0))
+        cue_objects=3 if "cue" in extras else 0, cue_memory="memory" in extras),
+        camera=dataclasses.replace(cfg.camera, pixel_keypoints=3 if "memory" in extras else 0))
 
 
 @pytest.fixture(scope="module")
@@ -96,7 +99,8 @@ def test_forward_shapes_ranges_and_finiteness(models, strategy, make_inputs):
     assert model.cfg.fusion.strategy == strategy.partition("+")[0]
     assert (model.keypoint_read is not None) == strategy.endswith("keypoints")
     assert (model.cue_read is not None) == ("+cue" in strategy)
-    assert model.action_head.tool == strategy.endswith("+tool")
+    assert model.action_head.tool == ("+tool" in strategy)
+    assert (model.cue_read is not None and model.cue_read.gate is not None) == ("+memory" in strategy)
     for batch in (1, 3):
         inputs = make_inputs(model.cfg, 0, batch)
         for spec in input_specs(model.cfg, batch):
@@ -710,3 +714,101 @@ def test_the_kinematics_run_once_a_tick_and_say_what_running_them_per_reader_sai
                 moved = net.action_head.arm_pose(joints + 0.3)
                 assert float((net.read_camera(fused, keypoints, mask, state, joint_state, moved)[0]
                               - shared).abs().max()) > 1e-4
+
+
+# ---------------------------------------------------------------- pixel keypoints and the cue read's memory
+
+def _red_detector(camera, k: int = 0) -> None:
+    """Pixel keypoint ``k`` set to respond to red (R high, G and B low), sharply."""
+    with torch.no_grad():
+        camera.pixel_filter.weight.zero_()
+        camera.pixel_filter.bias.zero_()
+        camera.pixel_filter.weight[k, :, 0, 0] = torch.tensor([1.0, -1.0, -1.0])
+        camera.pixel_log_temperature[k] = float(np.log(20.0))
+
+
+def test_a_pixel_keypoint_finds_its_colours_centroid_and_says_when_it_is_out_of_sight(default_config):
+    """The soft-argmax runs over every pixel (x: column, y: row, both in [-1, 1], as the CNN's keypoints), so
+    a small red disc is placed to a fraction of a pixel, which a 6x6 map cannot do; its visibility (the
+    filter's soft maximum) falls when the disc is covered."""
+    cfg = dataclasses.replace(default_config.model, camera=dataclasses.replace(default_config.model.camera,
+                                                                               pixel_keypoints=2))
+    net = build_model(cfg, seed=0)
+    _red_detector(net.camera)
+    H, W = cfg.camera.height, cfg.camera.width
+    rows, cols = np.mgrid[0:H, 0:W]
+    image = np.full((1, H, W, 3), 120, np.uint8)   # grey table
+    centre = (0.37 * (H - 1), 0.71 * (W - 1))      # off the pixel grid
+    disc = (rows - centre[0]) ** 2 + (cols - centre[1]) ** 2 <= 3.2 ** 2
+    image[0][disc] = (220, 40, 40)
+    with torch.no_grad():
+        _, keypoints, visibility = net.camera.encode_reads(torch.from_numpy(image))
+        _, _, hidden = net.camera.encode_reads(torch.from_numpy(np.full_like(image, 120)))
+    assert keypoints.shape == (1, net.camera.keypoints, 2) and net.camera.keypoints == cfg.camera.channels[-1] + 2
+    x, y = keypoints[0, -2].tolist()                 # the red keypoint: the pixel keypoints come last
+    expected_x = 2 * cols[disc].mean() / (W - 1) - 1
+    expected_y = 2 * rows[disc].mean() / (H - 1) - 1
+    pixel = 2 / (W - 1)
+    assert abs(x - expected_x) < 0.2 * pixel and abs(y - expected_y) < 0.2 * pixel, (x, y, expected_x, expected_y)
+    assert float(visibility[0, 0]) > float(hidden[0, 0]) + 1.0
+
+
+def test_the_cue_reads_memory_holds_an_estimate_while_its_gate_is_shut_and_starts_from_the_first_frame(
+        default_config):
+    """``CueRead.remember``: the first frame after a reset replaces the (zero) memory whatever its gate; a
+    shut gate (the colour out of sight) holds the estimate against what the frame says; an open one
+    follows the frame; a masked camera, NaN frames included, moves nothing."""
+    cfg = with_strategy(default_config.model, "hybrid+cue+tool+memory")
+    net = build_model(cfg, seed=0)
+    read = net.cue_read
+    with torch.no_grad():
+        read.gate.weight.fill_(0.0)
+        read.gate.weight[:, 0] = 10.0     # visibility of pixel keypoint 0 opens every gate
+        read.gate.bias.fill_(-5.0)
+    D, n2 = cfg.encoder.hidden, 2 * cfg.fusion.cue_objects
+    memory = torch.zeros(1, D)
+    first = torch.tensor([[1.0, 2.0, 3.0, 4.0, 5.0, 6.0]])
+    shut, open_ = torch.tensor([[-1.0, 0.0, 0.0]]), torch.tensor([[1.0, 0.0, 0.0]])
+    on, off = torch.ones(1, 1), torch.zeros(1, 1)
+    memory = read.remember(memory, first, shut, on)          # first frame: taken though the gate is shut
+    torch.testing.assert_close(memory[:, :n2], first)
+    assert float(memory[0, n2]) == 1.0
+    elsewhere = first + 3.0
+    held = read.remember(memory, elsewhere, shut, on)         # out of sight: held (gate sigmoid(-15))
+    torch.testing.assert_close(held[:, :n2], first, atol=1e-5, rtol=0)
+    followed = read.remember(memory, elsewhere, open_, on)    # in sight: follows (gate sigmoid(5))
+    assert float((followed[:, :n2] - elsewhere).abs().max()) < 0.03 * 3.0
+    nan = torch.full_like(first, float("nan"))
+    masked = read.remember(memory, nan, torch.full_like(open_, float("nan")), off)
+    torch.testing.assert_close(masked, memory)
+
+
+def test_through_the_step_a_frame_without_the_colour_leaves_the_held_buttons_where_the_last_one_put_them(
+        default_config, make_inputs):
+    """FusionNet.forward with the memory: the state's extra slot carries the buttons from a frame in which the
+    red filter sees its disc through a frame in which nothing is red (the hand over the cap), and the step's
+    output is then that of the held estimate, not of the empty frame's."""
+    cfg = with_strategy(default_config.model, "hybrid+cue+tool+memory")
+    net = build_model(cfg, seed=0)
+    _red_detector(net.camera)
+    with torch.no_grad():
+        net.cue_read.gate.weight.fill_(0.0)
+        net.cue_read.gate.weight[:, 0] = 10.0
+        net.cue_read.gate.bias.fill_(-5.0)
+    H, W = cfg.camera.height, cfg.camera.width
+    rows, cols = np.mgrid[0:H, 0:W]
+    seen = np.full((1, H, W, 3), 120, np.uint8)
+    seen[0][(rows - 30) ** 2 + (cols - 60) ** 2 <= 10] = (220, 40, 40)
+    covered = np.full_like(seen, 120)
+    inputs = make_inputs(cfg, 0, 1)
+    inputs["mask"] = torch.ones_like(inputs["mask"])
+    state = net.initial_state(1)
+    assert state.shape == (1, len(MODALITIES) + 1, cfg.encoder.hidden)
+    n2 = 2 * cfg.fusion.cue_objects
+    with torch.no_grad():
+        after_seen = run(net, {**inputs, "camera": torch.from_numpy(seen), "state": state})["new_state"]
+        after_covered = run(net, {**inputs, "camera": torch.from_numpy(covered), "state": after_seen})
+        fresh = run(net, {**inputs, "camera": torch.from_numpy(covered), "state": state})
+    held = after_seen[0, -1, :n2]
+    torch.testing.assert_close(after_covered["new_state"][0, -1, :n2], held, atol=1e-3, rtol=0)
+    assert float((fresh["new_state"][0, -1, :n2] - held).abs().max()) > 0.05   # the empty frame says otherwise

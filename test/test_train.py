@@ -112,16 +112,19 @@ def test_dataset_is_exactly_what_replay_feeds_the_engine(demos, cfg, episodes, t
     assert a["labelled"].mean() > 0.99 and np.abs(a["action"]).max() > 0.05
 
 
-@pytest.mark.parametrize("keypoint_queries,source,cue_objects", [(0, "fused", 0), (2, "fused", 0), (2, "audio", 0),
-                                                                 (0, "fused", 3)])
+@pytest.mark.parametrize("keypoint_queries,source,cue_objects,memory", [
+    (0, "fused", 0, False), (2, "fused", 0, False), (2, "audio", 0, False), (0, "fused", 3, False),
+    (0, "fused", 3, True)])
 def test_a_training_chunk_computes_what_the_streaming_step_computes_tick_by_tick(episodes, cfg, keypoint_queries,
-                                                                                 source, cue_objects):
+                                                                                 source, cue_objects, memory):
     """Training's shortcuts (audio windows cut from one convolution over the track, the cells' input
-    half and the fusion over all ticks at once) change nothing: the same predictions and state as
-    the step's own parts fed each tick's tensors, the way replay feeds them."""
+    half and the fusion over all ticks at once, the cue read's memory gated tick by tick from estimates
+    made at once) change nothing: the same predictions and state as the step's own parts fed each tick's
+    tensors, the way replay feeds them."""
     m = dataclasses.replace(cfg.model, fusion=dataclasses.replace(cfg.model.fusion, keypoint_queries=keypoint_queries,
                                                                   keypoint_query_source=source,
-                                                                  cue_objects=cue_objects))
+                                                                  cue_objects=cue_objects, cue_memory=memory),
+                            camera=dataclasses.replace(cfg.model.camera, pixel_keypoints=3 if memory else 0))
     # The two paths round differently (batched and single-frame convolutions differ by ~3e-8), and a
     # current within that of a spike onset fires once more in one of them (seed 3 with the 12x12 camera
     # keypoints: one count, 8e-5 on one action). Seed 0's currents sit clear of every onset.
@@ -141,13 +144,16 @@ def test_a_training_chunk_computes_what_the_streaming_step_computes_tick_by_tick
                 lambda ep: ep.lidar(ticks, m.lidar.beams),
                 lambda ep: np.asarray(ep.arrays["joint_state"][ticks]))]
             cam, frames, imu, lidar, joints = step
-            camera, keypoints = net.camera.encode(cam)
+            camera, keypoints, visibility = net.camera.encode_reads(cam)
             currents = net.stack_tokens(camera, net.audio.token(frames), net.imu(imu), net.lidar(lidar),
                                         net.joint_state(joints))
             mask = chunk.mask[:, k] * net.used
-            ref_state = net.recur(net.lif(currents), mask, chunk.dt[:, k], ref_state)
-            fused, _, _ = net.fusion(ref_state, mask)
-            fused, _ = net.read_camera(fused, keypoints, mask, ref_state, joints)
+            M = mask.shape[1]
+            cells = net.recur(net.lif(currents), mask, chunk.dt[:, k], ref_state[:, :M])
+            held = net.remember(ref_state[:, M], keypoints, visibility, mask) if memory else None
+            ref_state = cells if held is None else torch.cat([cells, held.unsqueeze(1)], dim=1)
+            fused, _, _ = net.fusion(cells, mask)
+            fused, _ = net.read_camera(fused, keypoints, mask, cells, joints, None, held)
             torch.testing.assert_close(pred[:, k], net.action_head.normalized(fused), rtol=1e-4, atol=1e-5)
             torch.testing.assert_close(fused_state[:, k], net.state_head(fused), rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(state, ref_state, rtol=1e-4, atol=1e-5)

@@ -29,6 +29,7 @@ import numpy as np
 import torch
 
 from ..config import MODALITIES, ModelConfig
+from ..model.network import state_slots
 from ..model.preprocess import LogMelFrames
 from .base import Engine, InputError
 
@@ -52,7 +53,7 @@ class FusionStream:
         self.engine = engine
         self.cfg = cfg
         self.counters: Counter[str] = Counter()
-        self.state = np.zeros((1, len(MODALITIES), cfg.encoder.hidden), dtype=np.float32)
+        self.state = np.zeros((1, state_slots(cfg), cfg.encoder.hidden), dtype=np.float32)
         self.audio_frames = np.zeros((1, cfg.audio.n_mels, cfg.audio.n_frames), dtype=np.float32)
         self._audio_end: int | None = None  # sample index the cached frames' window ended at
         # Built and run once here: the first call costs about 70 ms (filter bank, torch warm-up),

@@ -47,6 +47,12 @@ class TensorSpec:
         return f"{self.name}{list(self.shape)}:{self.dtype}"
 
 
+def state_slots(cfg: ModelConfig) -> int:
+    """Rows of the explicit state: one CfC hidden vector per modality, and the cue read's memory of where the
+    buttons are (``model.fusion.cue_memory``) in one more."""
+    return len(MODALITIES) + (1 if cfg.fusion.cue_memory else 0)
+
+
 def input_specs(cfg: ModelConfig, batch: int = 1) -> tuple[TensorSpec, ...]:
     m = len(MODALITIES)
     return (
@@ -57,7 +63,7 @@ def input_specs(cfg: ModelConfig, batch: int = 1) -> tuple[TensorSpec, ...]:
         TensorSpec("joint_state", (batch, 2 * cfg.action.dof), "float32"),
         TensorSpec("mask", (batch, m), "float32"),
         TensorSpec("dt", (batch, 1), "float32"),
-        TensorSpec("state", (batch, m, cfg.encoder.hidden), "float32"),
+        TensorSpec("state", (batch, state_slots(cfg), cfg.encoder.hidden), "float32"),
         TensorSpec("audio_frames", (batch, cfg.audio.n_mels, cfg.audio.n_frames), "float32"),
     )
 
@@ -67,7 +73,7 @@ def output_specs(cfg: ModelConfig, batch: int = 1) -> tuple[TensorSpec, ...]:
     return (
         TensorSpec("action", (batch, cfg.action.dof), "float32"),
         TensorSpec("fused_state", (batch, cfg.fused_state_dim), "float32"),
-        TensorSpec("new_state", (batch, m, cfg.encoder.hidden), "float32"),
+        TensorSpec("new_state", (batch, state_slots(cfg), cfg.encoder.hidden), "float32"),
         TensorSpec("attention", (batch, m, m), "float32"),
         TensorSpec("contribution", (batch, m), "float32"),
         TensorSpec("new_audio_frames", (batch, cfg.audio.n_mels, cfg.audio.n_frames), "float32"),
@@ -170,14 +176,32 @@ class KeypointRead(nn.Module):
 
 
 class ObjectLocator(nn.Module):
-    """Every object's (x, y) (dm, base frame) read linearly off the camera's keypoints (B, C, 2) -> (B, 2 N)."""
+    """Every object's (x, y) (dm, base frame) read linearly off the camera's keypoints (B, C, 2) -> (B, 2 N):
+    all of them, or the last ``pixel`` (the pixel keypoints, ``model.camera.pixel_keypoints``) where set.
 
-    def __init__(self, keypoints: int, objects: int):
+    Why only those where there are some: beside the CNN's keypoints, which fit the training scenes within
+    a few hundred steps (and place held-out buttons to 1.7 cm), a linear read learned to lean on them and
+    placed visible buttons no better with the pixel keypoints than without (1.69 cm against 1.67, 1000
+    pretraining steps); reading the pixel keypoints alone it placed them to 1.0 cm in 1500 (README item 23)."""
+
+    def __init__(self, keypoints: int, objects: int, pixel: int = 0):
         super().__init__()
-        self.head = nn.Linear(2 * keypoints, 2 * objects)
+        self.first = keypoints - pixel if pixel else 0
+        self.head = nn.Linear(2 * (keypoints - self.first), 2 * objects)
+        # Reading pixel keypoints, the weights must reach the camera's scale (3.3 dm of table per unit of
+        # image coordinate), out of reach of lr 1e-3 in a few thousand steps: the head acts as ``gain`` x its
+        # weights (initialised that much smaller), as CameraEncoder's pixel filter does.
+        self.gain = 10.0 if pixel else 1.0
+        if pixel:
+            with torch.no_grad():
+                self.head.weight.div_(self.gain)
 
     def forward(self, keypoints: torch.Tensor) -> torch.Tensor:
-        return self.head(keypoints.flatten(-2))
+        out = self.head(keypoints[..., self.first:, :].flatten(-2))
+        if self.gain == 1.0:
+            return out
+        # Only the weights are scaled (the bias starts at the buttons' mean, start_task_heads_at_the_mean).
+        return out + (self.gain - 1.0) * (out - self.head.bias)
 
 
 class CameraReads(NamedTuple):
@@ -204,19 +228,46 @@ class CueRead(nn.Module):
     --cue-target-weight``). The offset from the tool is what the expert's IK acts on.
     """
 
-    def __init__(self, dim: int, keypoints: int, objects: int):
+    def __init__(self, dim: int, keypoints: int, objects: int, memory_from: int = 0, pixel: int = 0):
         super().__init__()
         self.n = objects
-        self.objects = ObjectLocator(keypoints, objects)
+        self.objects = ObjectLocator(keypoints, objects, pixel)
         self.cue = nn.Linear(dim, objects)
         self.out = nn.Linear(objects + 3, dim)
+        # cue_memory: how far each button's held estimate moves to this frame's, from the pixel keypoints'
+        # visibility (``CameraEncoder.encode_reads``). Starting open (sigmoid(3) = 0.95): at first the read
+        # is the frame's, as without a memory, and training closes a gate where its frame misleads.
+        self.gate = None
+        if memory_from:
+            self.gate = nn.Linear(memory_from, objects)
+            with torch.no_grad():
+                self.gate.bias.fill_(3.0)
+
+    def remember(self, memory: torch.Tensor, objects: torch.Tensor, visibility: torch.Tensor,
+                 camera_present: torch.Tensor) -> torch.Tensor:
+        """The memory slot (B, D) after one frame: ``[:2 N]`` every button's held (x, y), ``[2 N]`` whether
+        anything has been seen since the reset. Each estimate moves to this frame's by its gate; the first
+        frame after a reset replaces them whatever its gate; a masked camera moves nothing."""
+        n2 = 2 * self.n
+        held, seen = memory[:, :n2], memory[:, n2:n2 + 1]
+        gate = torch.sigmoid(self.gate(visibility))
+        gate = gate + (1.0 - seen) * (1.0 - gate)
+        gate = torch.where(camera_present > 0.5, gate, torch.zeros_like(gate))
+        step = gate.repeat_interleave(2, dim=-1)
+        # A masked frame may hold anything, NaN included: select, do not multiply.
+        moved = torch.where(camera_present > 0.5, objects - held, torch.zeros_like(held))
+        held = held + step * moved
+        seen = torch.where(camera_present > 0.5, torch.ones_like(seen), seen)
+        return torch.cat([held, seen, memory[:, n2 + 1:]], dim=-1)
 
     def forward(self, fused: torch.Tensor, keypoints: torch.Tensor, audio_state: torch.Tensor,
                 joint_positions: torch.Tensor, present: torch.Tensor,
-                tip: torch.Tensor | None = None) -> tuple[torch.Tensor, CameraReads]:
+                tip: torch.Tensor | None = None, objects: torch.Tensor | None = None) -> tuple[torch.Tensor, CameraReads]:
         """``tip``: the tool tip (m) at ``joint_positions`` where the caller has it (any value where
-        ``present`` is off: nothing is read then)."""
-        objects = self.objects(keypoints)
+        ``present`` is off: nothing is read then). ``objects``: the buttons' (x, y) to read (the memory's),
+        where not this frame's."""
+        if objects is None:
+            objects = self.objects(keypoints)
         logits = self.cue(audio_state)
         belief = torch.softmax(logits, dim=-1)
         located = torch.matmul(belief.unsqueeze(1), objects.view(-1, self.n, 2)).squeeze(1)
@@ -261,26 +312,41 @@ class FusionNet(nn.Module):
         self.keypoint_read = KeypointRead(dim, self.camera.keypoints, cfg.fusion.keypoint_queries,
                                           cfg.fusion.keypoint_query_source) \
             if cfg.fusion.keypoint_queries > 0 else None
-        self.cue_read = CueRead(dim, self.camera.keypoints, cfg.fusion.cue_objects) \
+        self.cue_read = CueRead(dim, self.camera.keypoints, cfg.fusion.cue_objects,
+                                memory_from=cfg.camera.pixel_keypoints if cfg.fusion.cue_memory else 0,
+                                pixel=cfg.camera.pixel_keypoints) \
             if cfg.fusion.cue_objects > 0 else None
+        self.memory = cfg.fusion.cue_memory
 
     def initial_state(self, batch: int = 1) -> torch.Tensor:
-        return torch.zeros(batch, len(MODALITIES), self.cfg.encoder.hidden)
+        return torch.zeros(batch, state_slots(self.cfg), self.cfg.encoder.hidden)
 
     def forward(self, camera, audio, imu, lidar, joint_state, mask, dt, state, audio_frames):
         mask = mask * self.used
         audio_token, frames = self.audio(audio, audio_frames)
-        camera_token, keypoints = self.camera.encode(camera)
+        camera_token, keypoints, visibility = self.camera.encode_reads(camera)
         currents = self.stack_tokens(camera_token, audio_token, self.imu(imu), self.lidar(lidar),
                                      self.joint_state(joint_state))
         rates = self.lif(currents)  # every modality's LIF layer at once
-        new_state = self.recur(rates, mask, dt, state)
+        m = len(MODALITIES)
+        new_state = self.recur(rates, mask, dt, state[:, :m])
         fused, attention, contribution = self.fusion(new_state, mask)
         joints = self.measured_joints(joint_state, mask)
         pose = None if joints is None else self.action_head.arm_pose(joints)   # once a tick, for both
-        fused, _ = self.read_camera(fused, keypoints, mask, new_state, joint_state, pose)
+        memory = None
+        if self.memory:
+            memory = self.remember(state[:, m], keypoints, visibility, mask)
+            new_state = torch.cat([new_state, memory.unsqueeze(1)], dim=1)
+        fused, _ = self.read_camera(fused, keypoints, mask, new_state, joint_state, pose, memory)
         return (self.action_head(fused, joints, pose), self.state_head(fused), new_state,
                 attention, contribution, frames)
+
+    def remember(self, memory: torch.Tensor, keypoints: torch.Tensor, visibility: torch.Tensor,
+                 mask: torch.Tensor) -> torch.Tensor:
+        """The cue read's memory slot (B, D) after this frame (``CueRead.remember``)."""
+        camera = MODALITIES.index("camera")
+        return self.cue_read.remember(memory, self.cue_read.objects(keypoints), visibility,
+                                      mask[:, camera:camera + 1])
 
     def measured_joints(self, joint_state: torch.Tensor, mask: torch.Tensor) -> torch.Tensor | None:
         """The joint positions a tool-space head acts at (None in joint space); zeros while the joint states are
@@ -292,7 +358,8 @@ class FusionNet(nn.Module):
         return torch.where(mask[:, i:i + 1] > 0.5, q, torch.zeros_like(q))
 
     def read_camera(self, fused: torch.Tensor, keypoints: torch.Tensor, mask: torch.Tensor, state: torch.Tensor,
-                    joint_state: torch.Tensor, pose: PandaPose | None = None) -> tuple[torch.Tensor, CameraReads]:
+                    joint_state: torch.Tensor, pose: PandaPose | None = None,
+                    memory: torch.Tensor | None = None) -> tuple[torch.Tensor, CameraReads]:
         """The fused vector plus what is read off the camera's keypoints (``KeypointRead`` or ``CueRead``),
         and what training supervises of it. ``joint_state``: the raw (B, 2 dof) input, positions first;
         ``pose``: the tool-space head's ``arm_pose`` of ``measured_joints``, where there is one (the cue read
@@ -305,8 +372,9 @@ class FusionNet(nn.Module):
             i = MODALITIES.index(name)
             present = present * mask[:, i:i + 1]
         audio = state[:, MODALITIES.index("audio")]
+        held = None if memory is None else memory[:, :2 * self.cue_read.n]
         return self.cue_read(fused, keypoints, audio, joint_state[:, :self.cfg.action.dof], present,
-                             None if pose is None else pose.tip)
+                             None if pose is None else pose.tip, held)
 
     def read_keypoints(self, fused: torch.Tensor, keypoints: torch.Tensor, mask: torch.Tensor,
                        state: torch.Tensor) -> torch.Tensor:

@@ -42,6 +42,9 @@ class _ResidualBlock(nn.Module):
         return torch.relu(self.body(x) + self.skip(x))
 
 
+PIXEL_FILTER_GAIN = 10.0   # see CameraEncoder.pixel_filter
+
+
 class CameraEncoder(nn.Module):
     """uint8 (B, H, W, 3) RGB -> (B, out_dim). Normalisation happens here, not in the node."""
 
@@ -69,7 +72,25 @@ class CameraEncoder(nn.Module):
         # Mean activation plus each channel's expected image position under a spatial softmax
         # (Levine et al. 2016): a global mean alone says what is in view, not where.
         self.proj = nn.Linear(3 * cin, out_dim)
-        self.keypoints = cin
+        # Why a second set at full resolution: the CNN's spatial softmax reads a map of 6x6 cells (11 cm of
+        # the cell's table each) after a stride-4 stem, and placed the buttons to 2.3 cm on held-out scenes
+        # (0.8 cm on training ones: it memorised scenes), where the centroid of a cap's colour places it to
+        # 0.5 mm (README item 23). A 1x1 convolution is a per-pixel colour filter: it cannot memorise a
+        # scene, and its soft-argmax over every pixel is sub-pixel.
+        self.pixel_keypoints = cfg.pixel_keypoints
+        if self.pixel_keypoints:
+            # Learning-rate scale by reparametrisation: the filter acts as PIXEL_FILTER_GAIN x its weights
+            # (initialised that much smaller, so the same function at the start), so Adam moves it that many
+            # times faster than the CNN at one learning rate. Measured at 1e-3 without it: 3.0 cm after 3000
+            # camera pretraining steps; alone at 1e-2, 1.0 cm after 1500 (README item 23).
+            self.pixel_filter = nn.Conv2d(3, self.pixel_keypoints, 1)
+            with torch.no_grad():
+                self.pixel_filter.weight.div_(PIXEL_FILTER_GAIN)
+                self.pixel_filter.bias.div_(PIXEL_FILTER_GAIN)
+            # Starting broad (1): at 10, as the CNN's keypoints start, a random filter's softmax sits on a few
+            # extreme pixels and its gradient vanishes elsewhere (measured: 2.4 cm after 1000 steps, 1.0 at 1).
+            self.pixel_log_temperature = nn.Parameter(torch.zeros(self.pixel_keypoints))
+        self.keypoints = cin + self.pixel_keypoints
         # (x / 255 - mean) / std as one scale and one offset per channel.
         mean = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
         std = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
@@ -81,6 +102,13 @@ class CameraEncoder(nn.Module):
 
     def encode(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(token (B, out_dim), keypoints (B, channels, 2)): each channel's expected (x, y) in [-1, 1]."""
+        token, keypoints, _ = self.encode_reads(image)
+        return token, keypoints
+
+    def encode_reads(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """``encode`` and how strongly each pixel keypoint's colour filter matches anywhere in the image
+        (B, pixel_keypoints), a soft maximum of its response: low where its colour is out of sight (None
+        without pixel keypoints)."""
         x = image.permute(0, 3, 1, 2).to(torch.float32) * self.scale + self.offset
         pre = self.features(x)
         f = torch.relu(pre) if self.last_relu else pre
@@ -92,7 +120,25 @@ class CameraEncoder(nn.Module):
         key_y = (probs.sum(dim=3) * ys).sum(dim=2)
         key_x = (probs.sum(dim=2) * xs).sum(dim=2)
         token = self.proj(torch.cat([f.mean(dim=(2, 3)), key_x, key_y], dim=1))
-        return token, torch.stack([key_x, key_y], dim=-1)
+        keypoints = torch.stack([key_x, key_y], dim=-1)
+        if not self.pixel_keypoints:
+            return token, keypoints, None
+        pixel, visibility = self._pixel_keypoints(x)
+        return token, torch.cat([keypoints, pixel], dim=1), visibility
+
+    def _pixel_keypoints(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, K, 2): each colour filter's soft-argmax over the normalised image's pixels, in [-1, 1]; and
+        (B, K) the filter's soft maximum response (logsumexp at its temperature, less the uniform share)."""
+        temperature = self.pixel_log_temperature.exp()
+        logits = self.pixel_filter(x) * (PIXEL_FILTER_GAIN * temperature).view(1, -1, 1, 1)
+        b, k, h, w = logits.shape
+        flat = logits.reshape(b, k, h * w)
+        probs = torch.softmax(flat, dim=-1).reshape(b, k, h, w)
+        ys = torch.linspace(-1.0, 1.0, h, device=x.device, dtype=x.dtype)
+        xs = torch.linspace(-1.0, 1.0, w, device=x.device, dtype=x.dtype)
+        keypoints = torch.stack([(probs.sum(dim=2) * xs).sum(dim=2), (probs.sum(dim=3) * ys).sum(dim=2)], dim=-1)
+        visibility = (torch.logsumexp(flat, dim=-1) - math.log(h * w)) / temperature.view(1, -1)
+        return keypoints, visibility
 
 
 # ---------------------------------------------------------------- audio
