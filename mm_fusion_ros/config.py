@@ -115,6 +115,11 @@ class ImuConfig:
     rate_hz: float = 200.0
     window_s: float = 0.2
     channels: tuple[int, ...] = (16, 32)
+    # Each window's own per-channel mean subtracted inside the network: what is left is what changed within
+    # the window (the detent's snap, a contact), not the wrist's steady rotation rate or gravity's direction.
+    # A velocity-controlled arm's rotation rate is its last command, and a policy cloned with it copies it
+    # (README "Learning", item 23: silenced, the IMU left the policy unable to start).
+    high_pass: bool = False
 
     @property
     def window_samples(self) -> int:

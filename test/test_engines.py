@@ -216,7 +216,7 @@ def test_every_fusion_strategy_exports_flat_and_matches_torch(robot, tmp_path, s
     so must the fused state's queries over the camera's keypoints (``+keypoints``: two of them) and the cue
     read (``+cue``: three buttons, the Panda's kinematics inside the graph) and the tool-space head (``+tool``:
     the damped least squares inside the graph) and the cue read's memory (``+memory``: pixel keypoints, their
-    gates, one more state slot)."""
+    gates, one more state slot; with it the IMU high-passed)."""
     cfg, _ = robot
     name, *extras = strategy.split("+")
     action = cfg.model.action if "tool" not in extras else dataclasses.replace(
@@ -225,7 +225,8 @@ def test_every_fusion_strategy_exports_flat_and_matches_torch(robot, tmp_path, s
         cfg.model.fusion, strategy=name, keypoint_queries=2 if any(e.endswith("keypoints") for e in extras) else 0,
         keypoint_query_source="audio" if "audio_keypoints" in extras else "fused",
         cue_objects=3 if "cue" in extras else 0, cue_memory="memory" in extras),
-        camera=dataclasses.replace(cfg.model.camera, pixel_keypoints=3 if "memory" in extras else 0))
+        camera=dataclasses.replace(cfg.model.camera, pixel_keypoints=3 if "memory" in extras else 0),
+        imu=dataclasses.replace(cfg.model.imu, high_pass="memory" in extras))
     cfg = dataclasses.replace(cfg, model=model_cfg,
                               engine=dataclasses.replace(cfg.engine, artifact_dir=str(tmp_path)))
     model = build_model(model_cfg, seed=5)

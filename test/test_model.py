@@ -27,7 +27,8 @@ def with_strategy(cfg: ModelConfig, strategy: str) -> ModelConfig:
     """``strategy``, or ``<strategy>+keypoints`` / ``+audio_keypoints`` for that strategy with two keypoint
     queries from the fused state / from the audio cell's state, ``+cue`` with a cue read of 3 buttons, and
     ``+tool`` with a tool-space action head (at the Panda's ready pose as its rest posture), ``+memory`` with
-    three pixel keypoints and the cue read's memory of the buttons in one more state slot."""
+    three pixel keypoints and the cue read's memory of the buttons in one more state slot, and the IMU
+    high-passed (item 23's recipe)."""
     name, *extras = strategy.split("+")
     action = cfg.action if "tool" not in extras else dataclasses.replace(
         cfg.action, space="tool", rest=tuple(float(x) for x in READY_Q))
@@ -35,7 +36,8 @@ def with_strategy(cfg: ModelConfig, strategy: str) -> ModelConfig:
         cfg.fusion, strategy=name, keypoint_queries=2 if any(e.endswith("keypoints") for e in extras) else 0,
         keypoint_query_source="audio" if "audio_keypoints" in extras else "fused",
         cue_objects=3 if "cue" in extras else 0, cue_memory="memory" in extras),
-        camera=dataclasses.replace(cfg.camera, pixel_keypoints=3 if "memory" in extras else 0))
+        camera=dataclasses.replace(cfg.camera, pixel_keypoints=3 if "memory" in extras else 0),
+        imu=dataclasses.replace(cfg.imu, high_pass="memory" in extras))
 
 
 @pytest.fixture(scope="module")
@@ -772,7 +774,7 @@ def test_the_cue_reads_memory_holds_an_estimate_while_its_gate_is_shut_and_start
     on, off = torch.ones(1, 1), torch.zeros(1, 1)
     memory = read.remember(memory, first, shut, on)          # first frame: taken though the gate is shut
     torch.testing.assert_close(memory[:, :n2], first)
-    assert float(memory[0, n2]) == 1.0
+    assert float(memory[0, n2].detach()) == 1.0
     elsewhere = first + 3.0
     held = read.remember(memory, elsewhere, shut, on)         # out of sight: held (gate sigmoid(-15))
     torch.testing.assert_close(held[:, :n2], first, atol=1e-5, rtol=0)
@@ -812,3 +814,31 @@ def test_through_the_step_a_frame_without_the_colour_leaves_the_held_buttons_whe
     held = after_seen[0, -1, :n2]
     torch.testing.assert_close(after_covered["new_state"][0, -1, :n2], held, atol=1e-3, rtol=0)
     assert float((fresh["new_state"][0, -1, :n2] - held).abs().max()) > 0.05   # the empty frame says otherwise
+
+
+def test_a_high_passed_imu_reads_the_click_but_not_the_arms_steady_motion(default_config):
+    """With ``model.imu.high_pass`` a steady rotation or a tilt (a constant per channel across the window:
+    what a velocity-controlled arm's last command looks like at the wrist) changes nothing the encoder
+    says, while a 1 m/s^2 snap inside the window does; without it the steady rotation does too."""
+    from mm_fusion_ros.model.preprocess import ImuEncoder
+    cfg = default_config.model.imu
+    torch.manual_seed(0)
+    plain = ImuEncoder(dataclasses.replace(cfg, high_pass=False), 16)
+    high = ImuEncoder(dataclasses.replace(cfg, high_pass=True), 16)
+    high.load_state_dict(plain.state_dict())
+    n = cfg.window_samples
+    rest = torch.zeros(1, n, 6)
+    rest[..., 2] = 9.81
+    rest += 0.03 * torch.randn(1, n, 6)
+    turning = rest.clone()
+    turning[..., 3:] += torch.tensor([0.3, -0.2, 0.5])     # rad/s, the whole window
+    turning[..., :3] += torch.tensor([0.5, 0.0, -0.4])     # m/s^2: gravity's direction moved
+    snap = rest.clone()
+    snap[:, n // 2: n // 2 + 3, 2] += 1.0
+    with torch.no_grad():
+        steady = float((high(turning) - high(rest)).abs().max())
+        clicked = float((high(snap) - high(rest)).abs().max())
+        unfiltered = float((plain(turning) - plain(rest)).abs().max())
+    assert steady < 1e-5                      # float rounding only
+    assert clicked > 100 * max(steady, 1e-7)
+    assert unfiltered > 100 * max(steady, 1e-7)

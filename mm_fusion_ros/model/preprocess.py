@@ -419,6 +419,7 @@ class ImuEncoder(nn.Module):
         super().__init__()
         self.features, width = _conv1d_stack(6, cfg.channels)
         self.proj = nn.Linear(2 * width, out_dim)
+        self.high_pass = cfg.high_pass
         # Standardisation per channel: the training set's statistics once trained (``set_normalization``);
         # until then gravity's ~9.81 brought to the gyro's magnitude. Persistent: saved in checkpoints
         # and baked into exported engines, never applied by a caller.
@@ -426,7 +427,10 @@ class ImuEncoder(nn.Module):
         self.register_buffer("inv_std", torch.tensor([1 / 9.81] * 3 + [1.0] * 3).view(1, 6, 1))
 
     def forward(self, imu: torch.Tensor) -> torch.Tensor:
-        f = self.features((imu.transpose(1, 2) - self.mean) * self.inv_std)
+        x = (imu.transpose(1, 2) - self.mean) * self.inv_std
+        if self.high_pass:
+            x = x - x.mean(dim=2, keepdim=True)
+        f = self.features(x)
         return self.proj(torch.cat([f.mean(dim=2), f.amax(dim=2)], dim=1))
 
 
