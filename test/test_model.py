@@ -779,7 +779,7 @@ def test_the_cue_reads_memory_holds_an_estimate_while_its_gate_is_shut_and_start
     held = read.remember(memory, elsewhere, shut, on)         # out of sight: held (gate sigmoid(-15))
     torch.testing.assert_close(held[:, :n2], first, atol=1e-5, rtol=0)
     followed = read.remember(memory, elsewhere, open_, on)    # in sight: follows (gate sigmoid(5))
-    assert float((followed[:, :n2] - elsewhere).abs().max()) < 0.03 * 3.0
+    assert float((followed[:, :n2] - elsewhere).abs().max().detach()) < 0.03 * 3.0
     nan = torch.full_like(first, float("nan"))
     masked = read.remember(memory, nan, torch.full_like(open_, float("nan")), off)
     torch.testing.assert_close(masked, memory)
