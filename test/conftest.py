@@ -1,3 +1,4 @@
+import dataclasses
 import os
 
 os.environ.setdefault("ROS_AUTOMATIC_DISCOVERY_RANGE", "LOCALHOST")
@@ -101,3 +102,21 @@ def short_cell_config(folder: Path, seconds: float) -> Path:
     path = folder / "sim_short.yaml"
     path.write_text(yaml.safe_dump(doc))
     return path
+
+
+def with_strategy(cfg, strategy: str):
+    """``strategy``, or ``<strategy>+keypoints`` / ``+audio_keypoints`` for that strategy with two keypoint
+    queries from the fused state / from the audio cell's state, ``+cue`` with a cue read of 3 buttons, and
+    ``+tool`` with a tool-space action head (at the Panda's ready pose as its rest posture), ``+memory`` with
+    three pixel keypoints and the cue read's memory of the buttons in one more state slot, and the IMU
+    high-passed (item 23's recipe)."""
+    from mm_fusion_ros.sim.panda import READY_Q
+    name, *extras = strategy.split("+")
+    action = cfg.action if "tool" not in extras else dataclasses.replace(
+        cfg.action, space="tool", rest=tuple(float(x) for x in READY_Q))
+    return dataclasses.replace(cfg, action=action, fusion=dataclasses.replace(
+        cfg.fusion, strategy=name, keypoint_queries=2 if any(e.endswith("keypoints") for e in extras) else 0,
+        keypoint_query_source="audio" if "audio_keypoints" in extras else "fused",
+        cue_objects=3 if "cue" in extras else 0, cue_memory="memory" in extras),
+        camera=dataclasses.replace(cfg.camera, pixel_keypoints=3 if "memory" in extras else 0),
+        imu=dataclasses.replace(cfg.imu, high_pass="memory" in extras))

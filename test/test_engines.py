@@ -7,6 +7,7 @@ import numpy as np
 import onnx
 import pytest
 import torch
+from conftest import with_strategy
 
 from mm_fusion_ros.config import MODALITIES
 from mm_fusion_ros.engine import InputError, create_engine, ensure_onnx, resolve_backend
@@ -218,15 +219,7 @@ def test_every_fusion_strategy_exports_flat_and_matches_torch(robot, tmp_path, s
     the damped least squares inside the graph) and the cue read's memory (``+memory``: pixel keypoints, their
     gates, one more state slot; with it the IMU high-passed)."""
     cfg, _ = robot
-    name, *extras = strategy.split("+")
-    action = cfg.model.action if "tool" not in extras else dataclasses.replace(
-        cfg.model.action, space="tool", rest=(0.0, -0.785, 0.0, -2.356, 0.0, 1.571, 0.785))
-    model_cfg = dataclasses.replace(cfg.model, action=action, fusion=dataclasses.replace(
-        cfg.model.fusion, strategy=name, keypoint_queries=2 if any(e.endswith("keypoints") for e in extras) else 0,
-        keypoint_query_source="audio" if "audio_keypoints" in extras else "fused",
-        cue_objects=3 if "cue" in extras else 0, cue_memory="memory" in extras),
-        camera=dataclasses.replace(cfg.model.camera, pixel_keypoints=3 if "memory" in extras else 0),
-        imu=dataclasses.replace(cfg.model.imu, high_pass="memory" in extras))
+    model_cfg = with_strategy(cfg.model, strategy)
     cfg = dataclasses.replace(cfg, model=model_cfg,
                               engine=dataclasses.replace(cfg.engine, artifact_dir=str(tmp_path)))
     model = build_model(model_cfg, seed=5)

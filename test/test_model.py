@@ -7,6 +7,7 @@ import dataclasses
 import numpy as np
 import pytest
 import torch
+from conftest import with_strategy
 
 from mm_fusion_ros.config import MODALITIES, ModelConfig
 from mm_fusion_ros.sim.panda import READY_Q
@@ -21,23 +22,6 @@ ATTENTION_STRATEGIES = ("hybrid", "hierarchical")
 # one with them from the audio cell's state, and one with the cue read (CueRead, three buttons).
 VARIANTS = STRATEGIES + ("hybrid+keypoints", "hybrid+audio_keypoints", "hybrid+cue", "hybrid+cue+tool",
                          "hybrid+cue+tool+memory")
-
-
-def with_strategy(cfg: ModelConfig, strategy: str) -> ModelConfig:
-    """``strategy``, or ``<strategy>+keypoints`` / ``+audio_keypoints`` for that strategy with two keypoint
-    queries from the fused state / from the audio cell's state, ``+cue`` with a cue read of 3 buttons, and
-    ``+tool`` with a tool-space action head (at the Panda's ready pose as its rest posture), ``+memory`` with
-    three pixel keypoints and the cue read's memory of the buttons in one more state slot, and the IMU
-    high-passed (item 23's recipe)."""
-    name, *extras = strategy.split("+")
-    action = cfg.action if "tool" not in extras else dataclasses.replace(
-        cfg.action, space="tool", rest=tuple(float(x) for x in READY_Q))
-    return dataclasses.replace(cfg, action=action, fusion=dataclasses.replace(
-        cfg.fusion, strategy=name, keypoint_queries=2 if any(e.endswith("keypoints") for e in extras) else 0,
-        keypoint_query_source="audio" if "audio_keypoints" in extras else "fused",
-        cue_objects=3 if "cue" in extras else 0, cue_memory="memory" in extras),
-        camera=dataclasses.replace(cfg.camera, pixel_keypoints=3 if "memory" in extras else 0),
-        imu=dataclasses.replace(cfg.imu, high_pass="memory" in extras))
 
 
 @pytest.fixture(scope="module")
