@@ -234,6 +234,10 @@ class Evaluator:
         button = buttons[spec.target]
         closest_each = np.full(len(buttons), math.inf)   # the tool's closest approach to every button (xy)
         target_errors: list[float] = []
+        # The tip's height above the cued cap while over it (xy within the cap's radius): a policy that finds
+        # the button but never presses shows here at what height it stops.
+        lowest_over_cap = math.inf
+        cap_radius = cell.cfg.scene.cap_radius
         recorder = _Recorder(cell, video, self.cfg.control_rate_hz) if video else None
         try:
             while not cell.outcome.done:
@@ -242,7 +246,10 @@ class Evaluator:
                 held += result.safety.held
                 contribution += result.contribution
                 cell.command(result.safety.command)
-                closest_each = np.minimum(closest_each, np.hypot(*(cell.tcp()[0][:2] - buttons).T))
+                tip = cell.tcp()[0]
+                closest_each = np.minimum(closest_each, np.hypot(*(tip[:2] - buttons).T))
+                if math.hypot(*(tip[:2] - button)) <= cap_radius:
+                    lowest_over_cap = min(lowest_over_cap, float(tip[2] - cell.button_top(spec.target)[2]))
                 if loop.task_state and result.safety.command.any():   # the policy has started: it heard the cue
                     guess = np.asarray(result.fused_state[:2], np.float64) / UNITS_PER_M
                     target_errors.append(float(np.hypot(*(guess - button))))
@@ -270,6 +277,8 @@ class Evaluator:
             # And which button it came nearest: whether the policy picked the one the cue named.
             "closest_cm": round(100 * float(closest_each[spec.target]), 2),
             "nearest_button": COLOUR_NAMES[int(np.argmin(closest_each))],
+            "lowest_over_cap_cm": round(100 * lowest_over_cap, 2) if math.isfinite(lowest_over_cap) else None,
+            "final_above_cap_cm": round(100 * float(cell.tcp()[0][2] - cell.button_top(spec.target)[2]), 2),
             "target_error_cm": round(100 * float(np.median(target_errors)), 2) if target_errors else None,
             "contribution": {m: round(float(c / max(ticks, 1)), 4) for m, c in zip(MODALITIES, contribution)},
             "wall_s": round(time.perf_counter() - wall0, 3),
@@ -333,6 +342,9 @@ def summarize(episodes: list[dict]) -> dict:
         "sim_s": round(sim_s, 2),
         "median_closest_cm": _median(e.get("closest_cm") for e in episodes),
         "nearest_is_cued": sum("nearest_button" in e and e["nearest_button"] == e.get("target") for e in episodes),
+        "over_cap": sum(e.get("lowest_over_cap_cm") is not None for e in episodes),
+        "median_lowest_over_cap_cm": _median(e.get("lowest_over_cap_cm") for e in episodes),
+        "median_final_above_cap_cm": _median(e.get("final_above_cap_cm") for e in episodes),
         "median_target_error_cm": _median(e.get("target_error_cm") for e in episodes),
         "contribution": {m: round(float(np.mean([e["contribution"][m] for e in episodes])), 4) for m in MODALITIES},
     }
@@ -401,12 +413,14 @@ def table(report: dict) -> str:
     s = report["summary"]
     lo, hi = s["success_ci95"]
     lines = [f"{'seed':>7} {'outcome':<8} {'reason':<26} {'t (s)':>6} {'contacts':>8} {'max |qd|':>8} "
-             f"{'closest':>8} {'nearest':>8} {'est. err':>8}"]
+             f"{'closest':>8} {'nearest':>8} {'over cap':>8} {'est. err':>8}"]
     for e in report["episodes"]:
         est = e.get("target_error_cm")
+        low = e.get("lowest_over_cap_cm")
         lines.append(f"{e['seed']:>7} {e['outcome']:<8} {e['reason']:<26} {e['duration_s']:>6.2f} "
                      f"{e['intruder_contacts']:>8} {e['max_joint_speed']:>8.3f} {e['closest_cm']:>6.1f}cm "
                      f"{e.get('nearest_button', '-'):>8} "
+                     + (f"{low:>6.1f}cm " if low is not None else f"{'-':>8} ")
                      + (f"{est:>6.1f}cm" if est is not None else f"{'-':>8}"))
     t = report["throughput"]
     mtts = s["mean_time_to_success_s"]
@@ -420,6 +434,9 @@ def table(report: dict) -> str:
               f"the button the tool came nearest was the cued one in {s.get('nearest_is_cued')}/{s['episodes']}"
               + (f"; the policy's estimate of it off by {s['median_target_error_cm']} cm (median)"
                  if s.get("median_target_error_cm") is not None else ""),
+              f"over the cued cap in {s.get('over_cap')}/{s['episodes']}, lowest there "
+              f"{s.get('median_lowest_over_cap_cm')} cm above it (median); at the end "
+              f"{s.get('median_final_above_cap_cm')} cm above it (median)",
               f"{t['episodes_per_min']:.1f} episodes/min, {t['x_realtime_per_worker']:.1f}x real time per worker "
               f"({report['workers']} worker(s))"]
     return "\n".join(lines)

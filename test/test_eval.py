@@ -75,6 +75,15 @@ def test_every_episode_is_reported_and_aggregated_with_an_interval(two_episodes)
         assert e["target_error_cm"] is None
         assert e["nearest_button"] in COLOUR_NAMES[:len(spec.buttons)] and e["target"] == spec.target_colour
     assert r["summary"]["nearest_is_cued"] == sum(e["nearest_button"] == e["target"] for e in r["episodes"])
+    # The tip's height above the cued cap: never below the cap's full travel (the cap stops it), and
+    # the lowest while over the cap only when the tool came within the cap's radius.
+    travel_cm = 100 * (cell.cfg.scene.click_depth[1] + cell.cfg.scene.free_travel)
+    for e in r["episodes"]:
+        assert e["final_above_cap_cm"] > -travel_cm - 0.5
+        assert (e["lowest_over_cap_cm"] is not None) == (e["closest_cm"] <= 100 * cell.cfg.scene.cap_radius + 0.01)
+        if e["lowest_over_cap_cm"] is not None:
+            assert e["lowest_over_cap_cm"] > -travel_cm - 0.5
+    assert r["summary"]["over_cap"] == sum(e["lowest_over_cap_cm"] is not None for e in r["episodes"])
     s = r["summary"]
     lo, hi = s["success_ci95"]
     assert 0.0 <= lo <= s["success_rate"] <= hi <= 1.0
