@@ -226,6 +226,11 @@ class ActionConfig:
     rest: tuple[float, ...] = (0.0, -math.pi / 4, 0.0, -3 * math.pi / 4, 0.0, math.pi / 2, math.pi / 4)
     null_gain: float = 0.5             # tool: 1/s, that pull
     damping: float = 0.05              # tool: lambda of the damped least squares
+    # What the head reads. fused: the fused vector (and the tool's pose, in tool space). task: only what
+    # training supervises to mean something in the task, the cue read (the named button's offset from the
+    # tool, the tool's height, the belief), the phase flags (``model.network.PHASES``) and the tool's pose,
+    # none of which the action's loss trains: see ``ActionHead``.
+    reads: Literal["fused", "task"] = "fused"
 
     @property
     def dof(self) -> int:
@@ -246,6 +251,7 @@ class ActionConfig:
                    f"space tool needs a rest posture, one value per DOF ({len(self.names)}), got {len(self.rest)}")
             _check(self.null_gain >= 0, f"{key}.null_gain", f"must be >= 0, got {self.null_gain}")
             _check(self.damping > 0, f"{key}.damping", f"must be positive, got {self.damping}")
+        _check(self.reads in ("fused", "task"), f"{key}.reads", f"must be fused or task, got {self.reads!r}")
 
 
 @dataclass(frozen=True)
@@ -282,6 +288,9 @@ class ModelConfig:
                "tool turns the tool's twist into joint velocities at the measured joints: modalities must "
                f"include joint_state, got {list(self.modalities)}")
         _check(self.fused_state_dim > 0, f"{key}.fused_state_dim", f"must be positive, got {self.fused_state_dim}")
+        _check(self.action.reads != "task" or (self.action.space == "tool" and self.fusion.cue_objects > 0),
+               f"{key}.action.reads", "task reads the cue read and the tool's pose: it needs action.space tool and "
+               f"fusion.cue_objects above 0, got space {self.action.space} and cue_objects {self.fusion.cue_objects}")
 
 
 @dataclass(frozen=True)

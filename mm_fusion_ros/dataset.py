@@ -92,6 +92,7 @@ class Episode:
     task_weight: np.ndarray | None = None   # (T,) where that is known
     objects: np.ndarray | None = None   # (2 N,) every button's (x, y) in dm, for the camera target (training)
     cue: int = -1                       # which of them the cue names (training's cue target); -1: unknown
+    phases: np.ndarray | None = None    # (T, len(PHASES)) the phase flags (training's phase target)
 
     @property
     def ticks(self) -> int:

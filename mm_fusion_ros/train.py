@@ -44,7 +44,7 @@ from .config import MODALITIES, ConfigError, RobotConfig, config_to_dict
 from .dataset import DEFAULT_LABEL_TOPIC, DatasetError, Episode, load_episodes
 from .model.kinematics import joints_to_tool_twist
 from .model.network import ObjectLocator
-from .sim.task_state import TASK_STATE, UNITS_PER_M, task_state, task_weight
+from .sim.task_state import PHASES, TASK_STATE, UNITS_PER_M, task_phases, task_state, task_weight
 
 RESUME_SUFFIX = ".resume"
 
@@ -79,6 +79,7 @@ class TrainConfig:
     camera_target_weight: float = 0.0  # loss weight of every button's position read off the camera keypoints
     camera_pretrain_steps: int = 0     # steps that train the camera on that target alone before cloning
     cue_target_weight: float = 0.0     # loss weight of which button the cue names, from the audio cell (CueRead)
+    phase_target_weight: float = 0.0   # loss weight of the phase flags a head that reads the task switches on (PHASES)
     threads: int = 0                   # torch intra-op threads (0: all cores)
     init: str = ""                     # start from this checkpoint's weights and normalisation (DAgger rounds)
 
@@ -108,6 +109,7 @@ class TrainConfig:
                   (self.keypoint_target_ticks >= 0, "--keypoint-target-ticks must be >= 0"),
                   (self.camera_target_weight >= 0, "--camera-target-weight must be >= 0"),
                   (self.cue_target_weight >= 0, "--cue-target-weight must be >= 0"),
+                  (self.phase_target_weight >= 0, "--phase-target-weight must be >= 0"),
                   (0 <= self.camera_pretrain_steps <= 1000000, "--camera-pretrain-steps must be in [0, 1000000]"),
                   (self.camera_pretrain_steps == 0 or self.camera_target_weight > 0,
                    "--camera-pretrain-steps needs --camera-target-weight above 0: cloning without that target "
@@ -143,6 +145,21 @@ def trained_config(cfg: RobotConfig, tc: TrainConfig) -> RobotConfig:
     if tc.camera_target_weight > 0 and "camera" not in model.modalities:
         raise ConfigError("--camera-target-weight trains the camera: it needs camera among the modalities")
     return dataclasses.replace(cfg, model=model)
+
+
+def check_task_targets(model, tc: TrainConfig) -> None:
+    """A head that reads the task, and the targets that train what it reads: refused before any work where
+    they do not go together (``train``; eval compares configs through ``trained_config`` without them)."""
+    if (tc.phase_target_weight > 0) != (model.action.reads == "task"):
+        raise ConfigError("--phase-target-weight trains the phase flags that only a head reading the task has: "
+                          "set it above 0 with model.action.reads task, and only then")
+    if model.action.reads == "task":
+        # Cut off from the action's gradient, what the head reads learns from these targets or not at all.
+        for name, weight, flag in (("camera", tc.camera_target_weight, "--camera-target-weight"),
+                                   ("audio", tc.cue_target_weight, "--cue-target-weight")):
+            if name in model.modalities and weight <= 0:
+                raise ConfigError(f"model.action.reads task: the cue read learns from {name} only through {flag}; "
+                                  "set it above 0")
 
 
 def overrides_of(tc: TrainConfig) -> dict:
@@ -279,6 +296,8 @@ class Chunk:
     objects: torch.Tensor       # (B, 2 N): every button's (x, y) in dm, in the spec's order (zeros: unknown)
     objects_valid: torch.Tensor  # (B,): 1 where the episode's recording says where its buttons are
     cue: torch.Tensor           # (B,) int64: which of them the cue names (-1: unknown)
+    phases: torch.Tensor        # (B, T, len(PHASES)): the phase flags (sim.task_state.task_phases)
+    phases_valid: torch.Tensor  # (B, T): 1 where they are known (a labelled tick of a recording with a spec)
 
 
 def _distinct(ep_index: list[tuple[int, np.ndarray]], store_of: Callable[[int], np.ndarray],
@@ -318,6 +337,8 @@ def make_chunk(episodes: Sequence[Episode], start: int, T: int, cfg) -> Chunk:
     objects = np.zeros((B, n_obj), np.float32)
     objects_valid = np.zeros(B, np.float32)
     cue = np.full(B, -1, np.int64)
+    phases = np.zeros((B, T, len(PHASES)), np.float32)
+    phases_valid = np.zeros((B, T), np.float32)
     cam_index, lidar_index = [], []
     for b, ep in enumerate(episodes):
         lo, hi = start, min(start + T, ep.ticks)
@@ -352,6 +373,9 @@ def make_chunk(episodes: Sequence[Episode], start: int, T: int, cfg) -> Chunk:
         if ep.objects is not None:
             objects[b], objects_valid[b] = ep.objects, 1.0
             cue[b] = ep.cue
+        if ep.phases is not None:
+            phases[b, :n] = ep.phases[lo:hi]
+            phases_valid[b, :n] = np.asarray(a["labelled"][lo:hi]) > 0
     cams, cam_rows = _distinct(cam_index, lambda b: episodes[b].arrays["camera_frames"], np.zeros(shape, np.uint8),
                                B, T)
     scans, scan_rows = _distinct(lidar_index, lambda b: episodes[b].arrays["lidar_scans"],
@@ -368,7 +392,8 @@ def make_chunk(episodes: Sequence[Episode], start: int, T: int, cfg) -> Chunk:
                  torch.from_numpy(mask), torch.from_numpy(dt), torch.from_numpy(action), torch.from_numpy(valid),
                  torch.from_numpy(task), torch.from_numpy(task_valid), torch.from_numpy(task_age),
                  torch.from_numpy(objects),
-                 torch.from_numpy(objects_valid), torch.from_numpy(cue))
+                 torch.from_numpy(objects_valid), torch.from_numpy(cue), torch.from_numpy(phases),
+                 torch.from_numpy(phases_valid))
 
 
 class ObjectProbe(ObjectLocator):
@@ -398,7 +423,8 @@ class SequenceModel(nn.Module):
         """(normalised actions (B, T, dof), fused states (B, T, fused_state_dim), the state after the chunk,
         the cued button located from the camera keypoints (B, T, 2), or None without keypoint queries or a
         cue read, which button the cue names (B, T, N logits), or None without a cue read, every button's
-        position from the camera (B, T, 2 N), or None without an ObjectProbe or a cue read)."""
+        position from the camera (B, T, 2 N), or None without an ObjectProbe or a cue read, the phase logits
+        (B, T, len(PHASES)), or None unless the head reads the task)."""
         net = self.net
         B, T, M = c.mask.shape
         mask = c.mask * net.used.view(1, 1, M)
@@ -435,11 +461,12 @@ class SequenceModel(nn.Module):
         pose = None if joints is None else net.action_head.arm_pose(joints)   # as FusionNet.forward: once
         fused, reads = net.read_camera(fused, keypoints.float(), mask.flatten(0, 1), states, c.joint_state, pose,
                                        memories)
-        located, cue, objects = (x.view(B, T, -1) if x is not None else None for x in reads)
+        located, cue, objects = (x.view(B, T, -1) if x is not None else None for x in reads[:3])
         if objects is None and self.objects is not None:
             objects = self.objects(keypoints.float()).view(B, T, -1)
-        return (net.action_head.normalized(fused, joints, pose).view(B, T, -1), net.state_head(fused).view(B, T, -1), state,
-                located, cue, objects)
+        head_in, phases = net.head_input(fused, reads)
+        return (net.action_head.normalized(head_in, joints, pose).view(B, T, -1), net.state_head(fused).view(B, T, -1),
+                state, located, cue, objects, None if phases is None else phases.view(B, T, -1))
 
 
 # ---------------------------------------------------------------- the loop
@@ -483,7 +510,7 @@ def _run_batch(model: nn.Module, net, batch: list[Episode], tc: TrainConfig, tar
     """Step a batch of episodes through in chunks; returns the actions' (sum of weighted squared errors,
     weighted tick count), the task state's (sum of squared errors, values), the camera target's (the same)
     and the cue target's (ticks whose belief names the cued button, ticks it was asked on)."""
-    act_mean, act_std = targets
+    act_mean, act_std, phase_pos_weight = targets
     T = tc.chunk_ticks
     longest = max(e.ticks for e in batch)
     chunks = math.ceil(longest / T)
@@ -494,6 +521,8 @@ def _run_batch(model: nn.Module, net, batch: list[Episode], tc: TrainConfig, tar
     state = net.initial_state(len(batch)).to(device)
     train = optimizer is not None
     sse = count = task_sse = task_count = obj_sse = obj_count = cue_hits = cue_count = 0.0
+    phase_hits = np.zeros((2, len(PHASES)))     # [negatives, positives] the phase flags said right
+    phase_count = np.zeros((2, len(PHASES)))
     K = len(TASK_STATE)
     for k in range(chunks):
         c = make_chunk(batch, k * T, T, net.cfg)
@@ -503,7 +532,7 @@ def _run_batch(model: nn.Module, net, batch: list[Episode], tc: TrainConfig, tar
         c = Chunk(*(getattr(c, f.name).to(device) for f in dataclasses.fields(Chunk)))
         target = (c.action - act_mean) / act_std
         with torch.set_grad_enabled(train):
-            pred, fused_state, state, located, cue, objects = model(c, state)
+            pred, fused_state, state, located, cue, objects, phases = model(c, state)
             err = ((pred - target) ** 2).mean(dim=-1) * c.valid
             n = c.valid.sum()
             loss = err.sum() / torch.clamp(n, min=1.0)
@@ -545,6 +574,17 @@ def _run_batch(model: nn.Module, net, batch: list[Episode], tc: TrainConfig, tar
                     loss = loss + tc.cue_target_weight * (ce * w).sum() / torch.clamp(w.sum(), min=1.0)
                 cue_hits += float(((cue.argmax(dim=-1) == named).float() * w).sum())
                 cue_count += float(w.sum())
+            if phases is not None:
+                # Each flag's positives weighted up to its negatives' share (the click is ~2 % of the ticks).
+                w = c.phases_valid.unsqueeze(-1)
+                bce = nn.functional.binary_cross_entropy_with_logits(phases, c.phases, reduction="none",
+                                                                     pos_weight=phase_pos_weight)
+                loss = loss + tc.phase_target_weight * (bce * w).sum() / torch.clamp(w.sum() * len(PHASES), min=1.0)
+                said = ((phases.detach() > 0).float() == c.phases).float() * w
+                for v in (0, 1):
+                    on = (c.phases == v).float() * w
+                    phase_hits[v] += (said * on).sum(dim=(0, 1)).cpu().numpy()
+                    phase_count[v] += on.sum(dim=(0, 1)).cpu().numpy()
         if not torch.isfinite(loss):
             raise TrainingError(f"non-finite loss ({float(loss.detach())}) in chunk {k} (ticks {k * T}..{(k + 1) * T - 1}) "
                                 f"of the batch of episodes {[e.name for e in batch]}")
@@ -560,7 +600,21 @@ def _run_batch(model: nn.Module, net, batch: list[Episode], tc: TrainConfig, tar
         task_count += float(task_n)
         if on_chunk is not None:
             on_chunk(len(batch) * T, float(loss.detach()))
-    return sse, count, task_sse, task_count, obj_sse, obj_count, cue_hits, cue_count
+    return sse, count, task_sse, task_count, obj_sse, obj_count, cue_hits, cue_count, phase_hits, phase_count
+
+
+def phase_pos_weight(episodes: Sequence[Episode]) -> torch.Tensor:
+    """(len(PHASES),) each flag's negatives per positive over the training ticks, in [1, 50]: its positives'
+    weight in the phase target."""
+    rows = [e.phases[np.asarray(e.arrays["labelled"]) > 0] for e in episodes if e.phases is not None]
+    if not rows:
+        return torch.ones(len(PHASES))
+    p = np.clip(np.concatenate(rows).mean(axis=0), 1e-6, 1.0)
+    return torch.tensor(np.clip((1.0 - p) / p, 1.0, 50.0), dtype=torch.float32)
+
+
+def pct(hits: float, count: float) -> str:
+    return f"{100 * hits / count:.0f} %" if count else "-"
 
 
 def task_rms_cm(task_sse: float, task_count: float) -> float:
@@ -578,7 +632,7 @@ def attach_task_state(episodes: Sequence[Episode], cfg: RobotConfig) -> int:
     for e in episodes:
         spec = e.meta.get("episode", {}).get("spec")
         if not spec or dof != 7:
-            e.task = e.task_weight = e.objects = None
+            e.task = e.task_weight = e.objects = e.phases = None
             e.cue = -1
             continue
         e.objects = np.asarray(spec["buttons"], np.float32).reshape(-1) * UNITS_PER_M
@@ -586,6 +640,9 @@ def attach_task_state(episodes: Sequence[Episode], cfg: RobotConfig) -> int:
         a = e.arrays
         e.task = task_state(spec, np.asarray(a["joint_state"])[:, :dof])
         e.task_weight = task_weight(a["action"], a["labelled"], np.asarray(a["mask"])[:, js])
+        # Read off the tool-space labels (the expert's twist): None in joint space, where no head reads the task.
+        e.phases = (task_phases(a["action"], e.task_weight, e.task[:, 4])
+                    if np.asarray(a["action"]).shape[1] == 6 else None)
         n += 1
     return n
 
@@ -692,6 +749,7 @@ def train(bags: Sequence[str | Path], cfg: RobotConfig, tc: TrainConfig, out: st
 
     tc.validate()
     cfg = trained_config(cfg, tc)
+    check_task_targets(cfg.model, tc)
     out = Path(out)
     rank, world = _dist()
     if world > 1 and not torch.distributed.is_initialized():
@@ -719,7 +777,10 @@ def train(bags: Sequence[str | Path], cfg: RobotConfig, tc: TrainConfig, out: st
     stats = normalization(train_eps)
     with_task = (attach_task_state(episodes, cfg)
                  if tc.task_state_weight > 0 or tc.keypoint_target_weight > 0 or tc.camera_target_weight > 0
-                 or tc.cue_target_weight > 0 else 0)
+                 or tc.cue_target_weight > 0 or tc.phase_target_weight > 0 else 0)
+    if tc.phase_target_weight > 0 and not with_task:
+        raise DatasetError("--phase-target-weight needs recordings of the simulated cell (its episode spec and "
+                           "the expert's commands say which phase each tick is in); none of these bags carries one")
     if tc.camera_target_weight > 0 and not with_task:
         raise DatasetError("--camera-target-weight needs recordings that say where the buttons are (the "
                            "simulated cell's episode spec); none of these bags carries one")
@@ -783,7 +844,11 @@ def train(bags: Sequence[str | Path], cfg: RobotConfig, tc: TrainConfig, out: st
     net = net.to(device)
     for e in episodes:
         e.weight = keyframe_weights(e, stats["action_std"], tc) if tc.keyframe_weight > 0 else None
-    targets = (net.action_head.mean.detach().clone(), net.action_head.std.detach().clone())
+    targets = (net.action_head.mean.detach().clone(), net.action_head.std.detach().clone(),
+               phase_pos_weight(train_eps).to(device))
+    if tc.phase_target_weight > 0:
+        log(f"train: the phase flags ({', '.join(PHASES)}) learn from the expert's commands, weight "
+            f"{tc.phase_target_weight}; the action head reads them and the cue read, not the fused vector")
     params = list(net.parameters()) + (list(probe.parameters()) if probe is not None else [])
     optimizer = torch.optim.AdamW(params, lr=tc.lr, weight_decay=tc.weight_decay)
     history, best, best_epoch, start_epoch, best_state = History(), math.inf, -1, 0, None
@@ -827,6 +892,7 @@ def train(bags: Sequence[str | Path], cfg: RobotConfig, tc: TrainConfig, out: st
             group["lr"] = epoch_lr(tc, epoch)
         t0 = time.perf_counter()
         sse = count = tsse = tcount = osse = ocount = chits = ccount = 0.0
+        phits = pcount = vphits = vpcount = 0.0   # the phase flags' (this rank's) [negatives, positives] right
         seen = 0
         batches = _batches(train_eps, tc.batch_episodes, rng, rank, world)
         with tqdm(total=sum(math.ceil(max(e.ticks for e in b) / tc.chunk_ticks) for b in batches) * tc.chunk_ticks
@@ -840,7 +906,8 @@ def train(bags: Sequence[str | Path], cfg: RobotConfig, tc: TrainConfig, out: st
             for batch in batches:
                 out_ = _run_batch(model, net, batch, tc, targets, rng, device, optimizer, world, on_chunk)
                 sse, count, tsse, tcount, osse, ocount, chits, ccount = (
-                    a + b for a, b in zip((sse, count, tsse, tcount, osse, ocount, chits, ccount), out_))
+                    a + b for a, b in zip((sse, count, tsse, tcount, osse, ocount, chits, ccount), out_[:8]))
+                phits, pcount = phits + out_[8], pcount + out_[9]
         elapsed = time.perf_counter() - t0
         if world > 1:   # the epoch's loss over every rank's batches, not this rank's alone
             totals = torch.tensor([sse, count, tsse, tcount, osse, ocount, chits, ccount], dtype=torch.float64)
@@ -852,7 +919,8 @@ def train(bags: Sequence[str | Path], cfg: RobotConfig, tc: TrainConfig, out: st
         for k in range(0, len(val_eps), tc.batch_episodes):
             out_ = _run_batch(SequenceModel(net, objects=probe), net, val_eps[k:k + tc.batch_episodes], tc, targets,
                               rng, device)
-            vs, vn, vts, vtn, vos, von, vch, vcc = (a + b for a, b in zip((vs, vn, vts, vtn, vos, von, vch, vcc), out_))
+            vs, vn, vts, vtn, vos, von, vch, vcc = (a + b for a, b in zip((vs, vn, vts, vtn, vos, von, vch, vcc), out_[:8]))
+            vphits, vpcount = vphits + out_[8], vpcount + out_[9]
         val_loss = vs / max(vn, 1.0)
         history.train_task_cm.append(task_rms_cm(tsse, tcount))
         history.val_task_cm.append(task_rms_cm(vts, vtn))
@@ -892,6 +960,10 @@ def train(bags: Sequence[str | Path], cfg: RobotConfig, tc: TrainConfig, out: st
         if vcc:
             task += (f", cue named {100 * history.train_cue_acc[-1]:.0f} / {100 * history.val_cue_acc[-1]:.0f} % of "
                      "the ticks")
+        if np.sum(vpcount):
+            task += ", phases right (negatives / positives, validation) " + ", ".join(
+                f"{name} {pct(vphits[0, i], vpcount[0, i])} / {pct(vphits[1, i], vpcount[1, i])}"
+                for i, name in enumerate(PHASES))
         log(f"train: epoch {epoch + 1}: train loss {train_loss:.4f}, validation loss {val_loss:.4f}"
             f"{' (best)' if improved else ''}{task}, {history.ticks_per_s[-1]:.0f} ticks/s")
         if epoch + 1 - best_epoch >= tc.patience:
@@ -1002,6 +1074,10 @@ def add_train_command(add: Callable) -> None:
     p.add_argument("--cue-target-weight", type=float, default=d.cue_target_weight,
                    help="loss weight of which button the tone names, classified from the audio cell's state by the "
                         "cue read (model.fusion.cue_objects > 0), where a recording carries the spec; 0: off")
+    p.add_argument("--phase-target-weight", type=float, default=d.phase_target_weight,
+                   help="loss weight of the phase flags (cue heard, holding for the intruder, clicked) from the "
+                        "fused vector, read off the expert's commands in the cell's recordings; needs "
+                        "model.action.reads task; 0: off")
     p.add_argument("--keypoint-target-ticks", type=int, default=d.keypoint_target_ticks,
                    help="the keypoint target only on this many ticks from the cue on (before the arm has gone far, "
                         "so it cannot be met from where the arm heads); 0: every tick")
@@ -1030,7 +1106,7 @@ def cmd_train(args, cfg: RobotConfig) -> int:
                      keypoint_target_weight=args.keypoint_target_weight,
                      keypoint_target_ticks=args.keypoint_target_ticks,
                      camera_target_weight=args.camera_target_weight,
-                     cue_target_weight=args.cue_target_weight,
+                     cue_target_weight=args.cue_target_weight, phase_target_weight=args.phase_target_weight,
                      camera_pretrain_steps=args.camera_pretrain_steps,
                      label_topic=args.label_topic, include_failures=args.include_failures, threads=args.threads,
                      init=args.init)

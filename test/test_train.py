@@ -112,19 +112,24 @@ def test_dataset_is_exactly_what_replay_feeds_the_engine(demos, cfg, episodes, t
     assert a["labelled"].mean() > 0.99 and np.abs(a["action"]).max() > 0.05
 
 
-@pytest.mark.parametrize("keypoint_queries,source,cue_objects,memory", [
-    (0, "fused", 0, False), (2, "fused", 0, False), (2, "audio", 0, False), (0, "fused", 3, False),
-    (0, "fused", 3, True)])
+@pytest.mark.parametrize("keypoint_queries,source,cue_objects,memory,task", [
+    (0, "fused", 0, False, False), (2, "fused", 0, False, False), (2, "audio", 0, False, False),
+    (0, "fused", 3, False, False), (0, "fused", 3, True, False), (0, "fused", 3, True, True)])
 def test_a_training_chunk_computes_what_the_streaming_step_computes_tick_by_tick(episodes, cfg, keypoint_queries,
-                                                                                 source, cue_objects, memory):
+                                                                                 source, cue_objects, memory, task):
     """Training's shortcuts (audio windows cut from one convolution over the track, the cells' input
     half and the fusion over all ticks at once, the cue read's memory gated tick by tick from estimates
     made at once) change nothing: the same predictions and state as the step's own parts fed each tick's
-    tensors, the way replay feeds them."""
+    tensors, the way replay feeds them. ``task``: a tool-space head that reads the task (the cue read and
+    the phase flags), whose phase logits training supervises."""
+    from mm_fusion_ros.sim.panda import READY_Q
+    action = cfg.model.action if not task else dataclasses.replace(
+        cfg.model.action, space="tool", reads="task", rest=tuple(float(x) for x in READY_Q))
     m = dataclasses.replace(cfg.model, fusion=dataclasses.replace(cfg.model.fusion, keypoint_queries=keypoint_queries,
                                                                   keypoint_query_source=source,
                                                                   cue_objects=cue_objects, cue_memory=memory),
-                            camera=dataclasses.replace(cfg.model.camera, pixel_keypoints=3 if memory else 0))
+                            camera=dataclasses.replace(cfg.model.camera, pixel_keypoints=3 if memory else 0),
+                            action=action)
     # The two paths round differently (batched and single-frame convolutions differ by ~3e-8), and a
     # current within that of a spike onset fires once more in one of them (seed 3 with the 12x12 camera
     # keypoints: one count, 8e-5 on one action). Seed 0's currents sit clear of every onset.
@@ -133,7 +138,8 @@ def test_a_training_chunk_computes_what_the_streaming_step_computes_tick_by_tick
     chunk = make_chunk(batch, start, T, m)
     assert (chunk.audio_start < 0).any() and (chunk.audio_start >= 0).any()
     with torch.no_grad():
-        pred, fused_state, state, _, _, _ = SequenceModel(net)(chunk, net.initial_state(len(batch)))
+        pred, fused_state, state, _, _, _, phases = SequenceModel(net)(chunk, net.initial_state(len(batch)))
+        assert (phases is not None) == task
         ref_state = net.initial_state(len(batch))
         for k in range(T):
             ticks = np.array([start + k])
@@ -153,8 +159,12 @@ def test_a_training_chunk_computes_what_the_streaming_step_computes_tick_by_tick
             held = net.remember(ref_state[:, M], keypoints, visibility, mask) if memory else None
             ref_state = cells if held is None else torch.cat([cells, held.unsqueeze(1)], dim=1)
             fused, _, _ = net.fusion(cells, mask)
-            fused, _ = net.read_camera(fused, keypoints, mask, cells, joints, None, held)
-            torch.testing.assert_close(pred[:, k], net.action_head.normalized(fused), rtol=1e-4, atol=1e-5)
+            fused, reads = net.read_camera(fused, keypoints, mask, cells, joints, None, held)
+            head_in, logits = net.head_input(fused, reads)
+            torch.testing.assert_close(pred[:, k], net.action_head.normalized(head_in, net.measured_joints(joints, mask)),
+                                       rtol=1e-4, atol=1e-5)
+            if task:
+                torch.testing.assert_close(phases[:, k], logits, rtol=1e-4, atol=1e-5)
             torch.testing.assert_close(fused_state[:, k], net.state_head(fused), rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(state, ref_state, rtol=1e-4, atol=1e-5)
 
@@ -498,7 +508,7 @@ def test_the_camera_target_is_every_button_and_trains_the_camera_alone(episodes,
     assert chunk.objects_valid.tolist() == [1.0, 1.0]
     net = build_model(cfg.model, seed=0)
     probe = ObjectProbe(net.camera.keypoints, chunk.objects.shape[1] // 2)
-    *_, objects = SequenceModel(net, objects=probe)(chunk, net.initial_state(2))
+    *_, objects, _ = SequenceModel(net, objects=probe)(chunk, net.initial_state(2))
     assert objects.shape == (2, 20, chunk.objects.shape[1])
     ((objects - chunk.objects.unsqueeze(1)) ** 2).mean().backward()
     first_conv = net.camera.features[0].weight.grad
@@ -581,7 +591,7 @@ def test_the_cue_target_is_the_named_button_and_trains_the_audio_path_alone(epis
     assert chunk.cue.tolist() == [int(e.meta["episode"]["spec"]["target"]) for e in episodes[:2]]
     m = dataclasses.replace(cfg.model, fusion=dataclasses.replace(cfg.model.fusion, cue_objects=3))
     net = build_model(m, seed=0).train()   # the LIF layers' surrogate gradient is training's
-    _, _, _, located, cue, objects = SequenceModel(net)(chunk, net.initial_state(2))
+    _, _, _, located, cue, objects, _ = SequenceModel(net)(chunk, net.initial_state(2))
     assert cue.shape == (2, 40, 3) and located.shape == (2, 40, 2) and objects.shape == (2, 40, 6)
     named = chunk.cue.unsqueeze(1).expand(-1, 40)
     torch.nn.functional.cross_entropy(cue.flatten(0, 1), named.flatten()).backward()
@@ -648,3 +658,90 @@ def test_tool_space_labels_are_the_twists_the_experts_joint_velocities_give():
     assert e.arrays["labelled"][5] == 0 and e.arrays["labelled"][keep].all()
     for k in cached:
         np.testing.assert_array_equal(arrays[k], cached[k])
+
+
+def test_the_phase_flags_are_read_off_the_experts_twist():
+    """``task_phases``: heard from the cue on; holding where the command is exactly still after the cue; clicked
+    from the first rise within a centimetre of the cap after the cue, and not for a rise far above it."""
+    from mm_fusion_ros.sim.task_state import PHASES, task_phases
+    T = 12
+    twist = np.zeros((T, 6))
+    heard = np.zeros(T)
+    heard[3:] = 1
+    height = np.full(T, 0.5)            # dm: 5 cm above the cap
+    twist[3:5, 2] = 0.06                # rising far above the cap: the approach, not a release
+    twist[5:7, 0] = 0.1                 # moving sideways; ticks 7-8 are still: the intruder
+    twist[9, 2] = -0.008                # pressing, at the cap
+    height[9:] = 0.0
+    twist[10:, 2] = 0.06                # rising from the cap: clicked
+    flags = task_phases(twist, heard, height)
+    assert flags.shape == (T, len(PHASES))
+    np.testing.assert_array_equal(flags[:, PHASES.index("cue_heard")], heard)
+    np.testing.assert_array_equal(np.flatnonzero(flags[:, PHASES.index("intruder_hold")]), [7, 8])
+    np.testing.assert_array_equal(np.flatnonzero(flags[:, PHASES.index("clicked")]), [10, 11])
+    # Before the cue nothing holds for an intruder and nothing has clicked, whatever the command.
+    assert not task_phases(np.zeros((4, 6)), np.zeros(4), np.zeros(4))[:, 1:].any()
+
+
+def _task_model(cfg):
+    from mm_fusion_ros.sim.panda import READY_Q
+    m = cfg.model
+    return dataclasses.replace(m, fusion=dataclasses.replace(m.fusion, cue_objects=3),
+                               action=dataclasses.replace(m.action, space="tool", reads="task",
+                                                          rest=tuple(float(x) for x in READY_Q)))
+
+
+def test_a_head_that_reads_the_task_learns_from_the_action_alone_and_its_reads_from_their_targets(episodes, cfg):
+    """action.reads task: the action's loss trains the head and nothing else (nothing it could learn the arm's
+    own motion from); the phase target trains the phase head and the encoders behind the fused vector, not the
+    action head."""
+    net = build_model(_task_model(cfg), seed=0).train()
+    chunk = make_chunk(episodes[:2], 0, 40, net.cfg)
+    pred, _, _, _, _, _, phases = SequenceModel(net)(chunk, net.initial_state(2))
+    pred.square().sum().backward()
+    moved = {k for k, p in net.named_parameters() if p.grad is not None and float(p.grad.abs().sum()) > 0}
+    assert moved and all(k.startswith("action_head.") for k in moved), moved
+    net.zero_grad(set_to_none=True)
+    pred, _, _, _, _, _, phases = SequenceModel(net)(chunk, net.initial_state(2))
+    torch.nn.functional.binary_cross_entropy_with_logits(phases, torch.ones_like(phases)).backward()
+    moved = {k for k, p in net.named_parameters() if p.grad is not None and float(p.grad.abs().sum()) > 0}
+    assert "phase_head.weight" in moved and any(k.startswith("imu.") for k in moved)
+    assert not any(k.startswith("action_head.") for k in moved)
+
+
+def test_a_head_that_reads_the_task_is_refused_without_what_it_reads_or_the_targets_that_train_it(cfg):
+    m = _task_model(cfg)
+    with pytest.raises(ConfigError, match="model.action.reads: task reads the cue read .*space tool"):
+        dataclasses.replace(m, action=dataclasses.replace(m.action, space="joint")).validate("model")
+    with pytest.raises(ConfigError, match="model.action.reads: task .*cue_objects above 0"):
+        dataclasses.replace(m, fusion=dataclasses.replace(m.fusion, cue_objects=0)).validate("model")
+    from mm_fusion_ros.train import check_task_targets
+    task = dataclasses.replace(cfg, model=m)
+
+    def check(c, tc):
+        check_task_targets(trained_config(c, tc).model, tc)
+    targets = dict(camera_target_weight=1.0, cue_target_weight=1.0)
+    with pytest.raises(ConfigError, match="--phase-target-weight .*model.action.reads task"):
+        check(task, TrainConfig(**targets))
+    with pytest.raises(ConfigError, match="--phase-target-weight .*model.action.reads task"):
+        check(cfg, TrainConfig(phase_target_weight=1.0))
+    with pytest.raises(ConfigError, match="learns from camera only through --camera-target-weight"):
+        check(task, TrainConfig(phase_target_weight=1.0, cue_target_weight=1.0))
+    with pytest.raises(ConfigError, match="learns from audio only through --cue-target-weight"):
+        check(task, TrainConfig(phase_target_weight=1.0, camera_target_weight=1.0))
+    # Without the microphone there is no belief to train, and nothing to ask for.
+    check(task, TrainConfig(phase_target_weight=1.0, camera_target_weight=1.0,
+                            modalities=("camera", "imu", "lidar", "joint_state")))
+    with pytest.raises(ConfigError, match="--phase-target-weight must be >= 0"):
+        TrainConfig(phase_target_weight=-1.0).validate()
+
+
+def test_training_a_head_that_reads_the_task_reports_its_phase_flags(demos, cfg, cache, tmp_path):
+    log: list[str] = []
+    train([demos], dataclasses.replace(cfg, model=_task_model(cfg)),
+          TrainConfig(**QUICK, camera_target_weight=1.0, cue_target_weight=1.0, phase_target_weight=1.0),
+          tmp_path / "task.pt", cache=cache, progress=False, log=log.append)
+    epoch = next(line for line in log if line.startswith("train: epoch 1:"))
+    assert "phases right" in epoch and "clicked" in epoch, epoch
+    net = load_checkpoint(tmp_path / "task.pt")
+    assert net.phase_head is not None and net.cfg.action.reads == "task"

@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from ..config import MODALITIES, ActionConfig, ModelConfig, config_to_dict, model_config_from_dict
-from ..sim.task_state import UNITS_PER_M
+from ..sim.task_state import PHASES, UNITS_PER_M
 from .fusion import make_fusion
 from .kinematics import TOOL_FEATURES, PandaPose, panda_tool_pose, tool_pose_features, tool_twist_to_joints
 from .liquid import CfCCells
@@ -94,13 +94,17 @@ class ActionHead(nn.Module):
     learning stands", item 21), a joint-space head took the policy to within 0.7 cm of the cued button and
     no further; a 1 cm/s press is then a combination of seven joint velocities that depends on every joint,
     which the head had to learn from a few hundred episodes. In tool space it is one number.
+
+    ``action.reads: task``: the head reads ``task_features`` values (``FusionNet.head_input``: the cue read and
+    the phase flags) instead of the fused vector.
     """
 
-    def __init__(self, dim: int, cfg: ActionConfig):
+    def __init__(self, dim: int, cfg: ActionConfig, task_features: int = 0):
         super().__init__()
         self.tool = cfg.space == "tool"
         width = 6 if self.tool else cfg.dof
-        self.mlp = nn.Sequential(nn.Linear(dim + (TOOL_FEATURES if self.tool else 0), dim), nn.Tanh(),
+        reads = task_features if cfg.reads == "task" else dim
+        self.mlp = nn.Sequential(nn.Linear(reads + (TOOL_FEATURES if self.tool else 0), dim), nn.Tanh(),
                                  nn.Linear(dim, width))
         lower = torch.tensor(cfg.lower, dtype=torch.float32).unsqueeze(0)
         upper = torch.tensor(cfg.upper, dtype=torch.float32).unsqueeze(0)
@@ -119,8 +123,9 @@ class ActionHead(nn.Module):
 
     def normalized(self, fused: torch.Tensor, joints: torch.Tensor | None = None,
                    pose: PandaPose | None = None) -> torch.Tensor:
-        """The standardised output; ``joints`` (B, dof), the measured positions, in tool space only, and
-        ``pose``, their ``arm_pose`` where the caller has it."""
+        """The standardised output of what the head reads (``fused``: the fused vector, or ``head_input``'s
+        task features); ``joints`` (B, dof), the measured positions, in tool space only, and ``pose``, their
+        ``arm_pose`` where the caller has it."""
         if self.tool:
             fused = torch.cat([fused, tool_pose_features(joints, UNITS_PER_M, pose)], dim=-1)
         return self.mlp(fused)
@@ -205,11 +210,13 @@ class ObjectLocator(nn.Module):
 
 
 class CameraReads(NamedTuple):
-    """What training supervises of the camera reads (None where the model has no such read)."""
+    """What training supervises of the camera reads (None where the model has no such read), and the cue
+    read's values themselves."""
 
     located: torch.Tensor | None   # (B, 2) the cued object's (x, y), dm
     cue: torch.Tensor | None       # (B, N) logits: which object the cue names
     objects: torch.Tensor | None   # (B, 2 N) every object's (x, y), dm
+    read: torch.Tensor | None = None   # (B, 3 + N) the cue read: offset from the tool (2), tool height, belief (N)
 
 
 class CueRead(nn.Module):
@@ -278,7 +285,7 @@ class CueRead(nn.Module):
         tip = tip.to(fused.dtype) * UNITS_PER_M
         read = torch.cat([located - tip[:, :2], tip[:, 2:3], belief], dim=-1)
         read = torch.where(keep, read, torch.zeros_like(read))
-        return fused + self.out(read), CameraReads(located, logits, objects)
+        return fused + self.out(read), CameraReads(located, logits, objects, read)
 
 
 class FusionNet(nn.Module):
@@ -305,7 +312,10 @@ class FusionNet(nn.Module):
         self.cells = CfCCells(len(MODALITIES), dim, dim, enc.cfc_mode, enc.backbone_units, enc.backbone_layers)
         self.fusion = make_fusion(cfg.fusion.strategy, dim, len(MODALITIES), cfg.fusion.heads,
                                   cfg.fusion.rank)
-        self.action_head = ActionHead(dim, cfg.action)
+        # action.reads task: which phase of the task it is (PHASES), from the fused vector, trained by its own
+        # target (``mm-fusion train --phase-target-weight``) and read by the action head (``head_input``).
+        self.phase_head = nn.Linear(dim, len(PHASES)) if cfg.action.reads == "task" else None
+        self.action_head = ActionHead(dim, cfg.action, cfg.fusion.cue_objects + 3 + len(PHASES))
         used = torch.tensor([1.0 if m in cfg.modalities else 0.0 for m in MODALITIES]).unsqueeze(0)
         self.register_buffer("used", used, persistent=False)
         self.state_head = nn.Linear(dim, cfg.fused_state_dim)
@@ -337,9 +347,27 @@ class FusionNet(nn.Module):
         if self.memory:
             memory = self.remember(state[:, m], keypoints, visibility, mask)
             new_state = torch.cat([new_state, memory.unsqueeze(1)], dim=1)
-        fused, _ = self.read_camera(fused, keypoints, mask, new_state, joint_state, pose, memory)
-        return (self.action_head(fused, joints, pose), self.state_head(fused), new_state,
+        fused, reads = self.read_camera(fused, keypoints, mask, new_state, joint_state, pose, memory)
+        return (self.action_head(self.head_input(fused, reads)[0], joints, pose), self.state_head(fused), new_state,
                 attention, contribution, frames)
+
+    def head_input(self, fused: torch.Tensor, reads: CameraReads) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """What the action head reads, and the phase logits (B, len(PHASES)) training supervises (None unless
+        ``action.reads`` is task).
+
+        task: the cue read (the named button's offset from the tool, the tool's height, the belief) and the
+        phase flags' probabilities, both cut off from the action's gradient. Why: every input the head could
+        read that the action's loss also shaped was learned as the arm's own motion (the IMU, the joint
+        velocities, the motors' hum), which in a demonstration predicts the next command and closed loop is
+        the policy's own guess: measured (README "Where learning stands", items 19-24), each policy stopped
+        short of the button, the closer the better its validation loss. Read from supervised quantities
+        alone, the head has nothing of the arm's motion to copy: each perception (camera: where the buttons
+        are; microphone: which is named and whether it has been; IMU: the click; LiDAR: the intruder) is
+        trained by its own target, and the head learns the control law from them."""
+        if self.phase_head is None:
+            return fused, None
+        logits = self.phase_head(fused)
+        return torch.cat([reads.read.detach(), torch.sigmoid(logits).detach()], dim=-1), logits
 
     def remember(self, memory: torch.Tensor, keypoints: torch.Tensor, visibility: torch.Tensor,
                  mask: torch.Tensor) -> torch.Tensor:

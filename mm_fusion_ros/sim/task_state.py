@@ -20,6 +20,13 @@ from .panda import TIP_RADIUS, TOOL_LENGTH, forward_kinematics
 from .scene import CAP_HEIGHT, HOUSING_HEIGHT
 
 TASK_STATE = ("target_x", "target_y", "offset_x", "offset_y", "tool_height")
+# Which phase of the task a tick is in, as the expert's command shows it (``task_phases``): what a head that
+# reads the task (``model.action.reads: task``) switches on, each from the sensor that can tell.
+PHASES = ("cue_heard",       # the microphone: the first cue has played (the expert moves from then on)
+          "intruder_hold",   # the LiDAR: the expert holds still for the intruder
+          "clicked")         # the IMU: the detent has clicked, the press is over (the expert rises)
+CLICK_RISE = 0.02      # m/s: the expert rises at 0.06 once the detent clicks, and never rises while pressing
+CLICK_ZONE_DM = 0.1    # the click is within 1 cm of the cap's resting top
 UNITS_PER_M = 10.0   # decimetres: values of order one for a loss beside the standardised actions
 
 
@@ -40,6 +47,23 @@ def tool_tips(q: np.ndarray) -> np.ndarray:
     """(T, 3) tool tips (the tip sphere's surface below its centre: the cell's ``tcp`` site, what touches the
     button) for (T, 7) joint positions."""
     return forward_kinematics(q, TOOL_LENGTH + TIP_RADIUS)[:, :3, 3]
+
+
+def task_phases(twist: np.ndarray, heard: np.ndarray, tool_height_dm: np.ndarray) -> np.ndarray:
+    """(T, len(PHASES)) 0/1 from the expert's tool-twist labels (T, 6; v first, m/s), ``task_weight`` (the cue
+    heard) and the task state's tool height (dm): ``intruder_hold`` where the command is exactly still after
+    the cue (the expert's only stop after it), ``clicked`` from the first tick after the cue that rises from
+    within ``CLICK_ZONE_DM`` of the cap (the expert's release; the episode ends soon after, when the button has
+    sprung back)."""
+    twist = np.asarray(twist, np.float64)
+    heard = np.asarray(heard) > 0
+    out = np.zeros((len(twist), len(PHASES)), np.float32)
+    out[:, 0] = heard
+    out[:, 1] = heard & (np.abs(twist) < 1e-6).all(axis=1)
+    rising = heard & (twist[:, 2] > CLICK_RISE) & (np.asarray(tool_height_dm) < CLICK_ZONE_DM)
+    if rising.any():
+        out[int(np.argmax(rising)):, 2] = 1.0
+    return out
 
 
 def task_weight(action: np.ndarray, labelled: np.ndarray, joints_present: np.ndarray) -> np.ndarray:
