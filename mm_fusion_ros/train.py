@@ -509,7 +509,8 @@ def _run_batch(model: nn.Module, net, batch: list[Episode], tc: TrainConfig, tar
                optimizer=None, world: int = 1, on_chunk: Callable | None = None) -> tuple[float, ...]:
     """Step a batch of episodes through in chunks; returns the actions' (sum of weighted squared errors,
     weighted tick count), the task state's (sum of squared errors, values), the camera target's (the same)
-    and the cue target's (ticks whose belief names the cued button, ticks it was asked on)."""
+    and the cue target's (ticks whose belief names the cued button, ticks it was asked on), and the phase
+    flags' (2, len(PHASES)) ticks said right and ticks, [negatives, positives] (zeros without a phase head)."""
     act_mean, act_std, phase_pos_weight = targets
     T = tc.chunk_ticks
     longest = max(e.ticks for e in batch)
