@@ -228,7 +228,7 @@ class ActionConfig:
     damping: float = 0.05              # tool: lambda of the damped least squares
     # What the head reads. fused: the fused vector (and the tool's pose, in tool space). task: only what
     # training supervises to mean something in the task, the cue read (the named button's offset from the
-    # tool, the tool's height, the belief), the phase flags (``model.network.PHASES``) and the tool's pose,
+    # tool, the tool's height, the belief), the phase flags (``sim.task_state.PHASES``) and the tool's pose,
     # none of which the action's loss trains: see ``ActionHead``.
     reads: Literal["fused", "task"] = "fused"
 
@@ -251,7 +251,6 @@ class ActionConfig:
                    f"space tool needs a rest posture, one value per DOF ({len(self.names)}), got {len(self.rest)}")
             _check(self.null_gain >= 0, f"{key}.null_gain", f"must be >= 0, got {self.null_gain}")
             _check(self.damping > 0, f"{key}.damping", f"must be positive, got {self.damping}")
-        _check(self.reads in ("fused", "task"), f"{key}.reads", f"must be fused or task, got {self.reads!r}")
 
 
 @dataclass(frozen=True)
