@@ -91,6 +91,7 @@ class Episode:
     task: np.ndarray | None = None      # (T, k) task state training supervises fused_state with (sim.task_state)
     task_weight: np.ndarray | None = None   # (T,) where that is known
     objects: np.ndarray | None = None   # (2 N,) every button's (x, y) in dm, for the camera target (training)
+    objects_in_sight: np.ndarray | None = None   # (frames, N) each button clear of the tool in each frame
     cue: int = -1                       # which of them the cue names (training's cue target); -1: unknown
     phases: np.ndarray | None = None    # (T, len(PHASES)) the phase flags (training's phase target)
 

@@ -109,11 +109,12 @@ def with_strategy(cfg, strategy: str):
     queries from the fused state / from the audio cell's state, ``+cue`` with a cue read of 3 buttons, and
     ``+tool`` with a tool-space action head (at the Panda's ready pose as its rest posture), ``+memory`` with
     three pixel keypoints and the cue read's memory of the buttons in one more state slot, and the IMU
-    high-passed (item 23's recipe)."""
+    high-passed (item 23's recipe), and ``+task`` with an action head that reads the task (the cue read and the
+    phase flags; needs ``+cue+tool``)."""
     from mm_fusion_ros.sim.panda import READY_Q
     name, *extras = strategy.split("+")
     action = cfg.action if "tool" not in extras else dataclasses.replace(
-        cfg.action, space="tool", rest=tuple(float(x) for x in READY_Q))
+        cfg.action, space="tool", rest=tuple(float(x) for x in READY_Q), reads="task" if "task" in extras else "fused")
     return dataclasses.replace(cfg, action=action, fusion=dataclasses.replace(
         cfg.fusion, strategy=name, keypoint_queries=2 if any(e.endswith("keypoints") for e in extras) else 0,
         keypoint_query_source="audio" if "audio_keypoints" in extras else "fused",

@@ -211,13 +211,14 @@ def test_onnxruntime_follows_the_joint_state_like_torch(robot, onnx_path, make_i
 
 @pytest.mark.parametrize("strategy", ["early", "late", "hierarchical", "bilinear", "adaptive", "hybrid+keypoints",
                                       "hybrid+audio_keypoints", "hybrid+cue", "hybrid+cue+tool",
-                                      "hybrid+cue+tool+memory"])
+                                      "hybrid+cue+tool+memory", "hybrid+cue+tool+memory+task"])
 def test_every_fusion_strategy_exports_flat_and_matches_torch(robot, tmp_path, strategy):
     """The default (hybrid) is covered above; each other strategy must export and run the same too, and
     so must the fused state's queries over the camera's keypoints (``+keypoints``: two of them) and the cue
     read (``+cue``: three buttons, the Panda's kinematics inside the graph) and the tool-space head (``+tool``:
     the damped least squares inside the graph) and the cue read's memory (``+memory``: pixel keypoints, their
-    gates, one more state slot; with it the IMU high-passed)."""
+    gates, one more state slot; with it the IMU high-passed) and the head that reads the task (``+task``: the
+    phase flags, the intruder flag's gate on the twist)."""
     cfg, _ = robot
     model_cfg = with_strategy(cfg.model, strategy)
     cfg = dataclasses.replace(cfg, model=model_cfg,

@@ -8,9 +8,11 @@ import numpy as np
 import pytest
 import torch
 from conftest import with_strategy
+from mm_fusion_ros.sim.task_state import PHASE_SOURCES, PHASES
 
 from mm_fusion_ros.config import MODALITIES, ModelConfig
 from mm_fusion_ros.sim.panda import READY_Q
+from mm_fusion_ros.model.network import PhaseHead
 from mm_fusion_ros.model import (INPUT_NAMES, OUTPUT_NAMES, FusionNet, build_model, config_mismatch, input_specs,
                                  load_checkpoint, output_specs, save_checkpoint)
 
@@ -18,10 +20,12 @@ STRATEGIES = ("early", "late", "hybrid", "hierarchical", "bilinear", "adaptive")
 ATTENTION_STRATEGIES = ("hybrid", "hierarchical")
 
 
+CELL_FLAG_SOURCES = {s for p, s in zip(PHASES, PHASE_SOURCES) if p not in PhaseHead.NOW}
+
 # Every strategy, and one with queries over the camera's keypoints (KeypointRead) from the fused state,
 # one with them from the audio cell's state, and one with the cue read (CueRead, three buttons).
 VARIANTS = STRATEGIES + ("hybrid+keypoints", "hybrid+audio_keypoints", "hybrid+cue", "hybrid+cue+tool",
-                         "hybrid+cue+tool+memory")
+                         "hybrid+cue+tool+memory", "hybrid+cue+tool+memory+task")
 
 
 @pytest.fixture(scope="module")
@@ -228,10 +232,14 @@ def test_masked_modality_state_slot_cannot_reach_outputs(models, strategy, m, ma
     # Attention *to* the masked modality is zero from every present query.
     assert torch.all(outs["attention"][:, others, m] <= 1e-6)
 
-    # Control: with the modality present, its state slot matters.
+    # Control: with the modality present, its state slot matters (to the fused state at least: a head that
+    # reads the task reads the cells of the sensors whose phase flags are memories, and the others' inputs only).
     present = {**inputs, "mask": torch.ones_like(inputs["mask"])}
     present_changed = {**changed, "mask": torch.ones_like(inputs["mask"])}
-    assert (run(model, present)["action"] - run(model, present_changed)["action"]).abs().max() > 1e-5
+    a, b = run(model, present), run(model, present_changed)
+    assert (a["fused_state"] - b["fused_state"]).abs().max() > 1e-5
+    if model.cfg.action.reads == "fused" or MODALITIES[m] in CELL_FLAG_SOURCES:
+        assert (a["action"] - b["action"]).abs().max() > 1e-5
 
 
 @pytest.mark.parametrize("strategy", ATTENTION_STRATEGIES)

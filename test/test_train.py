@@ -160,7 +160,7 @@ def test_a_training_chunk_computes_what_the_streaming_step_computes_tick_by_tick
             ref_state = cells if held is None else torch.cat([cells, held.unsqueeze(1)], dim=1)
             fused, _, _ = net.fusion(cells, mask)
             fused, reads = net.read_camera(fused, keypoints, mask, cells, joints, None, held)
-            head_in, logits = net.head_input(fused, reads)
+            head_in, logits = net.head_input(fused, reads, cells, currents, mask)
             torch.testing.assert_close(pred[:, k], net.action_head.normalized(head_in, net.measured_joints(joints, mask)),
                                        rtol=1e-4, atol=1e-5)
             if task:
@@ -541,6 +541,63 @@ def test_training_with_the_camera_target_reports_where_the_camera_puts_the_butto
     assert not any("object" in k for k in read_checkpoint(tmp_path / "cam.pt")["state_dict"])
 
 
+def test_a_button_is_in_sight_unless_the_tool_is_over_it_and_low():
+    """``buttons_in_sight``: a button under the tip, the tip low, is hidden (the hand covers it from the overhead
+    camera); the same button with the tip high, and a button 10 cm aside, are in sight."""
+    from mm_fusion_ros.sim.panda import READY_Q
+    from mm_fusion_ros.sim.task_state import IN_SIGHT_HEIGHT_M, buttons_in_sight, tool_tips
+    tip = tool_tips(READY_Q[None])[0]
+    assert tip[2] > IN_SIGHT_HEIGHT_M
+    assert buttons_in_sight(np.array([tip[:2], tip[:2] + [0.0, 0.10]]), READY_Q[None]).all()   # the tip high
+    q = np.array(READY_Q, dtype=np.float64)
+    while tool_tips(q[None])[0, 2] > IN_SIGHT_HEIGHT_M - 0.02:   # shoulder and elbow forward: the tip goes down
+        q[1] += 0.01
+        q[3] += 0.005
+    low = tool_tips(q[None])[0]
+    seen = buttons_in_sight(np.array([low[:2], low[:2] + [0.0, 0.10], low[:2] + [0.03, 0.0]]), q[None])[0]
+    np.testing.assert_array_equal(seen, [False, True, False])
+
+
+def test_camera_pretraining_ignores_frames_that_do_not_show_the_button(episodes, cfg):
+    """The pretraining target is each button where its frame shows it: with every frame marked out of sight the
+    camera learns nothing (and says so: no error to measure), with them in sight it learns."""
+    from mm_fusion_ros.train import ObjectProbe, attach_task_state, pretrain_camera
+    attach_task_state(episodes, cfg)
+    assert all(e.objects_in_sight.shape == (len(e.arrays["camera_frames"]), len(e.objects) // 2) for e in episodes)
+    net = build_model(cfg.model, seed=0)
+    probe = ObjectProbe(net.camera.keypoints, 3)
+    start = {k: v.detach().clone() for k, v in net.camera.named_parameters()}
+    hidden = [dataclasses.replace(e, objects_in_sight=np.zeros_like(e.objects_in_sight)) for e in episodes]
+    before, after = pretrain_camera(net, probe, hidden, hidden, 5, np.random.default_rng(0), "cpu", False,
+                                    lambda _: None)
+    assert np.isnan(before) and np.isnan(after)
+    for k, v in net.camera.named_parameters():
+        torch.testing.assert_close(v.detach(), start[k])
+
+
+def test_camera_pretraining_teaches_the_memorys_gate_which_buttons_a_frame_shows(episodes, cfg):
+    """With a cue memory, pretraining also fits its gate to the frames' buttons in sight: on frames marked as
+    showing none, the gate (open at the start) closes."""
+    from conftest import with_strategy
+    from mm_fusion_ros.train import attach_task_state, pretrain_camera
+    attach_task_state(episodes, cfg)
+    net = build_model(with_strategy(cfg.model, "hybrid+cue+tool+memory"), seed=0)
+    gate = net.cue_read.gate
+    hidden = [dataclasses.replace(e, objects_in_sight=np.zeros_like(e.objects_in_sight)) for e in episodes]
+    frames = torch.from_numpy(np.asarray(episodes[0].arrays["camera_frames"][:16]))
+
+    def opening() -> float:
+        with torch.no_grad():
+            return float(torch.sigmoid(gate(net.camera.encode_reads(frames)[2])).mean())
+
+    assert opening() > 0.9
+    logged = []
+    pretrain_camera(net, net.cue_read.objects, hidden, hidden, 200, np.random.default_rng(0), "cpu", False,
+                    logged.append, gate=gate)
+    assert opening() < 0.5
+    assert "the memory's gate says which are in sight on" in logged[-1]
+
+
 def test_camera_pretraining_teaches_the_camera_where_the_buttons_are(episodes, cfg):
     """--camera-pretrain-steps: the camera and the probe alone, on frames from every episode. Measured on
     the frames it trained on (three recorded scenes cannot show generalisation to a fourth): the error
@@ -706,7 +763,39 @@ def test_a_head_that_reads_the_task_learns_from_the_action_alone_and_its_reads_f
     torch.nn.functional.binary_cross_entropy_with_logits(phases, torch.ones_like(phases)).backward()
     moved = {k for k, p in net.named_parameters() if p.grad is not None and float(p.grad.abs().sum()) > 0}
     assert "phase_head.weight" in moved and any(k.startswith("imu.") for k in moved)
+    # Each flag reads its own sensor's cell: nothing of the camera or the joints, which see the arm's motion.
+    assert not any(k.startswith(("camera.", "joint_state.")) for k in moved), moved
     assert not any(k.startswith("action_head.") for k in moved)
+    # Nor does it reach where the camera places the buttons, or which one the belief names.
+    assert not any(k.startswith("cue_read.") for k in moved), moved
+
+
+def test_the_intruder_flag_stops_the_tool_outright_and_scales_its_twist_below_that(cfg):
+    """action.reads task: the head's twist is (1 - p) x what it would say, p the intruder flag's probability;
+    at p = 1 the tool stands still exactly (what is left is the null-space pull, which moves no tool)."""
+    from mm_fusion_ros.model.kinematics import panda_tool_jacobian
+    from mm_fusion_ros.sim.panda import READY_Q
+    from mm_fusion_ros.sim.task_state import PHASES
+    net = build_model(_task_model(cfg), seed=0).eval()
+    head = net.action_head
+    read = net.cfg.fusion.cue_objects + 3
+    torch.manual_seed(1)
+    x = torch.rand(4, read + len(PHASES))
+    q = torch.tensor(READY_Q, dtype=torch.float32).repeat(4, 1) + 0.1 * torch.randn(4, 7)
+    hold = read + PHASES.index("intruder_hold")
+    assert head.hold_feature == hold
+    with torch.no_grad():
+        for p in (0.0, 0.25, 1.0):
+            x[:, hold] = p
+            twist = head.mean + head.std * head.normalized(x, q)
+            head.hold_feature = None   # what the same head says of the same input, ungated
+            free = head.mean + head.std * head.normalized(x, q)
+            head.hold_feature = hold
+            assert float(free.abs().max()) > 1e-3
+            torch.testing.assert_close(twist, (1 - p) * free, atol=1e-6, rtol=1e-5)
+        qdot = head(x, q).double()
+    tip_speed = panda_tool_jacobian(q.double())[0][:, :3] @ qdot.unsqueeze(-1)
+    assert float(tip_speed.abs().max()) < 1e-6
 
 
 def test_a_head_that_reads_the_task_is_refused_without_what_it_reads_or_the_targets_that_train_it(cfg):

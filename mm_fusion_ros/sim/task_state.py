@@ -25,6 +25,8 @@ TASK_STATE = ("target_x", "target_y", "offset_x", "offset_y", "tool_height")
 PHASES = ("cue_heard",       # the microphone: the first cue has played (the expert moves from then on)
           "intruder_hold",   # the LiDAR: the expert holds still for the intruder
           "clicked")         # the IMU: the detent has clicked, the press is over (the expert rises)
+# The sensor each flag is read from (its cell's state alone: ``model.network.PhaseHead``).
+PHASE_SOURCES = ("audio", "lidar", "imu")
 CLICK_RISE = 0.02      # m/s: the expert rises at 0.06 once the detent clicks, and never rises while pressing
 CLICK_ZONE_DM = 0.1    # the click is within 1 cm of the cap's resting top
 UNITS_PER_M = 10.0   # decimetres: values of order one for a loss beside the standardised actions
@@ -47,6 +49,22 @@ def tool_tips(q: np.ndarray) -> np.ndarray:
     """(T, 3) tool tips (the tip sphere's surface below its centre: the cell's ``tcp`` site, what touches the
     button) for (T, 7) joint positions."""
     return forward_kinematics(q, TOOL_LENGTH + TIP_RADIUS)[:, :3, 3]
+
+
+# A button is in the overhead camera's sight unless the tool is over it and low: measured (README item 23), the
+# cued cap shows no pixel of its colour once the tool is within 1.2-2.5 cm of it laterally and below z = 0.11 m.
+# With a margin on both, a frame is taken as showing the button where neither holds.
+IN_SIGHT_LATERAL_M = 0.04
+IN_SIGHT_HEIGHT_M = 0.13
+
+
+def buttons_in_sight(buttons_xy_m: np.ndarray, joint_positions: np.ndarray) -> np.ndarray:
+    """(F, N) whether each of the N buttons (N, 2; base frame, m) is clear of the tool at each of F joint
+    vectors (F, 7): laterally more than ``IN_SIGHT_LATERAL_M`` from the tip, or the tip above
+    ``IN_SIGHT_HEIGHT_M``."""
+    tips = tool_tips(np.asarray(joint_positions, np.float64))
+    lateral = np.linalg.norm(tips[:, None, :2] - np.asarray(buttons_xy_m, np.float64)[None], axis=-1)
+    return (lateral > IN_SIGHT_LATERAL_M) | (tips[:, None, 2] > IN_SIGHT_HEIGHT_M)
 
 
 def task_phases(twist: np.ndarray, heard: np.ndarray, tool_height_dm: np.ndarray) -> np.ndarray:
