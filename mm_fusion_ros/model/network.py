@@ -355,8 +355,8 @@ class FusionNet(nn.Module):
         self.cells = CfCCells(len(MODALITIES), dim, dim, enc.cfc_mode, enc.backbone_units, enc.backbone_layers)
         self.fusion = make_fusion(cfg.fusion.strategy, dim, len(MODALITIES), cfg.fusion.heads,
                                   cfg.fusion.rank)
-        # action.reads task: which phase of the task it is (PHASES), each from its sensor's cell, trained by its
-        # own target (``mm-fusion train --phase-target-weight``) and read by the action head (``head_input``).
+        # action.reads task: which phase of the task it is (PHASES), each from its own sensor (PhaseHead), trained by
+        # its own target (``mm-fusion train --phase-target-weight``) and read by the action head (``head_input``).
         self.phase_head = PhaseHead(dim) if cfg.action.reads == "task" else None
         read = cfg.fusion.cue_objects + 3      # head_input: the cue read, then the phase flags
         self.action_head = ActionHead(dim, cfg.action, read + len(PHASES), read + PHASES.index("intruder_hold"))
@@ -392,8 +392,9 @@ class FusionNet(nn.Module):
             memory = self.remember(state[:, m], keypoints, visibility, mask)
             new_state = torch.cat([new_state, memory.unsqueeze(1)], dim=1)
         fused, reads = self.read_camera(fused, keypoints, mask, new_state, joint_state, pose, memory)
-        return (self.action_head(self.head_input(fused, reads, new_state[:, :m], currents, mask)[0], joints, pose), self.state_head(fused), new_state,
-                attention, contribution, frames)
+        head_in = self.head_input(fused, reads, new_state[:, :m], currents, mask)[0]
+        return (self.action_head(head_in, joints, pose), self.state_head(fused), new_state, attention, contribution,
+                frames)
 
     def head_input(self, fused: torch.Tensor, reads: CameraReads, cells: torch.Tensor, currents: torch.Tensor,
                    mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
