@@ -25,7 +25,7 @@ TASK_STATE = ("target_x", "target_y", "offset_x", "offset_y", "tool_height")
 PHASES = ("cue_heard",       # the microphone: the first cue has played (the expert moves from then on)
           "intruder_hold",   # the LiDAR: the expert holds still for the intruder
           "clicked")         # the IMU: the detent has clicked, the press is over (the expert rises)
-# The sensor each flag is read from (its cell's state alone: ``model.network.PhaseHead``).
+# The sensor each flag is read from, alone (its cell, or for the intruder its input now: ``model.network.PhaseHead``).
 PHASE_SOURCES = ("audio", "lidar", "imu")
 CLICK_RISE = 0.02      # m/s: the expert rises at 0.06 once the detent clicks, and never rises while pressing
 CLICK_ZONE_DM = 0.1    # the click is within 1 cm of the cap's resting top
