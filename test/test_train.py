@@ -560,7 +560,8 @@ def test_a_button_is_in_sight_unless_the_tool_is_over_it_and_low():
 
 def test_camera_pretraining_ignores_frames_that_do_not_show_the_button(episodes, cfg):
     """The pretraining target is each button where its frame shows it: with every frame marked out of sight the
-    camera learns nothing (and says so: no error to measure), with them in sight it learns."""
+    camera learns nothing (and says so: no error to measure). That it learns from the frames that show them is
+    the next test's (``test_camera_pretraining_teaches_the_camera_where_the_buttons_are``)."""
     from mm_fusion_ros.train import ObjectProbe, attach_task_state, pretrain_camera
     attach_task_state(episodes, cfg)
     assert all(e.objects_in_sight.shape == (len(e.arrays["camera_frames"]), len(e.objects) // 2) for e in episodes)
@@ -763,7 +764,7 @@ def test_a_head_that_reads_the_task_learns_from_the_action_alone_and_its_reads_f
     torch.nn.functional.binary_cross_entropy_with_logits(phases, torch.ones_like(phases)).backward()
     moved = {k for k, p in net.named_parameters() if p.grad is not None and float(p.grad.abs().sum()) > 0}
     assert "phase_head.weight" in moved and any(k.startswith("imu.") for k in moved)
-    # Each flag reads its own sensor's cell: nothing of the camera or the joints, which see the arm's motion.
+    # Each flag reads its own sensor (PhaseHead): nothing of the camera or the joints, which see the arm's motion.
     assert not any(k.startswith(("camera.", "joint_state.")) for k in moved), moved
     assert not any(k.startswith("action_head.") for k in moved)
     # Nor does it reach where the camera places the buttons, or which one the belief names.
