@@ -9,7 +9,7 @@ STAMP := $(VENV)/.installed
 export ROS_AUTOMATIC_DISCOVERY_RANGE := LOCALHOST
 export ROS_DOMAIN_ID ?= 42
 
-.PHONY: setup demo demo-sim train eval test bench bench-live bench-estop bench-sim bench-remote clean
+.PHONY: setup demo demo-sim demo-live train eval test bench bench-live bench-estop bench-sim bench-remote clean
 
 setup: $(STAMP)
 
@@ -30,30 +30,33 @@ $(STAMP): setup.py package.xml
 	$(PY) tools/build_audio_msgs.py
 	touch $(STAMP)
 
-# The live pipeline: camera_node (a generated video), microphone_node (a generated WAV), sensor_sim_node
-# (LiDAR, IMU, joint states) -> fusion_node, each its own process, for 20 s; cadence report, then a summary.
-# (It becomes the cell with the trained policy, demo-sim, once `make train` gives a policy that works: #11.)
+# The whole loop over ROS 2: sim_node (the MuJoCo cell) + fusion_node with the shipped policy
+# (policies/sim_policy.pt, from `make train`), each its own process, 5 episodes live at 100 Hz on sim time
+# (seeds 5000 on, never trained on); per episode the outcome and the cadence, then a summary.
 demo: $(STAMP)
-	$(VENV)/bin/mm-fusion live --config config/robot.yaml --duration 20 --workdir artifacts/live
-
-# The whole loop over ROS 2: sim_node (the MuJoCo cell) + fusion_node with the policy from `make train`
-# (policies/sim_policy.pt), each its own process, 5 episodes live at 100 Hz on sim time.
-demo-sim: $(STAMP)
 	$(VENV)/bin/mm-fusion sim-demo --config config/sim.yaml --checkpoint $(POLICY) --episodes 5 --workdir artifacts/sim_demo
+
+demo-sim: demo
+
+# The sensor pipeline without the cell: camera_node (a generated video), microphone_node (a generated WAV),
+# sensor_sim_node (LiDAR, IMU, joint states) -> fusion_node, each its own process, for 20 s; cadence, summary.
+demo-live: $(STAMP)
+	$(VENV)/bin/mm-fusion live --config config/robot.yaml --duration 20 --workdir artifacts/live
 
 # The shipped policy, from nothing: expert demonstrations (seeds 0..TRAIN_EPISODES-1, DART noise), then
 # behaviour cloning through the live aligner. Evaluation seeds start at 1000, never these.
 POLICY ?= policies/sim_policy.pt
 TRAIN_EPISODES ?= 200
-TRAIN_EPOCHS ?= 20
-# The camera pretrained on where the buttons are, then cloning with the cue read's targets (README
-# "Where learning stands", item 17): the button positions, which one the tone names, and their product.
+TRAIN_EPOCHS ?= 12
+# README "Where learning stands", item 26: the camera pretrained on where the buttons are, then cloning with the
+# cue read's targets (the buttons, which one the tone names) and the phase flags' (cue heard, intruder, click).
 train: $(STAMP)
 	$(VENV)/bin/mm-fusion record artifacts/demos --config config/sim.yaml --episodes $(TRAIN_EPISODES) --seed 0 \
 	  --noise 0.1 --noise-tau 0.5 --workers 2 --resume
 	$(VENV)/bin/mm-fusion train artifacts/demos --config config/sim.yaml --out $(POLICY) --epochs $(TRAIN_EPOCHS) \
 	  --batch-episodes 8 --chunk-ticks 120 --workers 2 --cache artifacts/dataset_cache --plot artifacts/train_loss.png \
-	  --camera-pretrain-steps 3000 --camera-target-weight 1 --cue-target-weight 1 --keypoint-target-weight 1
+	  --camera-pretrain-steps 3000 --camera-target-weight 1 --cue-target-weight 1 --keypoint-target-weight 1 \
+	  --phase-target-weight 1
 
 # Closed-loop evaluation of the shipped policy: 200 episodes on seeds 1000..1199 (none trained on).
 eval: $(STAMP)

@@ -197,8 +197,8 @@ class FusionConfig:
         _check(0 <= self.cue_objects <= 16, f"{key}.cue_objects", f"must be in [0, 16], got {self.cue_objects}")
         _check(not self.cue_memory or self.cue_objects > 0, f"{key}.cue_memory",
                "needs cue_objects above 0: it holds the cue read's estimates")
-        _check(not self.cue_memory or dim >= 2 * self.cue_objects + 1, f"{key}.cue_memory",
-               f"needs model.encoder.hidden >= 2 * cue_objects + 1 = {2 * self.cue_objects + 1}, got {dim}")
+        _check(not self.cue_memory or dim >= 3 * self.cue_objects + 1, f"{key}.cue_memory",
+               f"needs model.encoder.hidden >= 3 * cue_objects + 1 = {3 * self.cue_objects + 1}, got {dim}")
         _check(not (self.cue_objects and self.keypoint_queries), f"{key}.cue_objects",
                f"cannot be set together with {key}.keypoint_queries, another way to read the camera's keypoints: "
                f"set one of them to 0 (got {self.cue_objects} and {self.keypoint_queries})")

@@ -281,7 +281,8 @@ def build_episode(bag: str | Path, cfg: RobotConfig, label_topic: str = DEFAULT_
     episode = {}
     if sidecar.is_file():
         info = json.loads(sidecar.read_text())
-        episode = {k: info.get(k) for k in ("seed", "task", "outcome", "reason", "noise", "spec", "driver")}
+        episode = {k: info.get(k) for k in ("seed", "task", "outcome", "reason", "noise", "spec", "driver",
+                                                "clock_start_s", "stats")}
     n = len(rows["t_ns"])
     if n == 0:
         raise DatasetError(f"{bag}: no control ticks (the bag is shorter than one control period)")

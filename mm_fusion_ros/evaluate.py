@@ -34,6 +34,8 @@ from .files import write_json_atomic
 from .stats import wilson_interval
 
 EVAL_SEED = 1000    # first evaluation seed: `make train` records seeds below it, never these
+# "Near and low": where the overhead camera no longer shows the cued cap (sim.task_state.buttons_in_sight's bounds).
+NEAR_LATERAL_M, NEAR_HEIGHT_M = 0.04, 0.13
 _READING = {"camera": "CameraFrame", "audio": "AudioChunk", "imu": "ImuReading", "lidar": "LidarScan",
             "joint_state": "JointReading"}
 
@@ -238,6 +240,10 @@ class Evaluator:
         # the button but never presses shows here at what height it stops.
         lowest_over_cap = math.inf
         cap_radius = cell.cfg.scene.cap_radius
+        # Where the cue memory (model.fusion.cue_memory, a row of the explicit state) held the cued button while
+        # the tool was near it and low, where the overhead camera cannot see the cap: what the descent acts on.
+        memory_row = len(MODALITIES) if self.cfg.model.fusion.cue_memory else None
+        memory_errors: list[float] = []
         recorder = _Recorder(cell, video, self.cfg.control_rate_hz) if video else None
         try:
             while not cell.outcome.done:
@@ -250,6 +256,9 @@ class Evaluator:
                 closest_each = np.minimum(closest_each, np.hypot(*(tip[:2] - buttons).T))
                 if math.hypot(*(tip[:2] - button)) <= cap_radius:
                     lowest_over_cap = min(lowest_over_cap, float(tip[2] - cell.button_top(spec.target)[2]))
+                if memory_row is not None and tip[2] < NEAR_HEIGHT_M and math.hypot(*(tip[:2] - button)) < NEAR_LATERAL_M:
+                    held = loop.runtime.stream.state[0, memory_row, 2 * spec.target:2 * spec.target + 2]
+                    memory_errors.append(float(np.hypot(*(np.asarray(held, np.float64) / UNITS_PER_M - button))))
                 if loop.task_state and result.safety.command.any():   # the policy has started: it heard the cue
                     guess = np.asarray(result.fused_state[:2], np.float64) / UNITS_PER_M
                     target_errors.append(float(np.hypot(*(guess - button))))
@@ -280,6 +289,7 @@ class Evaluator:
             "lowest_over_cap_cm": round(100 * lowest_over_cap, 2) if math.isfinite(lowest_over_cap) else None,
             "final_above_cap_cm": round(100 * float(cell.tcp()[0][2] - cell.button_top(spec.target)[2]), 2),
             "target_error_cm": round(100 * float(np.median(target_errors)), 2) if target_errors else None,
+            "memory_error_cm": round(100 * float(np.median(memory_errors)), 2) if memory_errors else None,
             "contribution": {m: round(float(c / max(ticks, 1)), 4) for m, c in zip(MODALITIES, contribution)},
             "wall_s": round(time.perf_counter() - wall0, 3),
         }
@@ -346,6 +356,7 @@ def summarize(episodes: list[dict]) -> dict:
         "median_lowest_over_cap_cm": _median(e.get("lowest_over_cap_cm") for e in episodes),
         "median_final_above_cap_cm": _median(e.get("final_above_cap_cm") for e in episodes),
         "median_target_error_cm": _median(e.get("target_error_cm") for e in episodes),
+        "median_memory_error_cm": _median(e.get("memory_error_cm") for e in episodes),
         "contribution": {m: round(float(np.mean([e["contribution"][m] for e in episodes])), 4) for m in MODALITIES},
     }
 
@@ -415,7 +426,7 @@ def table(report: dict) -> str:
     lines = [f"{'seed':>7} {'outcome':<8} {'reason':<26} {'t (s)':>6} {'contacts':>8} {'max |qd|':>8} "
              f"{'closest':>8} {'nearest':>8} {'over cap':>8} {'est. err':>8}"]
     for e in report["episodes"]:
-        est = e.get("target_error_cm")
+        est = e.get("target_error_cm", e.get("memory_error_cm"))
         low = e.get("lowest_over_cap_cm")
         lines.append(f"{e['seed']:>7} {e['outcome']:<8} {e['reason']:<26} {e['duration_s']:>6.2f} "
                      f"{e['intruder_contacts']:>8} {e['max_joint_speed']:>8.3f} {e['closest_cm']:>6.1f}cm "
@@ -433,7 +444,9 @@ def table(report: dict) -> str:
               f"closest approach to the cued button (median): {s.get('median_closest_cm')} cm; "
               f"the button the tool came nearest was the cued one in {s.get('nearest_is_cued')}/{s['episodes']}"
               + (f"; the policy's estimate of it off by {s['median_target_error_cm']} cm (median)"
-                 if s.get("median_target_error_cm") is not None else ""),
+                 if s.get("median_target_error_cm") is not None else "")
+              + (f"; the cue memory held it {s['median_memory_error_cm']} cm off while the tool was near and low "
+                 "(median)" if s.get("median_memory_error_cm") is not None else ""),
               f"over the cued cap in {s.get('over_cap')}/{s['episodes']}, lowest there "
               f"{s.get('median_lowest_over_cap_cm')} cm above it (median); at the end "
               f"{s.get('median_final_above_cap_cm')} cm above it (median)",

@@ -44,7 +44,8 @@ from .config import MODALITIES, ConfigError, RobotConfig, config_to_dict
 from .dataset import DEFAULT_LABEL_TOPIC, DatasetError, Episode, load_episodes
 from .model.kinematics import joints_to_tool_twist
 from .model.network import ObjectLocator
-from .sim.task_state import PHASES, TASK_STATE, UNITS_PER_M, buttons_in_sight, task_phases, task_state, task_weight
+from .sim.task_state import (PHASES, PRESS_ZONE_DM, TASK_STATE, UNITS_PER_M, buttons_in_sight, clicked_ticks,
+                              task_phases, task_state, task_weight)
 
 RESUME_SUFFIX = ".resume"
 
@@ -80,6 +81,7 @@ class TrainConfig:
     camera_pretrain_steps: int = 0     # steps that train the camera on that target alone before cloning
     cue_target_weight: float = 0.0     # loss weight of which button the cue names, from the audio cell (CueRead)
     phase_target_weight: float = 0.0   # loss weight of the phase flags a head that reads the task switches on (PHASES)
+    press_weight: float = 0.0          # extra loss weight on the ticks the tool is on the cued cap (press_weights)
     threads: int = 0                   # torch intra-op threads (0: all cores)
     init: str = ""                     # start from this checkpoint's weights and normalisation (DAgger rounds)
 
@@ -110,6 +112,7 @@ class TrainConfig:
                   (self.camera_target_weight >= 0, "--camera-target-weight must be >= 0"),
                   (self.cue_target_weight >= 0, "--cue-target-weight must be >= 0"),
                   (self.phase_target_weight >= 0, "--phase-target-weight must be >= 0"),
+                  (self.press_weight >= 0, "--press-weight must be >= 0"),
                   (0 <= self.camera_pretrain_steps <= 1000000, "--camera-pretrain-steps must be in [0, 1000000]"),
                   (self.camera_pretrain_steps == 0 or self.camera_target_weight > 0,
                    "--camera-pretrain-steps needs --camera-target-weight above 0: cloning without that target "
@@ -231,6 +234,21 @@ def keyframe_weights(episode: Episode, action_std: np.ndarray, tc: TrainConfig) 
         jump[1:] = np.sqrt(np.mean(np.diff(a, axis=0) ** 2, axis=1)) > tc.keyframe_jump
     near = np.convolve(jump.astype(np.float64), np.ones(tc.keyframe_ticks))[:len(a)] > 0
     return (1.0 + tc.keyframe_weight * near).astype(np.float32)
+
+
+def press_weights(episode: Episode, tc: TrainConfig) -> np.ndarray | None:
+    """``press_weight`` on the ticks whose tool tip is within ``PRESS_ZONE_DM`` of the cued cap's resting top, or
+    below it, after the cue (None where the recording has no task state, or the weight is 0).
+
+    Why: the expert presses at 8 mm/s there, 0.3 s from the click to the end stop, and pushing faster against
+    the detent's spring winds up the servo, which lurches into the stop when the detent gives; measured (README
+    item 26), every overtravel of the policy it is for came 0.03-0.08 s after the click, the policy pressing at
+    1-2 cm/s where its labels said 0.3. Those ticks are 3 % of an episode and a few hundredths of a standardised
+    unit apart, nothing to an unweighted loss."""
+    if tc.press_weight <= 0 or episode.task is None:
+        return None
+    pressing = (np.asarray(episode.task)[:, 4] < PRESS_ZONE_DM) & (np.asarray(episode.task_weight) > 0)
+    return (tc.press_weight * pressing).astype(np.float32)
 
 
 def to_tool_space(episodes: Sequence[Episode], dof: int) -> None:
@@ -440,25 +458,27 @@ class SequenceModel(nn.Module):
         # The recurrence in fp32 (dt = 1e-4 s would vanish in bf16), and only what depends on the
         # state runs tick by tick: the cells' input half, the fusion and the heads take every tick at once.
         drive = net.recur_input(rates.float().view(B, T, M, -1))
+        joints = net.measured_joints(c.joint_state, mask.flatten(0, 1))
+        pose = None if joints is None else net.action_head.arm_pose(joints)   # as FusionNet.forward: once
         cells, memory = state[:, :M], state[:, M] if net.memory else None
         if memory is not None:   # the cue read's memory: this frame's estimates at once, the gates tick by tick
             camera_slot = MODALITIES.index("camera")
             seen_now = net.cue_read.objects(keypoints.float()).view(B, T, -1)
             visible = visibility[c.camera_index].float().view(B, T, -1)
+            tip, tip_present = net.tool_tip(c.joint_state, mask.flatten(0, 1), pose)
+            tip, tip_present = tip.view(B, T, 3), tip_present.view(B, T, 1)
         states, memories = [], []
         for k in range(T):
             cells = net.recur_advance(drive[:, k], mask[:, k], c.dt[:, k], cells)
             states.append(cells)
             if memory is not None:
                 memory = net.cue_read.remember(memory, seen_now[:, k], visible[:, k],
-                                               mask[:, k, camera_slot:camera_slot + 1])
+                                               mask[:, k, camera_slot:camera_slot + 1], tip[:, k], tip_present[:, k])
                 memories.append(memory)
         states = torch.stack(states, dim=1).flatten(0, 1)
         state = cells if memory is None else torch.cat([cells, memory.unsqueeze(1)], dim=1)
         memories = torch.stack(memories, dim=1).flatten(0, 1) if memories else None
         fused, _, _ = net.fusion(states, mask.flatten(0, 1))
-        joints = net.measured_joints(c.joint_state, mask.flatten(0, 1))
-        pose = None if joints is None else net.action_head.arm_pose(joints)   # as FusionNet.forward: once
         fused, reads = net.read_camera(fused, keypoints.float(), mask.flatten(0, 1), states, c.joint_state, pose,
                                        memories)
         located, cue, objects = (x.view(B, T, -1) if x is not None else None for x in reads[:3])
@@ -643,7 +663,8 @@ def attach_task_state(episodes: Sequence[Episode], cfg: RobotConfig) -> int:
         e.task = task_state(spec, np.asarray(a["joint_state"])[:, :dof])
         e.task_weight = task_weight(a["action"], a["labelled"], np.asarray(a["mask"])[:, js])
         # Read off the tool-space labels (the expert's twist): None in joint space, where no head reads the task.
-        e.phases = (task_phases(a["action"], e.task_weight, e.task[:, 4])
+        e.phases = (task_phases(a["action"], e.task_weight, e.task[:, 4],
+                                clicked_ticks(e.meta.get("episode", {}), np.asarray(a["t_ns"])))
                     if np.asarray(a["action"]).shape[1] == 6 else None)
         n += 1
     return n
@@ -896,6 +917,9 @@ def train(bags: Sequence[str | Path], cfg: RobotConfig, tc: TrainConfig, out: st
     net = net.to(device)
     for e in episodes:
         e.weight = keyframe_weights(e, stats["action_std"], tc) if tc.keyframe_weight > 0 else None
+        press = press_weights(e, tc)
+        if press is not None:
+            e.weight = (1.0 if e.weight is None else e.weight) + press
     targets = (net.action_head.mean.detach().clone(), net.action_head.std.detach().clone(),
                phase_pos_weight(train_eps).to(device))
     if tc.phase_target_weight > 0:
@@ -1139,6 +1163,9 @@ def add_train_command(add: Callable) -> None:
                         "read (model.fusion.keypoint_queries > 0), where a recording carries the spec; 0: off")
     p.add_argument("--keyframe-jump", type=float, default=d.keyframe_jump,
                    help="a jump: RMS change of the standardised command in one tick above this")
+    p.add_argument("--press-weight", type=float, default=d.press_weight,
+                   help="extra loss weight on the ticks the tool is on the cued cap, where the recording carries "
+                        "the cell's episode spec (0: off)")
     p.add_argument("--label-topic", default=d.label_topic, help="the command topic to learn")
     p.add_argument("--include-failures", action="store_true",
                    help="also learn from episodes the recording marked as failed (left out by default)")
@@ -1160,7 +1187,7 @@ def cmd_train(args, cfg: RobotConfig) -> int:
                      keypoint_target_ticks=args.keypoint_target_ticks,
                      camera_target_weight=args.camera_target_weight,
                      cue_target_weight=args.cue_target_weight, phase_target_weight=args.phase_target_weight,
-                     camera_pretrain_steps=args.camera_pretrain_steps,
+                     press_weight=args.press_weight, camera_pretrain_steps=args.camera_pretrain_steps,
                      label_topic=args.label_topic, include_failures=args.include_failures, threads=args.threads,
                      init=args.init)
     try:

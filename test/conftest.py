@@ -104,6 +104,27 @@ def short_cell_config(folder: Path, seconds: float) -> Path:
     return path
 
 
+# The plain policy the training tests exercise: config/sim.yaml's model with its task-reading parts off (joint space,
+# a head on the fused vector, no pixel keypoints or cue memory, the IMU unfiltered). Those parts, the shipped
+# policy's, have their own variants (``with_strategy``'s ``+cue+tool+memory+task``) and need targets that a
+# minimal training run does not give.
+PLAIN_POLICY = {("camera", "pixel_keypoints"): 0, ("imu", "high_pass"): False, ("fusion", "cue_memory"): False,
+                ("action", "space"): "joint", ("action", "reads"): "fused"}
+
+
+def plain_policy_config(folder: Path) -> Path:
+    """config/sim.yaml with ``PLAIN_POLICY``'s model keys."""
+    import yaml
+    sim_yaml = Path(__file__).resolve().parents[1] / "config" / "sim.yaml"
+    doc = yaml.safe_load(sim_yaml.read_text())
+    model = doc["fusion_node"]["ros__parameters"]["model"]
+    for (section, key), value in PLAIN_POLICY.items():
+        model[section][key] = value
+    path = folder / "sim_plain.yaml"
+    path.write_text(yaml.safe_dump(doc))
+    return path
+
+
 def with_strategy(cfg, strategy: str):
     """``strategy``, or ``<strategy>+keypoints`` / ``+audio_keypoints`` for that strategy with two keypoint
     queries from the fused state / from the audio cell's state, ``+cue`` with a cue read of 3 buttons, and

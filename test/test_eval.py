@@ -59,8 +59,9 @@ def test_every_episode_is_reported_and_aggregated_with_an_interval(two_episodes)
         assert {"seed", "outcome", "reason", "time_to_success_s", "intruder_contacts", "max_joint_speed",
                 "duration_s", "ticks", "held_ticks", "contribution"} <= set(e)
         assert e["ticks"] == pytest.approx(e["duration_s"] * 100, abs=2)   # the control rate on sim time
-        # The policy's commands reached the arm (the untrained network's are far from zero).
-        assert e["max_joint_speed"] > 0.05
+        # The policy's commands reached the arm: the untrained network's are a few hundredths of a rad/s (its tool
+        # twist starts at the labels' scale, halved by an undecided intruder flag), a held arm's 1e-16.
+        assert e["max_joint_speed"] > 0.005
     # How near the tool came to the cued button: never further than where it started, and the button's
     # own estimate only from a policy trained to give one.
     from mm_fusion_ros.sim.cell import Cell

@@ -750,8 +750,9 @@ def test_a_pixel_keypoint_finds_its_colours_centroid_and_says_when_it_is_out_of_
 def test_the_cue_reads_memory_holds_an_estimate_while_its_gate_is_shut_and_starts_from_the_first_frame(
         default_config):
     """``CueRead.remember``: the first frame after a reset replaces the (zero) memory whatever its gate; a
-    shut gate (the colour out of sight) holds the estimate against what the frame says; an open one
-    follows the frame; a masked camera, NaN frames included, moves nothing."""
+    shut gate (the colour out of sight) holds the estimate against what the frame says; open ones are
+    averaged; the hand over a button keeps the frame from it; a masked camera, NaN frames included, moves
+    nothing."""
     cfg = with_strategy(default_config.model, "hybrid+cue+tool+memory")
     net = build_model(cfg, seed=0)
     read = net.cue_read
@@ -772,6 +773,28 @@ def test_the_cue_reads_memory_holds_an_estimate_while_its_gate_is_shut_and_start
     torch.testing.assert_close(held[:, :n2], first, atol=1e-5, rtol=0)
     followed = read.remember(memory, elsewhere, open_, on)    # in sight: follows (gate sigmoid(5))
     assert float((followed[:, :n2] - elsewhere).abs().max().detach()) < 0.03 * 3.0
+    # Frames in sight are averaged (the buttons stand still; each frame's scatter averages out): a second
+    # one 2 units further puts the estimate half way, and hundreds of frames with the gate shut after them
+    # (the hand over the cap) move it by less than a millimetre's worth.
+    averaged = read.remember(followed, elsewhere + 2.0, open_, on)
+    torch.testing.assert_close(averaged[:, :n2], elsewhere + 1.0, atol=1e-4, rtol=0)
+    hidden = averaged
+    for _ in range(300):
+        hidden = read.remember(hidden, elsewhere + 50.0, shut, on)
+    assert float((hidden[:, :n2] - averaged[:, :n2]).abs().max().detach()) < 1e-3
+    # The hand over a button (the tool tip low over where it is held) keeps that frame from it, whatever the
+    # gate says; buttons clear of the hand, or all of them with the tip high, still take it.
+    held_m = averaged[0, :n2].detach().view(-1, 2) / 10.0      # dm -> m
+    over0 = torch.tensor([[float(held_m[0, 0]), float(held_m[0, 1]), 0.05]], dtype=torch.float64)
+    high0 = over0 + torch.tensor([[0.0, 0.0, 0.45]], dtype=torch.float64)
+    far = elsewhere + 2.0
+    under_hand = read.remember(averaged, far, open_, on, over0, on)
+    torch.testing.assert_close(under_hand[:, :2], averaged[:, :2], atol=1e-3, rtol=0)
+    assert float((under_hand[:, 2:n2] - averaged[:, 2:n2]).abs().min().detach()) > 0.2
+    lifted = read.remember(averaged, far, open_, on, high0, on)
+    assert float((lifted[:, :2] - averaged[:, :2]).abs().min().detach()) > 0.2
+    unknown = read.remember(averaged, far, open_, on, over0, off)   # joints masked: the gate alone decides
+    torch.testing.assert_close(unknown, lifted)
     nan = torch.full_like(first, float("nan"))
     masked = read.remember(memory, nan, torch.full_like(open_, float("nan")), off)
     torch.testing.assert_close(masked, memory)

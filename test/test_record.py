@@ -282,9 +282,10 @@ def test_with_a_policy_the_policy_drives_as_in_eval_and_the_expert_labels(short_
     with BagReader(out / episode_name(300), log=_quiet) as bag:
         executed = np.array([bag.decode(m).data for m in bag.messages(topics=[cfg.outputs.action_topic])])
         labels = np.array([bag.decode(m).velocity for m in bag.messages(topics=[LABEL_TOPIC])])
-    # The untrained policy moves from the first tick; the expert says "wait for the cue" (0) until it has
+    # The untrained policy moves from the first tick (a few hundredths of a rad/s: its tool twist starts at the
+    # labels' scale, halved by an undecided intruder flag); the expert says "wait for the cue" (0) until it has
     # heard it (0.5 s + 0.4 s), then reaches for the button from wherever the policy took the arm.
-    assert np.abs(executed[:50]).max() > 0.05 and np.abs(labels[:50]).max() == 0.0
+    assert np.abs(executed[:50]).max() > 0.005 and np.abs(labels[:50]).max() == 0.0
     assert np.abs(labels[150:]).max() > 0.1
     assert np.abs(executed - labels).max() > 0.1
     episodes = load_episodes([out], cfg, tmp_path / "cache", progress=False, log=_quiet)

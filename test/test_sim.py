@@ -346,6 +346,56 @@ def _drive(cell: Cell, seed: int, expert_cls) -> str:
     return cell.outcome.reason
 
 
+def test_the_expert_labels_a_policy_that_comes_down_over_the_button_by_another_way(cfg, cell):
+    """DAgger: the expert follows an arm someone else drives and labels each tick. A driver that comes in low from
+    the side, never passing the point 5 cm above the button that the expert's own approach ends at, gets the
+    descent as its label once over the button (not a climb back to that point), and the release once the
+    detent clicks; drifted off the button's axis before pressing, it gets the approach again."""
+    from mm_fusion_ros.sim.expert import APPROACH_DONE_M, DESCEND_ABORT_M
+
+    seed = _seed_with(cfg, False)
+    cell.reset(seed)
+    driver, follower = Expert(cell), Expert(cell)
+    target = cell.spec.target
+    top = cell.button_top(target)
+    side = np.array([top[0], top[1] + 0.08, top[2] + 0.025])   # low, beside the button
+    over = np.array([top[0], top[1], top[2] + 0.025])         # 2.5 cm above the cap: 2.5 cm below the expert's point
+    waypoints = [side, over]
+    phases, rises = [], []
+
+    def drive(c):
+        label = follower.act()
+        phases.append(follower.phase)
+        rises.append(float((c.tcp_jacobian()[:3] @ label)[2]))
+        if c.elapsed < 1.0:                     # after the cue, as the expert starts
+            return np.zeros(7)
+        p, _ = c.tcp()
+        if waypoints and np.linalg.norm(waypoints[0] - p) < 0.004:
+            waypoints.pop(0)
+        if waypoints:
+            return driver._ik(waypoints[0], np.zeros(3))
+        return driver._ik(np.array([top[0], top[1], p[2]]), np.array([0.0, 0.0, -0.008]))   # press slowly
+    _run(cell, 12.0, drive)
+    assert not waypoints, "the driver did not reach the button"
+    assert cell.stats.target_clicked_at == cell.stats.target_clicked_at, cell.outcome   # it clicked
+    # Over the button and low, the follower descends; it never took the driver's path as an approach's end.
+    assert "descend" in phases
+    first_descend = phases.index("descend")
+    assert all(ph == "approach" for ph in phases[first_descend - 5:first_descend])
+    assert "release" in phases and rises[phases.index("release")] > 0.0
+    # Pressing, before the click, its labels never rise.
+    assert max(rises[first_descend:phases.index("release")]) <= 1e-3
+
+    # Off the axis before pressing, the descent is given up for the approach.
+    cell.reset(seed)
+    follower = Expert(cell)
+    follower.phase = "descend"
+    p, _ = cell.tcp()
+    assert np.linalg.norm(p[:2] - top[:2]) > DESCEND_ABORT_M > APPROACH_DONE_M
+    follower.act()
+    assert follower.phase == "approach"
+
+
 def test_every_way_an_episode_fails(cfg, cell):
     assert _drive(cell, _seed_with(cfg, False), _WrongButtonExpert) == "wrong_button"
     assert _drive(cell, _seed_with(cfg, False), _DeafToClickExpert) == "overtravel"

@@ -43,8 +43,14 @@ def two_threads():
 
 
 @pytest.fixture(scope="module")
-def cfg():
-    return load_config(SIM_YAML)
+def plain_yaml(tmp_path_factory):
+    from conftest import plain_policy_config
+    return plain_policy_config(tmp_path_factory.mktemp("config"))
+
+
+@pytest.fixture(scope="module")
+def cfg(plain_yaml):
+    return load_config(plain_yaml)
 
 
 @pytest.fixture(scope="module")
@@ -156,7 +162,7 @@ def test_a_training_chunk_computes_what_the_streaming_step_computes_tick_by_tick
             mask = chunk.mask[:, k] * net.used
             M = mask.shape[1]
             cells = net.recur(net.lif(currents), mask, chunk.dt[:, k], ref_state[:, :M])
-            held = net.remember(ref_state[:, M], keypoints, visibility, mask) if memory else None
+            held = net.remember(ref_state[:, M], keypoints, visibility, mask, joints) if memory else None
             ref_state = cells if held is None else torch.cat([cells, held.unsqueeze(1)], dim=1)
             fused, _, _ = net.fusion(cells, mask)
             fused, reads = net.read_camera(fused, keypoints, mask, cells, joints, None, held)
@@ -354,7 +360,7 @@ def test_modalities_option_masks_the_others_inside_the_network(demos, cfg, cache
     assert trained_config(cfg, tc).model.modalities == ("camera", "joint_state")
 
 
-def test_torchrun_two_ranks_on_cpu_end_with_identical_weights(demos, cfg, cache, tmp_path):
+def test_torchrun_two_ranks_on_cpu_end_with_identical_weights(demos, cfg, cache, tmp_path, plain_yaml):
     script = tmp_path / "ddp_train.py"
     script.write_text(f"""
 import os, sys, torch
@@ -362,7 +368,7 @@ sys.path.insert(0, {str(REPO)!r})
 from mm_fusion_ros.config import load_config
 from mm_fusion_ros.train import TrainConfig, train
 torch.set_num_threads(1)
-report = train([{str(demos)!r}], load_config({str(SIM_YAML)!r}),
+report = train([{str(demos)!r}], load_config({str(plain_yaml)!r}),
                TrainConfig(epochs=1, batch_episodes=1, chunk_ticks=50, val_fraction=0.34, threads=1),
                {str(tmp_path / "ddp.pt")!r}, cache={str(cache)!r}, progress=False, log=lambda m: None)
 open(os.path.join({str(tmp_path)!r}, "rank" + os.environ["RANK"] + ".sha"), "w").write(report["final_weights_sha256"])
@@ -543,7 +549,8 @@ def test_training_with_the_camera_target_reports_where_the_camera_puts_the_butto
 
 def test_a_button_is_in_sight_unless_the_tool_is_over_it_and_low():
     """``buttons_in_sight``: a button under the tip, the tip low, is hidden (the hand covers it from the overhead
-    camera); the same button with the tip high, and a button 10 cm aside, are in sight."""
+    camera), and so is one 10 cm aside (the fingers reach that far); the same button with the tip high, and a
+    button 20 cm aside, are in sight."""
     from mm_fusion_ros.sim.panda import READY_Q
     from mm_fusion_ros.sim.task_state import IN_SIGHT_HEIGHT_M, buttons_in_sight, tool_tips
     tip = tool_tips(READY_Q[None])[0]
@@ -554,8 +561,9 @@ def test_a_button_is_in_sight_unless_the_tool_is_over_it_and_low():
         q[1] += 0.01
         q[3] += 0.005
     low = tool_tips(q[None])[0]
-    seen = buttons_in_sight(np.array([low[:2], low[:2] + [0.0, 0.10], low[:2] + [0.03, 0.0]]), q[None])[0]
-    np.testing.assert_array_equal(seen, [False, True, False])
+    seen = buttons_in_sight(np.array([low[:2], low[:2] + [0.0, 0.20], low[:2] + [0.03, 0.0], low[:2] + [0.0, 0.10]]),
+                            q[None])[0]
+    np.testing.assert_array_equal(seen, [False, True, False, False])
 
 
 def test_camera_pretraining_ignores_frames_that_do_not_show_the_button(episodes, cfg):
@@ -739,6 +747,48 @@ def test_the_phase_flags_are_read_off_the_experts_twist():
     np.testing.assert_array_equal(np.flatnonzero(flags[:, PHASES.index("clicked")]), [10, 11])
     # Before the cue nothing holds for an intruder and nothing has clicked, whatever the command.
     assert not task_phases(np.zeros((4, 6)), np.zeros(4), np.zeros(4))[:, 1:].any()
+
+
+def test_the_press_weighs_the_ticks_on_the_cued_cap_after_the_cue():
+    """--press-weight: the extra weight lands on the ticks whose tip is within the press zone of the cap (or
+    below its resting top: pressing) once the cue is heard, nowhere else; off, or without a task state, none."""
+    from types import SimpleNamespace
+    from mm_fusion_ros.sim.task_state import PRESS_ZONE_DM
+    from mm_fusion_ros.train import press_weights
+    height = np.array([0.5, 0.2, PRESS_ZONE_DM + 0.01, PRESS_ZONE_DM - 0.01, 0.0, -0.05, 0.03])   # dm above the cap
+    task = np.zeros((len(height), 5), np.float32)
+    task[:, 4] = height
+    heard = np.array([1, 1, 1, 1, 1, 1, 0], np.float32)   # the last tick: before the cue (a start low over a cap)
+    e = SimpleNamespace(task=task, task_weight=heard)
+    np.testing.assert_array_equal(press_weights(e, TrainConfig(press_weight=5.0)), [0, 0, 0, 5, 5, 5, 0])
+    assert press_weights(e, TrainConfig()) is None
+    assert press_weights(SimpleNamespace(task=None, task_weight=None), TrainConfig(press_weight=5.0)) is None
+    with pytest.raises(ConfigError, match="--press-weight"):
+        TrainConfig(press_weight=-1.0).validate()
+
+
+def test_the_click_flag_comes_from_the_recorded_click_where_there_is_one():
+    """Where ``mm-fusion record`` wrote when the detent clicked, the clicked flag is on from the first tick that
+    can have felt it, whatever the expert's twist says (a policy-driven episode's relabelled rise near the cap is
+    no click); a recording that says the button never clicked has no positive; one that does not say falls back
+    to the twist."""
+    from mm_fusion_ros.sim.task_state import CLICK_FELT_S, PHASES, clicked_ticks, task_phases
+    start = 100.0
+    t_ns = np.round((start + 0.01 * np.arange(1, 21)) * 1e9).astype(np.int64)   # ticks at 10 ms .. 200 ms
+    at = 0.1013                                                                     # clicked 101.3 ms in
+    flags = clicked_ticks({"clock_start_s": start, "stats": {"target_clicked_at": at}}, t_ns)
+    first = int(np.argmax(flags))
+    assert flags[first:].all() and not flags[:first].any()
+    assert t_ns[first] >= (start + at + CLICK_FELT_S) * 1e9 > t_ns[first - 1]
+    assert not clicked_ticks({"clock_start_s": start, "stats": {"target_clicked_at": None}}, t_ns).any()
+    assert clicked_ticks({"seed": 3}, t_ns) is None
+    # A rise from the cap in the labels (the expert going back to the point above the button) is no click.
+    T = len(t_ns)
+    twist, heard, height = np.zeros((T, 6)), np.ones(T), np.zeros(T)
+    twist[2:6, 2] = 0.06
+    c = PHASES.index("clicked")
+    assert task_phases(twist, heard, height)[2:, c].all()
+    np.testing.assert_array_equal(task_phases(twist, heard, height, flags)[:, c], flags)
 
 
 def _task_model(cfg):

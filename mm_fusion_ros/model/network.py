@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from ..config import MODALITIES, ActionConfig, ModelConfig, config_to_dict, model_config_from_dict
-from ..sim.task_state import PHASE_SOURCES, PHASES, UNITS_PER_M
+from ..sim.task_state import IN_SIGHT_HEIGHT_M, IN_SIGHT_LATERAL_M, PHASE_SOURCES, PHASES, UNITS_PER_M
 from .fusion import make_fusion
 from .kinematics import TOOL_FEATURES, PandaPose, panda_tool_pose, tool_pose_features, tool_twist_to_joints
 from .liquid import CfCCells
@@ -35,6 +35,10 @@ INPUT_NAMES = ("camera", "audio", "imu", "lidar", "joint_state", "mask", "dt", "
 OUTPUT_NAMES = ("action", "fused_state", "new_state", "attention", "contribution", "new_audio_frames")
 # /2: five modalities (joint states), normalisation statistics in the weights, training metadata.
 CHECKPOINT_FORMAT = "mm_fusion_ros.checkpoint/2"
+# The cue memory weighs each frame by its gate to this power (``CueRead.remember``), and by whether the hand is
+# clear of the button (``hand_clear``, soft over this many metres).
+MEMORY_SHARPNESS = 4
+HAND_CLEAR_SOFT_M = 0.01
 
 
 @dataclass(frozen=True)
@@ -248,6 +252,17 @@ class PhaseHead(nn.Module):
         return (torch.where(present, read, torch.zeros_like(read)) * self.weight).sum(dim=-1) + self.bias
 
 
+def hand_clear(tip: torch.Tensor, buttons_m: torch.Tensor) -> torch.Tensor:
+    """(B, N) in [0, 1]: whether the hand is clear of each button in the overhead camera's view, the soft form of
+    ``sim.task_state.buttons_in_sight`` (the tool tip more than ``IN_SIGHT_LATERAL_M`` aside of it, or higher
+    than ``IN_SIGHT_HEIGHT_M``; 1 cm soft). ``tip`` (B, 3) and ``buttons_m`` (B, N, 2) in metres."""
+    tip = tip.to(buttons_m.dtype)
+    lateral = torch.linalg.vector_norm(buttons_m - tip[:, None, :2], dim=-1)
+    over = torch.sigmoid((IN_SIGHT_LATERAL_M - lateral) / HAND_CLEAR_SOFT_M)
+    low = torch.sigmoid((IN_SIGHT_HEIGHT_M - tip[:, 2:3]) / HAND_CLEAR_SOFT_M)
+    return 1.0 - over * low
+
+
 class CameraReads(NamedTuple):
     """What training supervises of the camera reads (None where the model has no such read), and the cue
     read's values themselves."""
@@ -284,9 +299,9 @@ class CueRead(nn.Module):
         self.objects = ObjectLocator(keypoints, objects, pixel)
         self.cue = nn.Linear(dim, objects)
         self.out = nn.Linear(objects + 3, dim)
-        # cue_memory: how far each button's held estimate moves to this frame's, from the pixel keypoints'
-        # visibility (``CameraEncoder.encode_reads``). Starting open (sigmoid(3) = 0.95): at first the read
-        # is the frame's, as without a memory, and training closes a gate where its frame misleads.
+        # cue_memory: how much each frame counts for each button's held estimate, from the pixel keypoints'
+        # visibility (``CameraEncoder.encode_reads``). Starting open (sigmoid(3) = 0.95): at first every frame
+        # counts, and pretraining closes a gate where its frame does not show the button.
         self.gate = None
         if memory_from:
             self.gate = nn.Linear(memory_from, objects)
@@ -294,21 +309,55 @@ class CueRead(nn.Module):
                 self.gate.bias.fill_(3.0)
 
     def remember(self, memory: torch.Tensor, objects: torch.Tensor, visibility: torch.Tensor,
-                 camera_present: torch.Tensor) -> torch.Tensor:
+                 camera_present: torch.Tensor, tip: torch.Tensor | None = None,
+                 tip_present: torch.Tensor | None = None) -> torch.Tensor:
         """The memory slot (B, D) after one frame: ``[:2 N]`` every button's held (x, y), ``[2 N]`` whether
-        anything has been seen since the reset. Each estimate moves to this frame's by its gate; the first
-        frame after a reset replaces them whatever its gate; a masked camera moves nothing."""
-        n2 = 2 * self.n
-        held, seen = memory[:, :n2], memory[:, n2:n2 + 1]
-        gate = torch.sigmoid(self.gate(visibility))
-        gate = gate + (1.0 - seen) * (1.0 - gate)
-        gate = torch.where(camera_present > 0.5, gate, torch.zeros_like(gate))
-        step = gate.repeat_interleave(2, dim=-1)
+        anything has been seen since the reset, ``[2 N + 1:3 N + 1]`` each button's weight so far.
+
+        Each held estimate is the running mean of the frames' estimates, each frame weighted by its gate (how
+        sure the gate is that the frame shows that button) to the ``MEMORY_SHARPNESS``-th power: the buttons
+        do not move within an episode, so every frame that shows one says the same thing, and averaging them
+        takes out the locator's per-frame scatter. The first frame after a reset replaces the estimates whatever
+        its gate (and counts with its own weight, so that one which hid a button is soon outweighed); a masked
+        camera moves nothing.
+
+        Why a mean and not a gated step towards each frame (the memory before, an exponential average): the
+        tool hovers over the cued cap for a hundred ticks or more, and a gate only mostly shut on those frames
+        let the estimate follow them, to where the hidden colour's soft-argmax lands. Measured offline
+        (``bench/cue_memory.py``, README item 26) on the validation episodes, with the camera and gate of item
+        26's policy: while the tool was near the cued button and low, the exponential average held it 11.2 cm
+        off (median), this mean 0.28 cm (p90 0.55). Why the power: a frame the gate is 10 % sure of still pulls
+        the mean, over as many ticks as the tool hovers; with the gate itself (power 1) the same mean held it
+        0.96 cm off (p90 2.42).
+
+        ``tip`` (B, 3; m, base frame), the tool tip at the measured joints where ``tip_present`` (B, 1): a frame
+        counts for a button only while the hand is clear of it (``hand_clear``), whatever the gate says. Why: the
+        gate reads the colour's visibility, which a cap partly under the fingers still shows; on a checkpoint
+        with three pixel keypoints (README item 26) it stayed open (0.91, median) on frames where the hand hid
+        the cued cap, whose estimates were 7.7 cm off. The hand's position is known from the joints. On item
+        26's policy and the expert's episodes it changed nothing measurable (0.28 cm either way): it guards
+        the states a policy reaches that the gate was not trained on. Without the joints (masked, or a model
+        without them) the gate alone decides."""
+        n, n2 = self.n, 2 * self.n
+        held, seen, total = memory[:, :n2], memory[:, n2:n2 + 1], memory[:, n2 + 1:n2 + 1 + n]
+        present = camera_present > 0.5
+        weight = torch.sigmoid(self.gate(visibility)) ** MEMORY_SHARPNESS
+        if tip is not None:
+            clear = hand_clear(tip, held.view(-1, n, 2) / UNITS_PER_M)
+            if tip_present is not None:
+                clear = torch.where(tip_present > 0.5, clear, torch.ones_like(clear))
+            # Before anything is held the distance is to nowhere: the first frame is taken whole below anyway.
+            weight = weight * torch.where(seen > 0.5, clear, torch.ones_like(clear))
         # A masked frame may hold anything, NaN included: select, do not multiply.
-        moved = torch.where(camera_present > 0.5, objects - held, torch.zeros_like(held))
+        weight = torch.where(present, weight, torch.zeros_like(weight))
+        total = total + weight
+        # The first frame is taken whole; with its own weight, so a frame that hid the button is soon outweighed.
+        step = torch.where(seen > 0.5, weight / torch.clamp(total, min=1e-12), torch.ones_like(weight))
+        step = step.repeat_interleave(2, dim=-1)
+        moved = torch.where(present, objects - held, torch.zeros_like(held))
         held = held + step * moved
-        seen = torch.where(camera_present > 0.5, torch.ones_like(seen), seen)
-        return torch.cat([held, seen, memory[:, n2 + 1:]], dim=-1)
+        seen = torch.where(present, torch.ones_like(seen), seen)
+        return torch.cat([held, seen, total, memory[:, n2 + 1 + n:]], dim=-1)
 
     def forward(self, fused: torch.Tensor, keypoints: torch.Tensor, audio_state: torch.Tensor,
                 joint_positions: torch.Tensor, present: torch.Tensor,
@@ -389,7 +438,7 @@ class FusionNet(nn.Module):
         pose = None if joints is None else self.action_head.arm_pose(joints)   # once a tick, for both
         memory = None
         if self.memory:
-            memory = self.remember(state[:, m], keypoints, visibility, mask)
+            memory = self.remember(state[:, m], keypoints, visibility, mask, joint_state, pose)
             new_state = torch.cat([new_state, memory.unsqueeze(1)], dim=1)
         fused, reads = self.read_camera(fused, keypoints, mask, new_state, joint_state, pose, memory)
         head_in = self.head_input(fused, reads, new_state[:, :m], currents, mask)[0]
@@ -417,11 +466,25 @@ class FusionNet(nn.Module):
         return torch.cat([reads.read.detach(), torch.sigmoid(logits).detach()], dim=-1), logits
 
     def remember(self, memory: torch.Tensor, keypoints: torch.Tensor, visibility: torch.Tensor,
-                 mask: torch.Tensor) -> torch.Tensor:
-        """The cue read's memory slot (B, D) after this frame (``CueRead.remember``)."""
+                 mask: torch.Tensor, joint_state: torch.Tensor | None = None,
+                 pose: PandaPose | None = None) -> torch.Tensor:
+        """The cue read's memory slot (B, D) after this frame (``CueRead.remember``); with ``joint_state`` (the raw
+        (B, 2 dof) input), only while the hand is clear of each button (``tool_tip``)."""
         camera = MODALITIES.index("camera")
+        tip, tip_present = self.tool_tip(joint_state, mask, pose) if joint_state is not None else (None, None)
         return self.cue_read.remember(memory, self.cue_read.objects(keypoints), visibility,
-                                      mask[:, camera:camera + 1])
+                                      mask[:, camera:camera + 1], tip, tip_present)
+
+    def tool_tip(self, joint_state: torch.Tensor, mask: torch.Tensor,
+                 pose: PandaPose | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(tip (B, 3) in metres, (B, 1) 1 where the joint states are present): the tool tip at the measured joints
+        (``pose``'s where the tool-space head computed it); where they are masked the tip is a placeholder."""
+        i = MODALITIES.index("joint_state")
+        present = mask[:, i:i + 1]
+        if pose is not None:
+            return pose.tip, present
+        q = joint_state[:, :self.cfg.action.dof]
+        return panda_tool_pose(torch.where(present > 0.5, q, torch.zeros_like(q))).tip, present
 
     def measured_joints(self, joint_state: torch.Tensor, mask: torch.Tensor) -> torch.Tensor | None:
         """The joint positions a tool-space head acts at (None in joint space); zeros while the joint states are

@@ -40,6 +40,7 @@ ABOVE_M = 0.05
 APPROACH_SPEED = 0.25   # m/s
 DESCEND_SPEED = 0.04
 APPROACH_DONE_M = 0.015   # m from the point above the button: the descent starts
+DESCEND_ABORT_M = 0.025   # m off the button's axis: a descent not yet pressing goes back to the approach
 APPROACH_NOISE_M = 0.03   # DART noise only while farther than this from the point above the button
 PRESS_SPEED = 0.008     # m/s once the tip is within PRESS_ZONE of the cap: 0.3 s from the click to the end stop
 PRESS_ZONE = 0.006
@@ -116,13 +117,26 @@ class Expert:
         top = cell.button_top(spec.target)
         above = np.array([top[0], top[1], top[2] + ABOVE_M])
         feed = np.zeros(3)
+        lateral = float(np.linalg.norm(top[:2] - p[:2]))
+        if self.phase in ("approach", "descend") and cell.clicked(spec.target):
+            # A policy driving (DAgger) may click the button from any phase the expert following it is in:
+            # what the expert does once the detent has clicked is let go, whichever way the tool got there.
+            self.phase = "release"
         if self.phase == "approach":
             goal = above
             # Descend from within APPROACH_DONE_M, still moving (the descent corrects the rest sideways),
             # rather than stopping at the point above first: a clone learns "the arm is still, so stay
             # still" at every stop it is shown (measured: it hovered above the cued button until timeout).
-            if np.linalg.norm(above - p) < APPROACH_DONE_M:
+            # Also from anywhere lower over the button: a policy (DAgger) may come down over it without
+            # passing that point, and the label there must be the descent, not a climb back to the point.
+            if np.linalg.norm(above - p) < APPROACH_DONE_M or (
+                    lateral < APPROACH_DONE_M and p[2] < above[2] + APPROACH_DONE_M):
                 self.phase = "descend"
+        elif self.phase == "descend" and lateral > DESCEND_ABORT_M and p[2] - top[2] > PRESS_ZONE:
+            # Off to the side before pressing (a policy's drift): back up to the point above, rather than
+            # come down beside the cap onto its housing.
+            self.phase = "approach"
+            goal = above
         if self.phase == "descend":
             gap = p[2] - top[2]
             speed = PRESS_SPEED if gap < PRESS_ZONE else DESCEND_SPEED

@@ -134,6 +134,7 @@ class _EpisodeRecorder:
         cell, ts, topics, loop = self.cell, self.ts, self.topics, self.loop
         wall0 = time.perf_counter()
         spec = cell.reset(seed)
+        clock_start = cell.t
         expert = Expert(cell)
         dart = DartNoise(np.random.default_rng([seed, 7]), noise, noise_tau, 1.0 / control_rate_hz)
         share_rng = np.random.default_rng([seed, 11])
@@ -198,6 +199,8 @@ class _EpisodeRecorder:
             # (DAgger: its failures are the point; every tick is still labelled by the expert).
             "driver": "expert" if loop is None else "policy",
             "expert_ticks": expert_ticks if loop is not None else ticks,
+            # The sim clock at the episode's start: the stats' times (the click) are from it.
+            "clock_start_s": clock_start,
             "stats": {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in asdict(st).items()},
             "messages": counts, "bytes": _size(bag_path), "wall_s": round(time.perf_counter() - wall0, 3),
         }
