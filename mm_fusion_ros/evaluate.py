@@ -34,7 +34,8 @@ from .files import write_json_atomic
 from .stats import wilson_interval
 
 EVAL_SEED = 1000    # first evaluation seed: `make train` records seeds below it, never these
-# "Near and low": where the overhead camera no longer shows the cued cap (sim.task_state.buttons_in_sight's bounds).
+# "Near and low": within 4 cm of the cued button and below 13 cm, where the overhead camera shows nothing of its cap
+# (README item 23): the descent and the press, which act on the memory's estimate.
 NEAR_LATERAL_M, NEAR_HEIGHT_M = 0.04, 0.13
 _READING = {"camera": "CameraFrame", "audio": "AudioChunk", "imu": "ImuReading", "lidar": "LidarScan",
             "joint_state": "JointReading"}
