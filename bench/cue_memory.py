@@ -74,7 +74,9 @@ def main() -> int:
                 g = gate[k].repeat_interleave(2)
                 ema = frame.clone() if ema is None else ema + g * (frame - ema)
                 with torch.no_grad():
-                    memory = net.cue_read.remember(memory, objects[k:k + 1], visibility[k:k + 1], torch.ones(1, 1))
+                    # With the tool tip at this tick's measured joints, as the step passes it (the hand's clearance).
+                    memory = net.cue_read.remember(memory, objects[k:k + 1], visibility[k:k + 1], torch.ones(1, 1),
+                                                   torch.from_numpy(tips[t:t + 1]), torch.ones(1, 1))
             if frame is None or tips[t, 2] >= NEAR_HEIGHT_M or np.hypot(*(tips[t, :2] - button)) >= NEAR_LATERAL_M:
                 continue
             for rule, held in zip(rules, (frame, ema, memory[0, :n2])):

@@ -327,17 +327,18 @@ class CueRead(nn.Module):
         (``bench/cue_memory.py``, README item 26) on the validation episodes, with the camera and gate of item
         26's policy: while the tool was near the cued button and low, the exponential average held it 11.2 cm
         off (median), this mean 0.28 cm (p90 0.55). Why the power: a frame the gate is 10 % sure of still pulls
-        the mean, over as many ticks as the tool hovers; with the gate itself (power 1) the same mean held it
-        0.96 cm off (p90 2.42).
+        the mean, over as many ticks as the tool hovers; with the gate itself (power 1) and no hand clearance
+        (below) the same mean held it 0.96 cm off (p90 2.42).
 
         ``tip`` (B, 3; m, base frame), the tool tip at the measured joints where ``tip_present`` (B, 1): a frame
         counts for a button only while the hand is clear of it (``hand_clear``), whatever the gate says. Why: the
         gate reads the colour's visibility, which a cap partly under the fingers still shows; on a checkpoint
         with three pixel keypoints (README item 26) it stayed open (0.91, median) on frames where the hand hid
         the cued cap, whose estimates were 7.7 cm off. The hand's position is known from the joints. On item
-        26's policy and the expert's episodes it changed nothing measurable (0.28 cm either way): it guards
-        the states a policy reaches that the gate was not trained on. Without the joints (masked, or a model
-        without them) the gate alone decides."""
+        26's policy and the expert's episodes the power and the clearance each do the same work: either alone
+        holds the button 0.28 cm off (p90 0.55), neither 0.96 cm; both are kept, the clearance for the states a
+        policy reaches that the gate was not trained on. Without the joints (masked, or a model without them)
+        the gate alone decides."""
         n, n2 = self.n, 2 * self.n
         held, seen, total = memory[:, :n2], memory[:, n2:n2 + 1], memory[:, n2 + 1:n2 + 1 + n]
         present = camera_present > 0.5
