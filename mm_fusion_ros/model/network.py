@@ -84,6 +84,32 @@ def output_specs(cfg: ModelConfig, batch: int = 1) -> tuple[TensorSpec, ...]:
     )
 
 
+# action.reads task: what the head reads beside the task features. Of the tool's pose, its rotation alone (9; the
+# tip's height is in the cue read); then the cue read's offset squashed at FINE_M and the tip's height, in cm.
+TASK_TOOL_FEATURES = TOOL_FEATURES - 3
+FINE_FEATURES = 3
+FINE_M = 0.02
+CM_PER_UNIT = 100.0 / UNITS_PER_M
+
+
+def task_inputs(task: torch.Tensor, tool: torch.Tensor) -> torch.Tensor:
+    """The task-reading head's input: ``task`` (B, F), ``head_input``'s features (the cue read first: offset (x, y)
+    and the tip's height, in ``UNITS_PER_M``), and ``tool`` (B, 12), ``tool_pose_features``.
+
+    Why not the tip's position: the expert's law acts on the button's offset from the tip, the same wherever the
+    button is, while on the expert's paths the tip's position also predicts the command (the average path to the
+    average button) and a head that reads it blends the two. Why the lengths again at centimetre scale: the law
+    switches at centimetres (the descent from 1.5 cm off the button's axis, the press 6 mm above the cap at
+    8 mm/s), which in decimetres are differences of 0.06-0.15 that a tanh layer starting at weights of ~0.2
+    barely resolves. Measured (README item 27) on item 26's policy's inputs to its head (validation, keyframe-
+    weighted loss): its head as trained 0.88, the same head refitted alone 0.088, refitted with these inputs
+    and a second hidden layer 0.073, which presses nearer the expert's 8 mm/s; closed loop the refitted heads
+    brought the tip over the cap in 40 of 40 episodes, where item 26's came down beside it in 46 of 200."""
+    offset, height = task[:, :2], task[:, 2:3]
+    fine = torch.cat([torch.tanh(offset / (FINE_M * UNITS_PER_M)), height * CM_PER_UNIT], dim=-1)
+    return torch.cat([task, tool[:, 3:], fine], dim=-1)
+
+
 class ActionHead(nn.Module):
     """Fused vector -> the action: a standardised output, de-standardised and clamped to [lower, upper].
 
@@ -100,8 +126,9 @@ class ActionHead(nn.Module):
     which the head had to learn from a few hundred episodes. In tool space it is one number.
 
     ``action.reads: task``: the head reads ``task_features`` values (``FusionNet.head_input``: the cue read and
-    the phase flags) instead of the fused vector, and the intruder flag (feature ``hold_feature``, a
-    probability) scales the tool's twist by (1 - p): where the flag is sure, the tool stands still exactly.
+    the phase flags) instead of the fused vector (``task_inputs``), and the intruder flag (feature
+    ``hold_feature``, a probability p) times the hold gate g scales the tool's twist by (1 - p g): where both are
+    sure, the tool stands still exactly.
     Why: the expert's stop is a switch (zero while the intruder is near, whatever else the task wants), which
     an MLP fitting every other phase too only approximates (measured, README item 24: with the flags right on
     93 % of the hold ticks, 6 of 20 episodes ended in a protective-stop violation).
@@ -112,9 +139,25 @@ class ActionHead(nn.Module):
         self.tool = cfg.space == "tool"
         self.hold_feature = hold_feature if cfg.reads == "task" else None
         width = 6 if self.tool else cfg.dof
-        reads = task_features if cfg.reads == "task" else dim
-        self.mlp = nn.Sequential(nn.Linear(reads + (TOOL_FEATURES if self.tool else 0), dim), nn.Tanh(),
-                                 nn.Linear(dim, width))
+        self.task = cfg.reads == "task"
+        if self.task:
+            # The task features, the tool's rotation (not where the tip is: TASK_TOOL_FEATURES) and the lengths
+            # again at the press's scale (task_inputs); two hidden layers.
+            self.mlp = nn.Sequential(nn.Linear(task_features + TASK_TOOL_FEATURES + FINE_FEATURES, dim), nn.Tanh(),
+                                     nn.Linear(dim, dim), nn.Tanh(), nn.Linear(dim, width))
+        else:
+            self.mlp = nn.Sequential(nn.Linear(dim + (TOOL_FEATURES if self.tool else 0), dim), nn.Tanh(),
+                                     nn.Linear(dim, width))
+        # task: whether the intruder flag stops the tool here (a sigmoid of the same inputs, learned from the
+        # actions): the expert holds still for the intruder except while it presses or lets go of the button,
+        # which it finishes at a creep (sim.expert), because a servo stopped on a clicked button goes on pushing
+        # it into its end stop. Starting sure (sigmoid(4) = 0.98): the flag stops the tool until taught otherwise.
+        self.hold_gate = None
+        if self.task and self.hold_feature is not None:
+            self.hold_gate = nn.Linear(task_features + TASK_TOOL_FEATURES + FINE_FEATURES, 1)
+            with torch.no_grad():
+                self.hold_gate.weight.zero_()
+                self.hold_gate.bias.fill_(4.0)
         lower = torch.tensor(cfg.lower, dtype=torch.float32).unsqueeze(0)
         upper = torch.tensor(cfg.upper, dtype=torch.float32).unsqueeze(0)
         self.register_buffer("lower", lower, persistent=False)
@@ -135,11 +178,25 @@ class ActionHead(nn.Module):
         """The standardised output of what the head reads (``fused``: the fused vector, or ``head_input``'s
         task features); ``joints`` (B, dof), the measured positions, in tool space only, and ``pose``, their
         ``arm_pose`` where the caller has it."""
-        out = self.mlp(torch.cat([fused, tool_pose_features(joints, UNITS_PER_M, pose)], dim=-1) if self.tool else fused)
+        return self.act(self.inputs(fused, joints, pose))
+
+    def inputs(self, fused: torch.Tensor, joints: torch.Tensor | None = None,
+               pose: PandaPose | None = None) -> torch.Tensor:
+        """What the MLP reads (``normalized``'s arguments): a function of the head's input alone, no weights."""
+        if self.task:
+            return task_inputs(fused, tool_pose_features(joints, UNITS_PER_M, pose))
+        return torch.cat([fused, tool_pose_features(joints, UNITS_PER_M, pose)], dim=-1) if self.tool else fused
+
+    def act(self, x: torch.Tensor) -> torch.Tensor:
+        """The standardised output for ``inputs``' values: all of the head that has weights (``mm-fusion train``
+        refits it alone on them, ``train.refit_head``)."""
+        out = self.mlp(x)
         if self.hold_feature is None:
             return out
         # Standardised, (1 - p) x the twist is (1 - p) x out - p x mean / std: exactly still at p = 1.
-        hold = fused[:, self.hold_feature:self.hold_feature + 1]
+        hold = x[:, self.hold_feature:self.hold_feature + 1]
+        if self.hold_gate is not None:
+            hold = hold * torch.sigmoid(self.hold_gate(x))
         return (1.0 - hold) * out - hold * (self.mean / self.std)
 
     def arm_pose(self, joints: torch.Tensor) -> PandaPose:
