@@ -1150,13 +1150,7 @@ def refit_head(net, train_eps: Sequence[Episode], val_eps: Sequence[Episode], tc
     x_train, y_train = head_ticks(net, train_eps, tc, device)
     x_val, y_val = head_ticks(net, val_eps, tc, device)
     torch.manual_seed(tc.seed + 3)
-    for layer in head.mlp:
-        if isinstance(layer, nn.Linear):
-            layer.reset_parameters()
-    if head.hold_gate is not None:
-        with torch.no_grad():
-            head.hold_gate.weight.zero_()
-            head.hold_gate.bias.fill_(4.0)
+    head.reset_weights()
     params = [p for p in head.parameters() if p.requires_grad]
     optimizer = torch.optim.Adam(params, lr=3e-3)
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, tc.head_steps)

@@ -155,9 +155,7 @@ class ActionHead(nn.Module):
         self.hold_gate = None
         if self.task and self.hold_feature is not None:
             self.hold_gate = nn.Linear(task_features + TASK_TOOL_FEATURES + FINE_FEATURES, 1)
-            with torch.no_grad():
-                self.hold_gate.weight.zero_()
-                self.hold_gate.bias.fill_(4.0)
+            self.start_hold_gate()
         lower = torch.tensor(cfg.lower, dtype=torch.float32).unsqueeze(0)
         upper = torch.tensor(cfg.upper, dtype=torch.float32).unsqueeze(0)
         self.register_buffer("lower", lower, persistent=False)
@@ -172,6 +170,19 @@ class ActionHead(nn.Module):
             # Until trained: centred in the range, a quarter of its span per unit.
             self.register_buffer("mean", 0.5 * (lower + upper))
             self.register_buffer("std", 0.25 * (upper - lower))
+
+    def start_hold_gate(self) -> None:
+        with torch.no_grad():
+            self.hold_gate.weight.zero_()
+            self.hold_gate.bias.fill_(4.0)
+
+    def reset_weights(self) -> None:
+        """Every weight as a new head's would start (``train.refit_head`` fits afresh from here)."""
+        for layer in self.mlp:
+            if isinstance(layer, nn.Linear):
+                layer.reset_parameters()
+        if self.hold_gate is not None:
+            self.start_hold_gate()
 
     def normalized(self, fused: torch.Tensor, joints: torch.Tensor | None = None,
                    pose: PandaPose | None = None) -> torch.Tensor:
