@@ -13,6 +13,7 @@ from mm_fusion_ros.sim.task_state import PHASE_SOURCES, PHASES
 from mm_fusion_ros.config import MODALITIES, ModelConfig
 from mm_fusion_ros.sim.panda import READY_Q
 from mm_fusion_ros.model.network import PhaseHead
+from mm_fusion_ros.model.preprocess import PIXEL_FILTER_GAIN
 from mm_fusion_ros.model import (INPUT_NAMES, OUTPUT_NAMES, FusionNet, build_model, config_mismatch, input_specs,
                                  load_checkpoint, output_specs, save_checkpoint)
 
@@ -758,6 +759,17 @@ def test_a_pixel_keypoint_finds_its_colours_centroid_and_says_when_it_is_out_of_
     pixel = 2 / (W - 1)
     assert abs(x - expected_x) < 0.2 * pixel and abs(y - expected_y) < 0.2 * pixel, (x, y, expected_x, expected_y)
     assert float(visibility[0, 0]) > float(hidden[0, 0]) + 1.0
+    # The visibility is the filter's logsumexp over the pixels (computed from the softmax's peak share, which
+    # exports to fewer ONNX operators), less the uniform share, at its temperature; also at a sharp temperature.
+    for log_t in (np.log(20.0), np.log(2000.0)):
+        with torch.no_grad():
+            net.camera.pixel_log_temperature[0] = float(log_t)
+            x = torch.from_numpy(image).permute(0, 3, 1, 2).float() * net.camera.scale + net.camera.offset
+            t = net.camera.pixel_log_temperature.exp()
+            flat = (net.camera.pixel_filter(x) * (PIXEL_FILTER_GAIN * t).view(1, -1, 1, 1)).flatten(2)
+            expected = (torch.logsumexp(flat, dim=-1) - np.log(H * W)) / t
+            _, _, visibility = net.camera.encode_reads(torch.from_numpy(image))
+        assert torch.allclose(visibility, expected, rtol=1e-5, atol=1e-5), (visibility, expected)
 
 
 def test_the_cue_reads_memory_holds_an_estimate_while_its_gate_is_shut_and_starts_from_the_first_frame(

@@ -134,11 +134,16 @@ class CameraEncoder(nn.Module):
         logits = self.pixel_filter(x) * (PIXEL_FILTER_GAIN * temperature).view(1, -1, 1, 1)
         b, k, h, w = logits.shape
         flat = logits.reshape(b, k, h * w)
-        probs = torch.softmax(flat, dim=-1).reshape(b, k, h, w)
+        probs = torch.softmax(flat, dim=-1)
+        # logsumexp as the largest logit less the log of its softmax share: the same value from the softmax
+        # already computed. ONNX Runtime's ReduceLogSumExp over the 9216 pixels was a quarter of the exported
+        # step (0.82 -> 0.59 ms p50, one thread); the share is at least 1/(h w), so the log is finite.
+        log_sum_exp = flat.amax(dim=-1) - torch.log(probs.amax(dim=-1))
+        probs = probs.reshape(b, k, h, w)
         ys = torch.linspace(-1.0, 1.0, h, device=x.device, dtype=x.dtype)
         xs = torch.linspace(-1.0, 1.0, w, device=x.device, dtype=x.dtype)
         keypoints = torch.stack([(probs.sum(dim=2) * xs).sum(dim=2), (probs.sum(dim=3) * ys).sum(dim=2)], dim=-1)
-        visibility = (torch.logsumexp(flat, dim=-1) - math.log(h * w)) / temperature.view(1, -1)
+        visibility = (log_sum_exp - math.log(h * w)) / temperature.view(1, -1)
         return keypoints, visibility
 
 

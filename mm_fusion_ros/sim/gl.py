@@ -11,6 +11,10 @@ import os
 os.environ.setdefault("MUJOCO_GL", "osmesa")
 if os.environ["MUJOCO_GL"] == "osmesa":
     os.environ.setdefault("PYOPENGL_PLATFORM", "osmesa")
+    # Mesa's llvmpipe rasterises on a thread per core by default; for a 96x96 frame handing the tiles to
+    # them costs more than drawing them (render p50 1.93 -> 1.31 ms in the calling thread, same pixels), and
+    # eval's workers already take a core each.
+    os.environ.setdefault("LP_NUM_THREADS", "0")
 
 
 class RenderBackendError(RuntimeError):
