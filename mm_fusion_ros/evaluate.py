@@ -258,8 +258,8 @@ class Evaluator:
                 if math.hypot(*(tip[:2] - button)) <= cap_radius:
                     lowest_over_cap = min(lowest_over_cap, float(tip[2] - cell.button_top(spec.target)[2]))
                 if memory_row is not None and tip[2] < NEAR_HEIGHT_M and math.hypot(*(tip[:2] - button)) < NEAR_LATERAL_M:
-                    held = loop.runtime.stream.state[0, memory_row, 2 * spec.target:2 * spec.target + 2]
-                    memory_errors.append(float(np.hypot(*(np.asarray(held, np.float64) / UNITS_PER_M - button))))
+                    remembered = loop.runtime.stream.state[0, memory_row, 2 * spec.target:2 * spec.target + 2]
+                    memory_errors.append(float(np.hypot(*(np.asarray(remembered, np.float64) / UNITS_PER_M - button))))
                 if loop.task_state and result.safety.command.any():   # the policy has started: it heard the cue
                     guess = np.asarray(result.fused_state[:2], np.float64) / UNITS_PER_M
                     target_errors.append(float(np.hypot(*(guess - button))))
