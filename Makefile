@@ -48,6 +48,9 @@ demo-live: $(STAMP)
 POLICY ?= policies/sim_policy.pt
 TRAIN_EPISODES ?= 200
 TRAIN_EPOCHS ?= 8
+# The share of DAgger episodes with a required sensor silent for 0.5-2.5 s (README item 29: without them a 2 s
+# camera gap's watchdog halt was taken for the click).
+DAGGER_GAPS ?= 0.5
 # README "Where learning stands", items 27-28: the camera pretrained on where the buttons are, then cloning with the
 # cue read's targets (the buttons, which one the tone names) and the phase flags' (cue heard, intruder, click), the
 # head refitted alone; then two DAgger rounds, in each the policy alone drives 150 episodes (seeds 2000-2149, then
@@ -62,14 +65,14 @@ train: $(STAMP)
 	  --plot artifacts/train_loss_round0.png --camera-pretrain-steps 3000 $(TRAIN_TARGETS) --head-steps 3000
 	rm -rf artifacts/dagger   # the round's episodes are this round-0 policy's, never an earlier one's
 	$(VENV)/bin/mm-fusion record artifacts/dagger --config config/sim.yaml --episodes 150 --seed 2000 \
-	  --policy artifacts/policy_round0.pt --expert-share 0 --workers 2
+	  --policy artifacts/policy_round0.pt --expert-share 0 --gap-share $(DAGGER_GAPS) --workers 2
 	$(VENV)/bin/mm-fusion train artifacts/demos artifacts/dagger --include-failures --config config/sim.yaml \
 	  --init artifacts/policy_round0.pt --out artifacts/policy_round1.pt --epochs 3 --batch-episodes 8 \
 	  --chunk-ticks 120 --workers 2 --cache artifacts/dataset_cache --plot artifacts/train_loss.png \
 	  --camera-pretrain-steps 0 $(TRAIN_TARGETS) --head-steps 3000
 	rm -rf artifacts/dagger2
 	$(VENV)/bin/mm-fusion record artifacts/dagger2 --config config/sim.yaml --episodes 150 --seed 2150 \
-	  --policy artifacts/policy_round1.pt --expert-share 0 --workers 2
+	  --policy artifacts/policy_round1.pt --expert-share 0 --gap-share $(DAGGER_GAPS) --workers 2
 	$(VENV)/bin/mm-fusion train artifacts/demos artifacts/dagger artifacts/dagger2 --include-failures \
 	  --config config/sim.yaml --init artifacts/policy_round1.pt --out $(POLICY) --epochs 0 --batch-episodes 8 \
 	  --chunk-ticks 120 --workers 2 --cache artifacts/dataset_cache --camera-pretrain-steps 0 $(TRAIN_TARGETS) \

@@ -41,6 +41,11 @@ _READING = {"camera": "CameraFrame", "audio": "AudioChunk", "imu": "ImuReading",
             "joint_state": "JointReading"}
 
 
+def reading_modality(reading) -> str:
+    """The model input a cell reading (``sim.readings``) feeds."""
+    return next(m for m, cls in _READING.items() if type(reading).__name__ == cls)
+
+
 class EvalError(ValueError):
     """Options, a config or a checkpoint that eval cannot work with (refused before any episode runs)."""
 
@@ -196,8 +201,7 @@ class PolicyLoop:
             return []
 
     def _add(self, reading) -> None:
-        modality = next(m for m, cls in _READING.items() if type(reading).__name__ == cls)
-        if any(d.silences(modality, reading.stamp - self.t0) for d in self.drops):
+        if any(d.silences(reading_modality(reading), reading.stamp - self.t0) for d in self.drops):
             return
         for sample in self._samples(reading):
             self.runtime.add(sample, reading.receive)

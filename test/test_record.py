@@ -211,6 +211,8 @@ def test_bad_options_are_refused_before_any_work(tmp_path, capsys):
         (["--episodes", "2", "--video", "ep.avi"], "name it *.mp4"),
         (["--episodes", "2", "--policy", str(tmp_path / "none.pt")], "--policy: no checkpoint at"),
         (["--episodes", "2", "--expert-share", "0.5"], "--expert-share mixes the expert into a policy's"),
+        (["--episodes", "2", "--gap-share", "0.5"], "--gap-share silences a sensor the policy reads: it needs --policy"),
+        (["--episodes", "2", "--gap-share", "1.5"], "--gap-share must be in [0, 1]"),
     ]:
         assert cli_main(["record", str(out), *argv]) == 2
         assert message in capsys.readouterr().err
@@ -312,3 +314,48 @@ def test_a_policy_for_another_model_is_refused_before_any_episode(short_cell, tm
     assert cli_main(["record", str(out), "--config", str(short_cell), "--episodes", "1", "--policy", str(other),
                      "--noise", "0.1"]) == 2
     assert "with --policy the policy drives" in capsys.readouterr().err
+
+
+def test_a_sensor_gap_silences_the_sensor_for_the_policy_and_the_bag_alike(short_cell, untrained, tmp_path):
+    """record --policy --gap-share: in a gap episode one required sensor says nothing for a while. The policy
+    gets none of its readings (the watchdog holds the arm: zero commands) and the bag has none of them either,
+    so training reads the silence the policy lived; eval with the same gap as --drop runs the same episode. The
+    gap is the seed's alone: a share of 0 is the plain DAgger episode."""
+    from mm_fusion_ros.evaluate import EvalOptions, evaluate
+    from mm_fusion_ros.sim.record import GAP_DURATION_S, GAP_START_S, episode_gap
+
+    cfg = load_config(short_cell).absolute()
+    required = tuple(cfg.inputs.required)
+    # A seed whose gap is the camera's and lies inside the 3 s episode with a second of hold in it.
+    seed = next(s for s in range(400, 2000) if (g := episode_gap(s, 1.0, required)) is not None
+                and g.modality == "camera" and g.at_s < 1.6 and g.duration_s > 1.2)
+    gap = episode_gap(seed, 1.0, required)
+    assert GAP_START_S[0] <= gap.at_s <= GAP_START_S[1] and GAP_DURATION_S[0] <= gap.duration_s <= GAP_DURATION_S[1]
+    assert episode_gap(seed, 0.0, required) is None and episode_gap(seed, 1.0, required) == gap
+    shares = [episode_gap(s, 0.5, required) is not None for s in range(2000, 2400)]
+    assert 0.4 < np.mean(shares) < 0.6
+
+    out = tmp_path / "gaps"
+    record(out, short_cell, RecordOptions(episodes=1, seed=seed, policy=str(untrained), gap_share=1.0),
+           progress=False, log=_quiet)
+    meta = json.loads((out / f"{episode_name(seed)}.json").read_text())
+    assert meta["gap"] == {"sensor": "camera", "at_s": gap.at_s, "duration_s": gap.duration_s}
+    assert json.loads((out / "index.json").read_text())["summary"]["gap_episodes"] == 1
+    start = meta["clock_start_s"]
+    with BagReader(out / episode_name(seed), log=_quiet) as bag:
+        frames = [bag.decode(m) for m in bag.messages(topics=[cfg.inputs.camera.topic])]
+        commands = [(m.t_ns, bag.decode(m).data) for m in bag.messages(topics=[cfg.outputs.action_topic])]
+    captured = np.array([f.header.stamp.sec + 1e-9 * f.header.stamp.nanosec - start for f in frames])
+    in_gap = (captured >= gap.at_s) & (captured < gap.at_s + gap.duration_s)
+    assert not in_gap.any()
+    assert (captured < gap.at_s).sum() > 20 and (captured >= gap.at_s + gap.duration_s).sum() > 0
+    # Held: once the last frame is older than the camera's max_age, the arm is commanded nothing.
+    held = [np.abs(c).max() for t, c in commands
+            if gap.at_s + cfg.inputs.camera.max_age + 0.05 < t / 1e9 - start < gap.at_s + gap.duration_s]
+    moving = [np.abs(c).max() for t, c in commands if t / 1e9 - start < gap.at_s]
+    assert len(held) > 50 and max(held) == 0.0 and max(moving) > 0.005
+
+    ev = evaluate(short_cell, untrained, EvalOptions(episodes=1, seed=seed, drops=(gap,)), progress=False,
+                  log=_quiet)["episodes"][0]
+    assert (meta["outcome"], meta["reason"], meta["duration_s"]) == (ev["outcome"], ev["reason"], ev["duration_s"])
+    assert meta["stats"]["max_joint_speed"] == pytest.approx(ev["max_joint_speed"], abs=1e-4)

@@ -71,6 +71,11 @@ class RecordOptions:
     # would command there: the states the policy itself gets into, with the way back out of them.
     policy: str = ""
     expert_share: float = 0.0     # with --policy: the share of ticks on which the expert's command is executed
+    # With --policy: the share of episodes in which one of the config's required sensors goes silent for a while
+    # (``episode_gap``). The watchdog halts the arm, and the expert labels the way on from there: states that
+    # clean episodes never show the policy (README item 29: a policy that never saw a watchdog halt took the
+    # halt of a 2 s camera gap for the detent's click and hovered above the button until the timeout).
+    gap_share: float = 0.0
 
     def validate(self) -> None:
         if self.policy:
@@ -83,6 +88,12 @@ class RecordOptions:
             raise RecordError(f"--expert-share must be in [0, 1), got {self.expert_share}")
         if self.expert_share and not self.policy:
             raise RecordError("--expert-share mixes the expert into a policy's episodes: it needs --policy")
+        if not (math.isfinite(self.gap_share) and 0 <= self.gap_share <= 1):
+            raise RecordError(f"--gap-share must be in [0, 1], got {self.gap_share}")
+        if self.gap_share and not self.policy:
+            raise RecordError("--gap-share silences a sensor the policy reads: it needs --policy (the expert reads "
+                              "the cell, not the sensors, so its episode would only lose messages; training's "
+                              "--modality-dropout does that)")
 
         if not 1 <= self.episodes <= 100_000:
             raise RecordError(f"--episodes must be in [1, 100000], got {self.episodes}")
@@ -96,6 +107,23 @@ class RecordOptions:
             raise RecordError(f"--workers must be in [1, 64], got {self.workers}")
         if self.storage not in ("mcap", "sqlite3"):
             raise RecordError(f"--storage must be mcap or sqlite3, got {self.storage!r}")
+
+
+# A sensor gap's length and start (s after the episode's start), uniform: from a few missed frames to the 2 s
+# of the degradation table, while the arm is on its way (the cue plays at 0.5 s; a clean episode takes 5-8 s).
+GAP_DURATION_S = (0.5, 2.5)
+GAP_START_S = (1.0, 6.0)
+
+
+def episode_gap(seed: int, share: float, sensors: tuple[str, ...]):
+    """The sensor gap of episode ``seed`` (an ``evaluate.Drop``), or None: one of ``sensors`` in ``share`` of the
+    episodes. It depends on the seed alone, never on the worker or on the other options."""
+    from ..evaluate import Drop
+    rng = np.random.default_rng([seed, 13])
+    if not sensors or rng.random() >= share:
+        return None
+    sensor = sensors[int(rng.integers(len(sensors)))]
+    return Drop(sensor, round(float(rng.uniform(*GAP_DURATION_S)), 3), round(float(rng.uniform(*GAP_START_S)), 3))
 
 
 def episode_name(seed: int) -> str:
@@ -129,7 +157,8 @@ class _EpisodeRecorder:
             self.loop.close()
 
     def record(self, out_dir: str, seed: int, noise: float, noise_tau: float, storage: str,
-               control_rate_hz: float, expert_share: float = 0.0) -> dict:
+               control_rate_hz: float, expert_share: float = 0.0, gap_share: float = 0.0) -> dict:
+        from ..evaluate import reading_modality
         from .expert import DartNoise, Expert, expert_commands
         cell, ts, topics, loop = self.cell, self.ts, self.topics, self.loop
         wall0 = time.perf_counter()
@@ -138,7 +167,14 @@ class _EpisodeRecorder:
         expert = Expert(cell)
         dart = DartNoise(np.random.default_rng([seed, 7]), noise, noise_tau, 1.0 / control_rate_hz)
         share_rng = np.random.default_rng([seed, 11])
-        tick_ns = loop.start(cell.t) if loop is not None else 0
+        # A silent sensor: the policy gets none of its readings, and neither does the bag (as a robot's would).
+        gap = episode_gap(seed, gap_share, tuple(self.robot.inputs.required)) if loop is not None else None
+        gaps = (gap,) if gap is not None else ()
+
+        def heard(r) -> bool:
+            return not any(g.silences(reading_modality(r), r.stamp - clock_start) for g in gaps)
+
+        tick_ns = loop.start(cell.t, gaps) if loop is not None else 0
         expert_ticks = ticks = 0
         queue = ArrivalQueue()
         name = episode_name(seed)
@@ -181,13 +217,15 @@ class _EpisodeRecorder:
                 queue.push(cell.advance(t))
                 due = queue.pop_due(t)
                 for r in due:
-                    topic, msg = self.bridge.message(r)
-                    bag.write(topic, M.stamp_ns(r.receive), msg)
+                    if heard(r):
+                        topic, msg = self.bridge.message(r)
+                        bag.write(topic, M.stamp_ns(r.receive), msg)
                 if loop is not None:
                     loop.receive(due, tick_ns)
             for r in queue.drain():   # in flight when the episode ended: a recorder would still get them
-                topic, msg = self.bridge.message(r)
-                bag.write(topic, M.stamp_ns(r.receive), msg)
+                if heard(r):
+                    topic, msg = self.bridge.message(r)
+                    bag.write(topic, M.stamp_ns(r.receive), msg)
             counts = dict(bag.counts)
         o, st = cell.outcome, cell.stats
         meta = {
@@ -199,6 +237,7 @@ class _EpisodeRecorder:
             # (DAgger: its failures are the point; every tick is still labelled by the expert).
             "driver": "expert" if loop is None else "policy",
             "expert_ticks": expert_ticks if loop is not None else ticks,
+            "gap": None if gap is None else {"sensor": gap.modality, "at_s": gap.at_s, "duration_s": gap.duration_s},
             # The sim clock at the episode's start: the stats' times (the click) are from it.
             "clock_start_s": clock_start,
             "stats": {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in asdict(st).items()},
@@ -261,6 +300,7 @@ def summarize(episodes: list[dict]) -> dict:
             "success_ci95": [lo, hi], "reasons": dict(sorted(reasons.items())),
             "mean_time_to_success_s": float(np.mean([e["duration_s"] for e in ok])) if ok else None,
             "mean_bytes": float(np.mean([e["bytes"] for e in episodes])) if n else None,
+            "gap_episodes": sum(1 for e in episodes if e.get("gap")),
             "sim_s": float(sum(e["duration_s"] for e in episodes))}
 
 
@@ -322,8 +362,8 @@ def record(out_dir: str | Path, config_path: str | Path, opts: RecordOptions, pr
         write_json_atomic(index_path, index)
 
     wall0 = time.perf_counter()
-    args = [(str(out), s, opts.noise, opts.noise_tau, opts.storage, opts.control_rate_hz, opts.expert_share)
-            for s in todo]
+    args = [(str(out), s, opts.noise, opts.noise_tau, opts.storage, opts.control_rate_hz, opts.expert_share,
+             opts.gap_share) for s in todo]
     bar = tqdm(total=len(todo), desc="record", unit="episode", disable=not show, file=sys.stderr)
     try:
         if opts.workers == 1 or len(todo) <= 1:
@@ -377,6 +417,9 @@ def add_record_command(add: Callable[[str, str], object], default_config: str) -
                    help="DAgger: this checkpoint drives the arm (through eval's loop) and the expert labels each tick")
     p.add_argument("--expert-share", type=float, default=0.0,
                    help="with --policy: share of ticks on which the expert's own command is executed instead")
+    p.add_argument("--gap-share", type=float, default=0.0,
+                   help="with --policy: share of episodes in which one required sensor goes silent for 0.5-2.5 s "
+                        "(the watchdog halts the arm; the expert labels the way on)")
     p.add_argument("--workers", type=int, default=1, help="parallel processes (results do not depend on it)")
     p.add_argument("--resume", action="store_true", help="skip episodes already recorded in OUT")
     p.add_argument("--storage", choices=["mcap", "sqlite3"], default="mcap")
@@ -389,6 +432,7 @@ def cmd_record(args, cfg: RobotConfig) -> int:
         seed = args.seed if args.seed is not None else load_cell_config(args.config).seed
         opts = RecordOptions(episodes=args.episodes, seed=seed, noise=args.noise, noise_tau=args.noise_tau,
                              workers=args.workers, policy=args.policy, expert_share=args.expert_share,
+                             gap_share=args.gap_share,
                              resume=args.resume, storage=args.storage, control_rate_hz=cfg.control_rate_hz)
         if args.video and not args.video.endswith(".mp4"):
             raise RecordError(f"--video writes an MP4; name it *.mp4, got {args.video!r}")
