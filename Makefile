@@ -51,6 +51,8 @@ TRAIN_EPOCHS ?= 8
 # The share of DAgger episodes with a required sensor silent for 0.5-2.5 s (README item 29: without them a 2 s
 # camera gap's watchdog halt was taken for the click).
 DAGGER_GAPS ?= 0.5
+# Camera pretraining steps in round 0 (0 for a policy without the camera: bench/tables.py's rows).
+CAMERA_PRETRAIN ?= 3000
 # README "Where learning stands", items 27-28: the camera pretrained on where the buttons are, then cloning with the
 # cue read's targets (the buttons, which one the tone names) and the phase flags' (cue heard, intruder, click), the
 # head refitted alone; then two DAgger rounds, in each the policy alone drives 150 episodes (seeds 2000-2149, then
@@ -62,7 +64,7 @@ train: $(STAMP)
 	  --noise 0.1 --noise-tau 0.5 --workers 2 --resume
 	$(VENV)/bin/mm-fusion train artifacts/demos --config config/sim.yaml --out artifacts/policy_round0.pt \
 	  --epochs $(TRAIN_EPOCHS) --batch-episodes 8 --chunk-ticks 120 --workers 2 --cache artifacts/dataset_cache \
-	  --plot artifacts/train_loss_round0.png --camera-pretrain-steps 3000 $(TRAIN_TARGETS) --head-steps 3000
+	  --plot artifacts/train_loss_round0.png --camera-pretrain-steps $(CAMERA_PRETRAIN) $(TRAIN_TARGETS) --head-steps 3000
 	rm -rf artifacts/dagger   # the round's episodes are this round-0 policy's, never an earlier one's
 	$(VENV)/bin/mm-fusion record artifacts/dagger --config config/sim.yaml --episodes 150 --seed 2000 \
 	  --policy artifacts/policy_round0.pt --expert-share 0 --gap-share $(DAGGER_GAPS) --workers 2
