@@ -53,12 +53,14 @@ TRAIN_EPOCHS ?= 8
 DAGGER_GAPS ?= 0.5
 # Camera pretraining steps in round 0 (0 for a policy without the camera: bench/tables.py's rows).
 CAMERA_PRETRAIN ?= 3000
-# README "Where learning stands", items 27-28: the camera pretrained on where the buttons are, then cloning with the
+# README "Where learning stands", items 27-29: the camera pretrained on where the buttons are, then cloning with the
 # cue read's targets (the buttons, which one the tone names) and the phase flags' (cue heard, intruder, click), the
 # head refitted alone; then two DAgger rounds, in each the policy alone drives 150 episodes (seeds 2000-2149, then
-# 2150-2299) that the expert labels: after the first 3 epochs more on both sets and the head refitted, after the
-# second the head refitted on all three. 53.3 min end to end on this 2-core machine, recording included (README
-# item 28: 8 epochs in round 0, where 12 made it ~65 min; the policy it wrote succeeds in 193/200 eval episodes).
+# 2150-2299; half of them with a required sensor silent for a while) that the expert labels: after the first 3
+# epochs more on both sets and the head refitted, after the second the head refitted on all three. 53.3 min end to
+# end on this 2-core machine, recording included (README item 28: 8 epochs in round 0, where 12 made it ~65 min);
+# 45.0 min with the gaps and the demonstrations already recorded (item 29: 195/200 eval episodes, 182/200 with a
+# 2 s camera gap).
 train: $(STAMP)
 	$(VENV)/bin/mm-fusion record artifacts/demos --config config/sim.yaml --episodes $(TRAIN_EPISODES) --seed 0 \
 	  --noise 0.1 --noise-tau 0.5 --workers 2 --resume
