@@ -341,6 +341,10 @@ def test_a_sensor_gap_silences_the_sensor_for_the_policy_and_the_bag_alike(short
     meta = json.loads((out / f"{episode_name(seed)}.json").read_text())
     assert meta["gap"] == {"sensor": "camera", "at_s": gap.at_s, "duration_s": gap.duration_s}
     assert json.loads((out / "index.json").read_text())["summary"]["gap_episodes"] == 1
+    # Resuming with another share would mix two recipes in one set: refused, naming both.
+    with pytest.raises(RecordError, match="recorded with --gap-share 1, not 0.5"):
+        record(out, short_cell, RecordOptions(episodes=2, seed=seed, policy=str(untrained), gap_share=0.5,
+                                              resume=True), progress=False, log=_quiet)
     start = meta["clock_start_s"]
     with BagReader(out / episode_name(seed), log=_quiet) as bag:
         frames = [bag.decode(m) for m in bag.messages(topics=[cfg.inputs.camera.topic])]

@@ -340,6 +340,10 @@ def record(out_dir: str | Path, config_path: str | Path, opts: RecordOptions, pr
                 before = (old.get("options") or {}).get("policy") or "none: the expert drove"
                 raise RecordError(f"{out} was recorded with another --policy ({before}); its episodes would mix "
                                   "two drivers' states: record into a new folder")
+            before_gaps = float((old.get("options") or {}).get("gap_share") or 0.0)
+            if before_gaps != opts.gap_share:
+                raise RecordError(f"{out} was recorded with --gap-share {before_gaps:g}, not {opts.gap_share:g}: "
+                                  "resume it with that, or record into a new folder")
     out.mkdir(parents=True, exist_ok=True)
     removed = _clean_partials(out)
     if removed:
