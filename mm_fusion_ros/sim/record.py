@@ -170,10 +170,6 @@ class _EpisodeRecorder:
         # A silent sensor: the policy gets none of its readings, and neither does the bag (as a robot's would).
         gap = episode_gap(seed, gap_share, tuple(self.robot.inputs.required)) if loop is not None else None
         gaps = (gap,) if gap is not None else ()
-
-        def heard(r) -> bool:
-            return not any(g.silences(reading_modality(r), r.stamp - clock_start) for g in gaps)
-
         tick_ns = loop.start(cell.t, gaps) if loop is not None else 0
         expert_ticks = ticks = 0
         queue = ArrivalQueue()
@@ -182,6 +178,11 @@ class _EpisodeRecorder:
         custom = {"mm_fusion_ros.episode": json.dumps(spec.as_dict())}
         period = 1.0 / control_rate_hz
         with BagWriter(bag_path, ts, storage=storage, custom_data=custom) as bag:
+            def write(r) -> None:   # a reading as its driver's message; none from a silent sensor
+                if not any(g.silences(reading_modality(r), r.stamp - clock_start) for g in gaps):
+                    topic, msg = self.bridge.message(r)
+                    bag.write(topic, M.stamp_ns(r.receive), msg)
+
             for topic, msgtype in (topics.camera, topics.audio, topics.lidar, topics.imu):
                 bag.add_topic(topic, msgtype)
             bag.add_topic(self.topics.joint_states, "sensor_msgs/msg/JointState")
@@ -217,15 +218,11 @@ class _EpisodeRecorder:
                 queue.push(cell.advance(t))
                 due = queue.pop_due(t)
                 for r in due:
-                    if heard(r):
-                        topic, msg = self.bridge.message(r)
-                        bag.write(topic, M.stamp_ns(r.receive), msg)
+                    write(r)
                 if loop is not None:
                     loop.receive(due, tick_ns)
             for r in queue.drain():   # in flight when the episode ended: a recorder would still get them
-                if heard(r):
-                    topic, msg = self.bridge.message(r)
-                    bag.write(topic, M.stamp_ns(r.receive), msg)
+                write(r)
             counts = dict(bag.counts)
         o, st = cell.outcome, cell.stats
         meta = {
