@@ -86,7 +86,7 @@ TRAIN_TARGETS = --camera-target-weight 1 --cue-target-weight 1 --keypoint-target
 # Closed-loop evaluation of the shipped policy: 200 episodes on seeds 1000..1199 (none trained on).
 eval: $(STAMP)
 	$(VENV)/bin/mm-fusion eval --config config/sim.yaml --checkpoint $(POLICY) --episodes 200 --seed 1000 \
-	  --workers 2 --out artifacts/eval.json --video artifacts/eval_episode.mp4
+	  --workers 2 --lockstep 8 --out artifacts/eval.json --video artifacts/eval_episode.mp4
 
 test: $(STAMP)
 	$(PY) -m pytest -q test

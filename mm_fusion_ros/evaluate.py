@@ -12,8 +12,14 @@ replay and a sim-time timer order them.
 
 Episodes use seeds S, S+1, ...; each starts from a fresh Runtime (nothing
 carries over but the engine, which is stateless), so results do not depend
-on ``--workers``. ``--drop camera:2.0@3.0`` silences a sensor (its readings are
-never delivered) for 2.0 s from 3.0 s after the start of every episode.
+on ``--workers``. ``--lockstep K`` steps K episodes per worker together, each
+with its own cell, Runtime, aligner and safety filter, through one call of the
+same graph exported for a batch of K: the graph's cost is per operator more
+than per number, so K episodes cost little more than one. Rows do not mix, so
+results do not depend on the workers then either; against K = 1 they differ
+in a float's last bits (another GEMM kernel for another batch).
+``--drop camera:2.0@3.0`` silences a sensor (its readings are never
+delivered) for 2.0 s from 3.0 s after the start of every episode.
 """
 
 from __future__ import annotations
@@ -84,6 +90,7 @@ class EvalOptions:
     episodes: int = 200
     seed: int = EVAL_SEED
     workers: int = 1
+    lockstep: int = 1                        # episodes per worker stepped through one batched engine call
     backend: str = "onnxruntime"
     drops: tuple[Drop, ...] = ()
     video: str = ""                          # MP4 of the episodes in video_episodes
@@ -96,6 +103,11 @@ class EvalOptions:
             raise EvalError(f"--seed must be >= 0, got {self.seed}")
         if not 1 <= self.workers <= 64:
             raise EvalError(f"--workers must be in [1, 64], got {self.workers}")
+        if not 1 <= self.lockstep <= 64:
+            raise EvalError(f"--lockstep must be in [1, 64], got {self.lockstep}")
+        if self.lockstep > 1 and self.backend != "onnxruntime":
+            raise EvalError(f"--lockstep {self.lockstep} batches the onnxruntime engine; --backend {self.backend} "
+                            "steps one episode at a time (use --lockstep 1)")
         if self.video and not self.video.endswith(".mp4"):
             raise EvalError(f"--video writes an MP4; name it *.mp4, got {self.video!r}")
         for s in self.video_episodes:
@@ -137,7 +149,10 @@ class PolicyLoop:
     Runtime's safe command is what the arm gets. ``mm-fusion eval`` drives the cell with it, and so does
     ``mm-fusion record --policy`` (DAgger: the policy drives, the expert labels)."""
 
-    def __init__(self, config_path: str, checkpoint: str, backend: str, log: Callable[[str], None] = lambda _: None):
+    def __init__(self, config_path: str, checkpoint: str, backend: str, log: Callable[[str], None] = lambda _: None,
+                 engine=None, batch: int = 1):
+        """``engine``: one already built, shared by several loops (``Evaluator``'s lockstep slots); else one is
+        built here, for ``batch`` streams (1: the live node's)."""
         from .engine import create_engine
         from .model import read_checkpoint
         from .replay import InputDecoder
@@ -152,7 +167,8 @@ class PolicyLoop:
         topics = {t.camera[0]: t.camera[1], t.audio[0]: t.audio[1], t.lidar[0]: t.lidar[1], t.imu[0]: t.imu[1],
                   t.joint_states: "sensor_msgs/msg/JointState"}
         self.decoder = InputDecoder(self.cfg, topics, log)
-        self.engine = create_engine(self.cfg, load_model(self.cfg), log=log)
+        self.engine = engine if engine is not None else create_engine(self.cfg, load_model(self.cfg), log=log,
+                                                                      batch=batch)
         self.period_ns = int(round(1e9 / self.cfg.control_rate_hz))
         self.log = log
         trained = (read_checkpoint(checkpoint).get("training") or {}).get("train_config") or {}
@@ -173,7 +189,13 @@ class PolicyLoop:
         return (stamp_ns(t) // self.period_ns) * self.period_ns
 
     def tick(self, t_ns: int):
-        result = self.runtime.tick(t_ns / 1e9)
+        return self._handed_waiting(self.runtime.tick(t_ns / 1e9))
+
+    def complete_tick(self, pending, out):
+        """``Runtime.complete_tick`` (the engine's outputs of a lockstep batch), then as ``tick``."""
+        return self._handed_waiting(self.runtime.complete_tick(pending, out))
+
+    def _handed_waiting(self, result):
         for r in self.waiting:
             self._add(r)
         self.waiting = []
@@ -211,92 +233,187 @@ class PolicyLoop:
 
 
 class Evaluator:
-    """A cell and the policy's loop, kept for a worker's lifetime; one episode per call."""
+    """K cells and the policy's loops, kept for a worker's lifetime. ``run`` steps K episodes in lockstep: each
+    tick, every slot's Runtime aligns its inputs (``begin_tick``), one engine call exported for a batch of K
+    steps them all (``BatchedSteps``), each Runtime applies its safety filter to its own outputs
+    (``complete_tick``) and each cell advances; a slot whose episode ended takes the next seed. K = 1 (the
+    default) is the live node's engine, batch 1. A row's outputs depend on that row's inputs alone, so results
+    do not depend on which slot or worker an episode runs in; they may differ from K = 1 in the last bits of
+    a float (another batch, another GEMM kernel), which README item 31 measures on the eval seeds."""
 
-    def __init__(self, config_path: str, checkpoint: str, backend: str, log: Callable[[str], None] = lambda _: None):
+    def __init__(self, config_path: str, checkpoint: str, backend: str, log: Callable[[str], None] = lambda _: None,
+                 lockstep: int = 1):
+        from .engine.stream import BatchedSteps
         from .sim.cell import Cell
 
-        self.loop = PolicyLoop(config_path, checkpoint, backend, log)
-        self.cfg, self.cell_cfg = self.loop.cfg, self.loop.cell_cfg
-        self.cell = Cell(self.cell_cfg)
+        if lockstep < 1:
+            raise EvalError(f"--lockstep must be >= 1, got {lockstep}")
+        first = PolicyLoop(config_path, checkpoint, backend, log, batch=lockstep)
+        self.loops = [first] + [PolicyLoop(config_path, checkpoint, backend, log, engine=first.engine)
+                                for _ in range(lockstep - 1)]
+        self.loop = first
+        self.cfg, self.cell_cfg = first.cfg, first.cell_cfg
+        self.cells = [Cell(self.cell_cfg) for _ in range(lockstep)]
+        self.cell = self.cells[0]
+        self.batched = BatchedSteps(first.engine) if lockstep > 1 else None
         self.log = log
 
     def close(self) -> None:
-        self.cell.close()
+        for cell in self.cells:
+            cell.close()
         self.loop.close()
 
     def episode(self, seed: int, drops: Sequence[Drop] = (), video: str | Path | None = None) -> dict:
-        from .sim.readings import ArrivalQueue
-        from .sim.scene import COLOUR_NAMES
-        from .sim.task_state import UNITS_PER_M
+        """One episode, alone (with K > 1 it takes the batch's first row)."""
+        return next(self.run([(seed, drops, video)]))
 
-        cell, loop = self.cell, self.loop
-        wall0 = time.perf_counter()
-        spec = cell.reset(seed)
-        queue = ArrivalQueue()
-        t_ns = loop.start(cell.t, drops)
-        held = ticks = 0
-        contribution = np.zeros(len(MODALITIES))
-        buttons = np.asarray(spec.buttons, np.float64)
-        button = buttons[spec.target]
-        closest_each = np.full(len(buttons), math.inf)   # the tool's closest approach to every button (xy)
-        target_errors: list[float] = []
+    def run(self, jobs: Sequence[tuple[int, Sequence[Drop], str | Path | None]]):
+        """Yield each job's (seed, drops, video) result as its episode ends, K at a time; ``jobs`` is read
+        lazily (a worker's share of a queue)."""
+        pending = iter(jobs)
+        slots: list[_Episode | None] = [None] * len(self.cells)
+
+        def fill(i: int) -> None:
+            job = next(pending, None)
+            slots[i] = _Episode(self.cells[i], self.loops[i], self.cfg, *job) if job is not None else None
+
+        for i in range(len(slots)):
+            fill(i)
+        try:
+            while any(slots):
+                live = [e for e in slots if e is not None]
+                ticks = [e.loop.runtime.begin_tick(e.t_ns / 1e9) for e in live]
+                if self.batched is None:
+                    outs = [_engine_step(live[0].loop.engine, ticks[0])]
+                else:
+                    outs = _batched_step(self.batched, ticks)
+                for e, tick, out in zip(live, ticks, outs):
+                    e.after_tick(e.loop.complete_tick(tick, out))
+                for i, e in enumerate(slots):
+                    if e is not None and e.done:
+                        result = e.report()
+                        fill(i)
+                        yield result
+        finally:
+            for e in slots:
+                if e is not None:
+                    e.abort()
+
+
+def _engine_step(engine, tick):
+    """The engine's outputs for one prepared tick, or what it raised (the Runtime rests on it, counted)."""
+    if tick.step is not None:
+        return None
+    try:
+        return engine.step(tick.prepared.inputs)
+    except Exception as exc:  # noqa: BLE001 - as Runtime.tick: a failed step is a rest, not a dead loop
+        return exc
+
+
+def _batched_step(batched, ticks) -> list:
+    ready = [i for i, t in enumerate(ticks) if t.step is None]
+    outs: list = [None] * len(ticks)
+    if ready:
+        try:
+            for i, out in zip(ready, batched.run([ticks[i].prepared for i in ready])):
+                outs[i] = out
+        except Exception as exc:  # noqa: BLE001
+            for i in ready:
+                outs[i] = exc
+    return outs
+
+
+class _Episode:
+    """One episode in a cell, driven tick by tick by ``Evaluator.run``: what it measures along the way."""
+
+    def __init__(self, cell, loop: PolicyLoop, cfg: RobotConfig, seed: int, drops: Sequence[Drop] = (),
+                 video: str | Path | None = None):
+        from .sim.readings import ArrivalQueue
+
+        self.cell, self.loop, self.cfg, self.seed = cell, loop, cfg, seed
+        self.wall0 = time.perf_counter()
+        self.spec = spec = cell.reset(seed)
+        self.queue = ArrivalQueue()
+        self.t_ns = loop.start(cell.t, drops)
+        self.held = self.ticks = 0
+        self.contribution = np.zeros(len(MODALITIES))
+        self.buttons = np.asarray(spec.buttons, np.float64)
+        self.button = self.buttons[spec.target]
+        self.closest_each = np.full(len(self.buttons), math.inf)   # the tool's closest approach to every button (xy)
+        self.target_errors: list[float] = []
         # The tip's height above the cued cap while over it (xy within the cap's radius): a policy that finds
         # the button but never presses shows here at what height it stops.
-        lowest_over_cap = math.inf
-        cap_radius = cell.cfg.scene.cap_radius
+        self.lowest_over_cap = math.inf
+        self.cap_radius = cell.cfg.scene.cap_radius
         # Where the cue memory (model.fusion.cue_memory, a row of the explicit state) held the cued button while
         # the tool was near it and low, where the overhead camera cannot see the cap: what the descent acts on.
-        memory_row = len(MODALITIES) if self.cfg.model.fusion.cue_memory else None
-        memory_errors: list[float] = []
-        recorder = _Recorder(cell, video, self.cfg.control_rate_hz) if video else None
-        try:
-            while not cell.outcome.done:
-                result = loop.tick(t_ns)
-                ticks += 1
-                held += result.safety.held
-                contribution += result.contribution
-                cell.command(result.safety.command)
-                tip = cell.tcp()[0]
-                closest_each = np.minimum(closest_each, np.hypot(*(tip[:2] - buttons).T))
-                if math.hypot(*(tip[:2] - button)) <= cap_radius:
-                    lowest_over_cap = min(lowest_over_cap, float(tip[2] - cell.button_top(spec.target)[2]))
-                if memory_row is not None and tip[2] < NEAR_HEIGHT_M and math.hypot(*(tip[:2] - button)) < NEAR_LATERAL_M:
-                    remembered = loop.runtime.stream.state[0, memory_row, 2 * spec.target:2 * spec.target + 2]
-                    memory_errors.append(float(np.hypot(*(np.asarray(remembered, np.float64) / UNITS_PER_M - button))))
-                if loop.task_state and result.safety.command.any():   # the policy has started: it heard the cue
-                    guess = np.asarray(result.fused_state[:2], np.float64) / UNITS_PER_M
-                    target_errors.append(float(np.hypot(*(guess - button))))
-                if recorder:
-                    recorder.tick(result)
-                t_ns += loop.period_ns
-                queue.push(cell.advance(t_ns / 1e9))
-                loop.receive(queue.pop_due(t_ns / 1e9), t_ns)
-        except BaseException:
-            if recorder:
-                recorder.abort()
-            raise
-        if recorder:
-            recorder.close()
+        self.memory_row = len(MODALITIES) if cfg.model.fusion.cue_memory else None
+        self.memory_errors: list[float] = []
+        self.recorder = _Recorder(cell, video, cfg.control_rate_hz) if video else None
+
+    @property
+    def done(self) -> bool:
+        return self.cell.outcome.done
+
+    def after_tick(self, result) -> None:
+        """The tick's command to the arm, the measures, then the cell on to the next tick."""
+        from .sim.task_state import UNITS_PER_M
+
+        cell, loop, spec, button = self.cell, self.loop, self.spec, self.button
+        self.ticks += 1
+        self.held += result.safety.held
+        self.contribution += result.contribution
+        cell.command(result.safety.command)
+        tip = cell.tcp()[0]
+        self.closest_each = np.minimum(self.closest_each, np.hypot(*(tip[:2] - self.buttons).T))
+        lateral = math.hypot(*(tip[:2] - button))
+        if lateral <= self.cap_radius:
+            self.lowest_over_cap = min(self.lowest_over_cap, float(tip[2] - cell.button_top(spec.target)[2]))
+        if self.memory_row is not None and tip[2] < NEAR_HEIGHT_M and lateral < NEAR_LATERAL_M:
+            row = self.memory_row
+            remembered = loop.runtime.stream.state[0, row, 2 * spec.target:2 * spec.target + 2]
+            self.memory_errors.append(float(np.hypot(*(np.asarray(remembered, np.float64) / UNITS_PER_M - button))))
+        if loop.task_state and result.safety.command.any():   # the policy has started: it heard the cue
+            guess = np.asarray(result.fused_state[:2], np.float64) / UNITS_PER_M
+            self.target_errors.append(float(np.hypot(*(guess - button))))
+        if self.recorder:
+            self.recorder.tick(result)
+        self.t_ns += loop.period_ns
+        self.queue.push(cell.advance(self.t_ns / 1e9))
+        loop.receive(self.queue.pop_due(self.t_ns / 1e9), self.t_ns)
+
+    def abort(self) -> None:
+        if self.recorder:
+            self.recorder.abort()
+            self.recorder = None
+
+    def report(self) -> dict:
+        from .sim.scene import COLOUR_NAMES
+
+        if self.recorder:
+            self.recorder.close()
+            self.recorder = None
+        cell, spec, ticks = self.cell, self.spec, self.ticks
         o, st = cell.outcome, cell.stats
-        summary = loop.runtime.summary()
+        summary = self.loop.runtime.summary()
+        target_errors, memory_errors, lowest_over_cap = self.target_errors, self.memory_errors, self.lowest_over_cap
         return {
-            "seed": seed, "outcome": o.status, "reason": o.reason, "detail": o.detail,
+            "seed": self.seed, "outcome": o.status, "reason": o.reason, "detail": o.detail,
             "duration_s": round(o.t, 4), "time_to_success_s": round(o.t, 4) if o.status == "success" else None,
             "intruder_contacts": st.intruder_contacts, "max_joint_speed": round(st.max_joint_speed, 4),
             "max_tool_force": round(st.max_tool_force, 3), "target": spec.target_colour, "ticks": ticks,
-            "held_ticks": held, "drops": summary["drops"],
+            "held_ticks": self.held, "drops": summary["drops"],
             # How near the tool tip came to the cued button's centre (xy; the cap's radius is the margin), and,
             # for a policy trained with the task state, how far its own estimate of the button was from it.
             # And which button it came nearest: whether the policy picked the one the cue named.
-            "closest_cm": round(100 * float(closest_each[spec.target]), 2),
-            "nearest_button": COLOUR_NAMES[int(np.argmin(closest_each))],
+            "closest_cm": round(100 * float(self.closest_each[spec.target]), 2),
+            "nearest_button": COLOUR_NAMES[int(np.argmin(self.closest_each))],
             "lowest_over_cap_cm": round(100 * lowest_over_cap, 2) if math.isfinite(lowest_over_cap) else None,
             "final_above_cap_cm": round(100 * float(cell.tcp()[0][2] - cell.button_top(spec.target)[2]), 2),
             "target_error_cm": round(100 * float(np.median(target_errors)), 2) if target_errors else None,
             "memory_error_cm": round(100 * float(np.median(memory_errors)), 2) if memory_errors else None,
-            "contribution": {m: round(float(c / max(ticks, 1)), 4) for m, c in zip(MODALITIES, contribution)},
-            "wall_s": round(time.perf_counter() - wall0, 3),
+            "contribution": {m: round(float(c / max(ticks, 1)), 4) for m, c in zip(MODALITIES, self.contribution)},
+            "wall_s": round(time.perf_counter() - self.wall0, 3),
         }
 
 
@@ -324,14 +441,38 @@ class _Recorder:
 _worker: Evaluator | None = None
 
 
-def _init(config_path: str, checkpoint: str, backend: str) -> None:
+def _init(config_path: str, checkpoint: str, backend: str, lockstep: int = 1) -> None:
     global _worker
-    _worker = Evaluator(config_path, checkpoint, backend)
+    _one_torch_thread()
+    _worker = Evaluator(config_path, checkpoint, backend, lockstep=lockstep)
 
 
-def _run(args: tuple) -> dict:
-    seed, drops, video = args
-    return _worker.episode(seed, drops, video)
+def _one_torch_thread() -> int:
+    """A worker takes one core (ONNX Runtime steps on one thread too); torch's own (the log-mel of a whole
+    window, when the stream resyncs) on a second thread waited up to ~90 ms for a core the other worker held.
+    Returns the count before."""
+    import torch
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    return before
+
+
+def _drain(tasks, results) -> int:
+    """A worker's share: episodes taken from ``tasks`` as its slots free up, results put on ``results``."""
+    import queue
+
+    def jobs():
+        while True:
+            try:
+                yield tasks.get_nowait()
+            except queue.Empty:
+                return
+
+    n = 0
+    for r in _worker.run(jobs()):
+        results.put(r)
+        n += 1
+    return n
 
 
 # ---------------------------------------------------------------- many episodes
@@ -388,19 +529,19 @@ def evaluate(config_path: str | Path, checkpoint: str | Path, opts: EvalOptions,
             bar.set_postfix(success=f"{wins}/{len(results)}")
             bar.update()
         if opts.workers == 1 or len(jobs) == 1:
-            _init(config_path, checkpoint, opts.backend)
+            import torch
+            threads = _one_torch_thread()
+            worker = None
             try:
-                for j in jobs:
-                    done(_run(j))
+                worker = Evaluator(config_path, checkpoint, opts.backend, lockstep=opts.lockstep)
+                for r in worker.run(jobs):
+                    done(r)
             finally:
-                _worker.close()
+                if worker is not None:
+                    worker.close()
+                torch.set_num_threads(threads)
         else:
-            import multiprocessing as mp
-            from concurrent.futures import ProcessPoolExecutor, as_completed
-            with ProcessPoolExecutor(opts.workers, mp_context=mp.get_context("spawn"), initializer=_init,
-                                     initargs=(config_path, checkpoint, opts.backend)) as pool:
-                for f in as_completed([pool.submit(_run, j) for j in jobs]):
-                    done(f.result())
+            _pool(config_path, checkpoint, opts, jobs, done)
     wall = time.perf_counter() - wall0
     results.sort(key=lambda e: e["seed"])
     summary = summarize(results)
@@ -408,7 +549,7 @@ def evaluate(config_path: str | Path, checkpoint: str | Path, opts: EvalOptions,
         "tool": "mm-fusion eval", "config": config_path, "checkpoint": checkpoint,
         "strategy": cfg.model.fusion.strategy, "modalities": list(cfg.model.modalities),
         "backend": opts.backend, "seeds": [seeds[0], seeds[-1]], "drops": [str(d) for d in opts.drops],
-        "workers": opts.workers, "summary": summary, "videos": sorted(videos.values()),
+        "workers": opts.workers, "lockstep": opts.lockstep, "summary": summary, "videos": sorted(videos.values()),
         "throughput": {"wall_s": round(wall, 2), "episodes_per_min": round(60 * len(results) / wall, 2),
                        "x_realtime_per_worker": round(summary["sim_s"] / wall / opts.workers, 2)},
         "episodes": results,
@@ -416,6 +557,36 @@ def evaluate(config_path: str | Path, checkpoint: str | Path, opts: EvalOptions,
     if out:
         write_json_atomic(Path(out), report)
     return report
+
+
+def _pool(config_path: str, checkpoint: str, opts: EvalOptions, jobs: list, done: Callable[[dict], None]) -> None:
+    """``opts.workers`` processes taking episodes from one queue as their slots free up (no worker idles while
+    another has a backlog, and none waits for a chunk's longest episode)."""
+    import multiprocessing as mp
+    import queue
+    from concurrent.futures import ProcessPoolExecutor
+
+    ctx = mp.get_context("spawn")
+    with ctx.Manager() as manager, ProcessPoolExecutor(opts.workers, mp_context=ctx, initializer=_init,
+                                                       initargs=(config_path, checkpoint, opts.backend,
+                                                                 opts.lockstep)) as pool:
+        tasks, results = manager.Queue(), manager.Queue()
+        for j in jobs:
+            tasks.put(j)
+        futures = [pool.submit(_drain, tasks, results) for _ in range(opts.workers)]
+        received = 0
+        while received < len(jobs):
+            try:
+                r = results.get(timeout=0.5)
+            except queue.Empty:
+                for f in futures:
+                    if f.done() and f.exception() is not None:
+                        raise f.exception()
+                if all(f.done() for f in futures) and results.empty():
+                    raise RuntimeError(f"eval: the workers stopped after {received} of {len(jobs)} episodes")
+                continue
+            received += 1
+            done(r)
 
 
 def _video_name(path: str, seed: int, count: int) -> str:
@@ -456,7 +627,7 @@ def table(report: dict) -> str:
               f"{s.get('median_lowest_over_cap_cm')} cm above it (median); at the end "
               f"{s.get('median_final_above_cap_cm')} cm above it (median)",
               f"{t['episodes_per_min']:.1f} episodes/min, {t['x_realtime_per_worker']:.1f}x real time per worker "
-              f"({report['workers']} worker(s))"]
+              f"({report['workers']} worker(s), {report.get('lockstep', 1)} episode(s) each in lockstep)"]
     return "\n".join(lines)
 
 
@@ -470,6 +641,9 @@ def add_eval_command(add: Callable, default_config: str) -> None:
     p.add_argument("--episodes", type=int, default=EvalOptions.episodes)
     p.add_argument("--seed", type=int, default=EVAL_SEED, help="first seed (episodes use seed, seed + 1, ...)")
     p.add_argument("--workers", type=int, default=1, help="parallel processes (results do not depend on it)")
+    p.add_argument("--lockstep", type=int, default=EvalOptions.lockstep, metavar="K",
+                   help="episodes each worker steps at once through one engine call exported for a batch of K "
+                        "(default 1: the live node's batch-1 engine; README item 31)")
     p.add_argument("--backend", default="onnxruntime", help="engine backend (default onnxruntime)")
     p.add_argument("--drop", action="append", default=[], metavar="MODALITY:DURATION@START",
                    help="silence a sensor mid-episode, e.g. camera:2.0@3.0 (repeatable)")
@@ -482,7 +656,8 @@ def cmd_eval(args, _cfg: RobotConfig) -> int:
     try:
         drops = tuple(Drop.parse(d) for d in args.drop)
         filmed = tuple(int(s) for s in args.video_episodes.split(",") if s.strip())
-        opts = EvalOptions(episodes=args.episodes, seed=args.seed, workers=args.workers, backend=args.backend,
+        opts = EvalOptions(episodes=args.episodes, seed=args.seed, workers=args.workers, lockstep=args.lockstep,
+                           backend=args.backend,
                            drops=drops, video=args.video, video_episodes=filmed)
         out = args.out or str(Path(args.checkpoint).with_suffix(".eval.json"))
         report = evaluate(args.config, args.checkpoint, opts, out)

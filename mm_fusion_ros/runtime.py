@@ -31,7 +31,7 @@ from .align import Aligner
 from .cadence import CadenceMonitor, CadenceReport
 from .config import MODALITIES, ConfigError, RobotConfig, SafetyConfig
 from .engine import Engine, create_engine
-from .engine.stream import FusionStream, StepResult
+from .engine.stream import FusionStream, PreparedStep, StepResult
 from .model import FusionNet
 from .safety import NONFINITE_REASON, SafetyFilter, SafetyOutput
 from .samples import Observation, Sample
@@ -61,6 +61,19 @@ def load_model(cfg: RobotConfig) -> FusionNet:
         raise ConfigError(f"checkpoint {cfg.checkpoint} was trained with a different model config: "
                           + "; ".join(diff))
     return model
+
+
+@dataclass
+class PendingTick:
+    """A tick between ``Runtime.begin_tick`` and ``Runtime.complete_tick``: aligned, its engine step not run."""
+
+    t: float
+    dt: float
+    obs: Observation
+    start: float                         # perf_counter at the tick's start
+    prepared: PreparedStep | None = None
+    step: StepResult | None = None       # set instead when preparing failed (rest, counted)
+    infer_s: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -202,6 +215,21 @@ class Runtime:
 
     def tick(self, t: float) -> TickResult:
         """One control tick at time ``t``: align the buffered inputs, step the network, apply safety."""
+        pending = self.begin_tick(t)
+        if pending.step is None:
+            t0 = time.perf_counter()
+            try:
+                out = self.engine.step(pending.prepared.inputs)
+            except Exception as exc:  # noqa: BLE001 - a dead control loop would leave the arm on its last command
+                out = exc
+            pending.infer_s += time.perf_counter() - t0
+            return self.complete_tick(pending, out)
+        return self.complete_tick(pending, None)
+
+    def begin_tick(self, t: float) -> "PendingTick":
+        """``tick`` up to the engine: the aligned inputs, prepared for the stream's next step. ``tick`` runs them
+        itself; ``mm-fusion eval --lockstep`` runs several Runtimes' in one batched call (``BatchedSteps``)
+        and hands each its outputs with ``complete_tick``."""
         start = time.perf_counter()
         if not math.isfinite(t):
             raise ValueError(f"tick time must be a finite number of seconds, got {t}")
@@ -223,17 +251,33 @@ class Runtime:
             with self._lock:
                 self.counters["resets"] += 1
             self.log(f"clock jumped back to t={t:.6f} s: input buffers, recurrent state and rate limiter reset")
+        pending = PendingTick(t=t, dt=dt, obs=obs, start=start)
         t0 = time.perf_counter()
         try:
-            step = self.stream.step(obs.camera, obs.audio, obs.imu, obs.lidar, obs.joint_state, obs.mask, dt,
-                                    obs.audio_end, obs.audio_rewritten_from)
-        except Exception as exc:  # noqa: BLE001 - a dead control loop would leave the arm on its last command
-            step = self._failed_step(obs, exc)
+            pending.prepared = self.stream.prepare(obs.camera, obs.audio, obs.imu, obs.lidar, obs.joint_state,
+                                                   obs.mask, dt, obs.audio_end, obs.audio_rewritten_from)
+        except Exception as exc:  # noqa: BLE001 - as an engine failure: rest, counted
+            pending.step = self._failed_step(obs, exc)
+        pending.infer_s = time.perf_counter() - t0
+        return pending
+
+    def complete_tick(self, pending: "PendingTick", out: "dict[str, np.ndarray] | Exception | None") -> TickResult:
+        """The engine's outputs (or the exception it raised) for ``pending``: the tick's safe command."""
+        t, dt, obs = pending.t, pending.dt, pending.obs
+        t0 = time.perf_counter()
+        step = pending.step
+        if step is None:
+            try:
+                if isinstance(out, Exception):
+                    raise out
+                step = self.stream.finish(pending.prepared, out)
+            except Exception as exc:  # noqa: BLE001 - a dead control loop would leave the arm on its last command
+                step = self._failed_step(obs, exc)
         t1 = time.perf_counter()
-        out = self.safety.step(step.action, step.mask, t)
+        out_safe = self.safety.step(step.action, step.mask, t)
         t2 = time.perf_counter()
         stage_s = {"align": obs.timings.get("align", 0.0), "preprocess": obs.timings.get("preprocess", 0.0),
-                   "infer": t1 - t0, "safety": t2 - t1}
+                   "infer": pending.infer_s + (t1 - t0), "safety": t2 - t1}
         raw = np.asarray(step.action, dtype=np.float32)
         with self._lock:
             self.counters["ticks"] += 1
@@ -241,10 +285,11 @@ class Runtime:
             self._total.add(step.mask, obs.ages)
             if np.isfinite(raw).all():
                 self._raw_stats.add(raw.astype(np.float64))
-            self._command_stats.add(out.command)
-        result = TickResult(t=t, dt=dt, raw_action=raw, safety=out, fused_state=step.fused_state,
+            self._command_stats.add(out_safe.command)
+        result = TickResult(t=t, dt=dt, raw_action=raw, safety=out_safe, fused_state=step.fused_state,
                             attention=step.attention, contribution=step.contribution, observation=obs,
-                            stage_s=stage_s, mask=step.mask, compute_s=time.perf_counter() - start)
+                            stage_s=stage_s, mask=step.mask,
+                            compute_s=time.perf_counter() - pending.start)
         self._last = result
         return result
 

@@ -220,3 +220,57 @@ def test_a_policy_trained_with_the_task_state_has_its_estimate_of_the_button_sco
         r = evaluate(short_cell, ckpt, EvalOptions(episodes=1, seed=1000), progress=False, log=_quiet)
         errors.append(r["episodes"][0]["target_error_cm"])
     assert errors[0] == pytest.approx(0.0, abs=0.01) and errors[1] == pytest.approx(10.0, abs=0.01)
+
+
+def test_a_batched_engine_steps_each_row_as_its_own_stream(artifacts):
+    """``BatchedSteps``: a row's outputs are the same bits whichever row it takes and whatever its neighbours
+    hold (so lockstep results cannot depend on scheduling), and agree with the batch-1 engine to float noise."""
+    import numpy as np
+    from conftest import random_inputs
+    from mm_fusion_ros.engine import create_engine
+    from mm_fusion_ros.engine.stream import BatchedSteps, PreparedStep
+
+    cfg = load_config(SIM_YAML)
+    model = build_model(cfg.model, seed=3)
+    single = create_engine(cfg, model, "onnxruntime", log=_quiet)
+    batched = BatchedSteps(create_engine(cfg, model, "onnxruntime", log=_quiet, batch=3))
+    assert batched.batch == 3
+    mask = np.ones((1, 5), np.float32)
+    streams = [PreparedStep(random_inputs(cfg.model, seed=s, as_torch=False), mask, True, None) for s in range(5)]
+    first = batched.run([streams[0], streams[1], streams[2]])
+    moved = batched.run([streams[3], streams[0]])            # another row, other neighbours, a row left over
+    again = batched.run([streams[4], streams[2], streams[0]])
+    alone = single.step(streams[0].inputs)
+    for name, value in first[0].items():
+        assert value.shape == alone[name].shape
+        np.testing.assert_array_equal(value, moved[1][name])
+        np.testing.assert_array_equal(value, again[2][name])
+        np.testing.assert_allclose(value, alone[name], atol=2e-5, rtol=1e-4)
+    assert not np.array_equal(first[0]["action"], first[1]["action"])   # the rows did hold different streams
+    with pytest.raises(ValueError, match="1 to 3 streams"):
+        batched.run(streams[:4])
+
+
+def test_lockstep_episodes_match_one_at_a_time_and_do_not_depend_on_workers(short_cell, checkpoint, artifacts,
+                                                                            two_episodes):
+    """Three episodes through two lockstep slots (a slot takes the third seed when its first ends): the same
+    outcomes, ticks and holds as one at a time, and the same bits with one worker or two."""
+    one = evaluate(short_cell, checkpoint, EvalOptions(episodes=3, seed=1000, lockstep=2), progress=False, log=_quiet)
+    two = evaluate(short_cell, checkpoint, EvalOptions(episodes=3, seed=1000, lockstep=2, workers=2), progress=False,
+                   log=_quiet)
+    assert _without_wall(one["episodes"]) == _without_wall(two["episodes"])
+    assert [e["seed"] for e in one["episodes"]] == [1000, 1001, 1002] and one["lockstep"] == 2
+    for batched, alone in zip(one["episodes"], two_episodes["episodes"]):
+        for key in ("outcome", "reason", "ticks", "held_ticks", "target", "nearest_button"):
+            assert batched[key] == alone[key], key
+        assert batched["max_joint_speed"] == pytest.approx(alone["max_joint_speed"], rel=1e-3)
+        assert batched["closest_cm"] == pytest.approx(alone["closest_cm"], abs=0.05)
+
+
+@pytest.mark.parametrize("options, message", [
+    (dict(lockstep=0), "--lockstep must be in"),
+    (dict(lockstep=4, backend="torch"), "--lockstep 4 batches the onnxruntime engine"),
+])
+def test_bad_lockstep_options_are_refused(options, message):
+    with pytest.raises(EvalError, match=re.escape(message)):
+        EvalOptions(**options).validate()

@@ -402,3 +402,25 @@ def test_rest_after_a_tick_that_raised_is_recorded_and_the_next_tick_ramps_from_
     # one tick's change from rest (5 per second for 10 ms), not a jump back to the 0.8 before the failure
     assert np.abs(after.safety.command - rest.command).max() <= 5.0 * PERIOD + 1e-9
     assert runtime.summary()["safety"]["failed_ticks"] == 1
+
+
+def test_a_tick_in_two_halves_is_the_same_tick_and_an_engine_failure_between_them_rests(torch_engine):
+    """``begin_tick`` + the engine + ``complete_tick`` (what eval's lockstep batch does for each Runtime) gives
+    what ``tick`` gives; an exception handed to ``complete_tick`` rests and is counted, as one raised inside."""
+    whole, _, _, sensors_a = warm(torch_engine, start_enabled=True)
+    halves, engine, logs, sensors_b = warm(torch_engine, start_enabled=True)
+    for i in range(6):
+        t = T0 + i * PERIOD
+        sensors_a.until(t)
+        sensors_b.until(t)
+        a = whole.tick(t)
+        pending = halves.begin_tick(t)
+        b = halves.complete_tick(pending, engine.step(pending.prepared.inputs))
+        np.testing.assert_array_equal(a.raw_action, b.raw_action)
+        np.testing.assert_array_equal(a.safety.command, b.safety.command)
+        np.testing.assert_array_equal(whole.stream.state, halves.stream.state)
+    t = T0 + 6 * PERIOD
+    sensors_b.until(t)
+    failed = halves.complete_tick(halves.begin_tick(t), RuntimeError("batch lost"))
+    assert failed.safety.held and not failed.safety.command.any()
+    assert halves.counters["infer_errors"] == 1 and any("batch lost" in line for line in logs)

@@ -203,8 +203,8 @@ def test_a_failed_step_leaves_no_half_moved_cache(default_config):
 class _WholeWindow(FusionStream):
     """The reference: a FusionStream that is never told where the window ends."""
 
-    def step(self, *args, audio_end=None, audio_rewritten_from=None):
-        return super().step(*args[:7])
+    def prepare(self, *args, audio_end=None, audio_rewritten_from=None):
+        return super().prepare(*args[:7])
 
 
 @pytest.mark.parametrize("source_rate, chunk", [(16000, 320), (48000, 1024), (44100, 1024)])

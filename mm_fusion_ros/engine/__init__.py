@@ -17,7 +17,7 @@ import torch
 from ..config import RobotConfig, config_to_dict
 from ..model import FusionNet, input_specs, output_specs
 from .base import Engine, InputError, check_inputs
-from .export import export_onnx
+from .export import export_onnx, onnx_name
 
 BACKENDS = ("torch", "onnxruntime", "tensorrt", "compiled", "remote")   # "auto" never picks remote
 
@@ -49,10 +49,12 @@ def model_fingerprint(model: FusionNet) -> str:
     return h.hexdigest()
 
 
-def ensure_onnx(model: FusionNet, artifact_dir: str | Path, log: Callable[[str], None] = print) -> Path:
-    """Return artifact_dir/model.onnx, exporting it again only if it is missing or stale."""
+def ensure_onnx(model: FusionNet, artifact_dir: str | Path, log: Callable[[str], None] = print,
+                batch: int = 1) -> Path:
+    """Return artifact_dir/model.onnx (``onnx_name(batch)``), exporting it again only if it is missing or stale."""
     artifact_dir = Path(artifact_dir)
-    onnx_path, meta_path = artifact_dir / "model.onnx", artifact_dir / "model.json"
+    onnx_path = artifact_dir / onnx_name(batch)
+    meta_path = onnx_path.with_suffix(".json")
     fingerprint = model_fingerprint(model)
     if onnx_path.is_file() and meta_path.is_file():
         try:
@@ -62,7 +64,7 @@ def ensure_onnx(model: FusionNet, artifact_dir: str | Path, log: Callable[[str],
         if meta.get("model_sha256") == fingerprint:
             return onnx_path
     log(f"exporting the streaming step to {onnx_path}")
-    export_onnx(model, artifact_dir, extra_meta={"model_sha256": fingerprint})
+    export_onnx(model, artifact_dir, extra_meta={"model_sha256": fingerprint}, batch=batch)
     return onnx_path
 
 
@@ -85,11 +87,16 @@ def onnxruntime_device(log: Callable[[str], None] = print) -> str:
 
 
 def create_engine(cfg: RobotConfig, model: FusionNet, backend: str | None = None,
-                  log: Callable[[str], None] = print) -> Engine:
-    """Build the engine named by ``backend`` (default: the config's), logging the choice."""
+                  log: Callable[[str], None] = print, batch: int = 1) -> Engine:
+    """Build the engine named by ``backend`` (default: the config's), logging the choice.
+
+    ``batch`` > 1 (K streams stepped at once: ``mm-fusion eval --lockstep``) is ONNX Runtime's only.
+    """
     requested = backend or cfg.engine.backend
     name = resolve_backend(requested)
-    specs_in, specs_out = input_specs(model.cfg), output_specs(model.cfg)
+    if batch != 1 and name != "onnxruntime":
+        raise ValueError(f"a batch of {batch} streams runs on the onnxruntime backend only, not {name!r}")
+    specs_in, specs_out = input_specs(model.cfg, batch), output_specs(model.cfg, batch)
     if name == "torch":
         from .torch_engine import TorchEngine
         engine: Engine = TorchEngine(model, threads=cfg.engine.intra_op_threads)
@@ -98,7 +105,7 @@ def create_engine(cfg: RobotConfig, model: FusionNet, backend: str | None = None
         engine = CompiledEngine(model)
     elif name == "onnxruntime":
         from .onnxruntime_engine import OnnxRuntimeEngine
-        onnx_path = ensure_onnx(model, cfg.engine.artifact_path, log)
+        onnx_path = ensure_onnx(model, cfg.engine.artifact_path, log, batch)
         engine = OnnxRuntimeEngine(onnx_path, specs_in, specs_out, cfg.engine.intra_op_threads,
                                    onnxruntime_device(log))
     elif name == "remote":

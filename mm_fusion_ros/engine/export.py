@@ -3,6 +3,10 @@
 Writes ``model.onnx`` and ``model.json`` (input/output specs, the model config,
 the ONNX file's SHA-256 that TensorRT plans are keyed on, and versions). Both
 are written under temporary names and renamed when complete.
+
+``batch`` > 1 writes ``model_batch<K>.onnx`` (and its ``.json``): the same step
+for K independent streams at once, which ``mm-fusion eval --lockstep K`` runs so
+that K episodes pay the graph's per-operator cost once (the live node is batch 1).
 """
 
 from __future__ import annotations
@@ -34,27 +38,35 @@ def file_sha256(path: str | Path) -> str:
     return h.hexdigest()
 
 
-def example_inputs(model: FusionNet) -> tuple[torch.Tensor, ...]:
+def onnx_name(batch: int = 1) -> str:
+    """The ONNX file's name in the artifact folder: ``model.onnx`` for the live node's batch 1."""
+    return "model.onnx" if batch == 1 else f"model_batch{batch}.onnx"
+
+
+def example_inputs(model: FusionNet, batch: int = 1) -> tuple[torch.Tensor, ...]:
     out = []
-    for spec in input_specs(model.cfg):
+    for spec in input_specs(model.cfg, batch):
         out.append(torch.zeros(spec.shape, dtype=getattr(torch, spec.dtype)))
     return tuple(out)
 
 
-def export_onnx(model: FusionNet, out_dir: str | Path, extra_meta: dict | None = None) -> Path:
-    """Export ``model`` to ``out_dir/model.onnx`` (+ ``model.json``); returns the ONNX path."""
+def export_onnx(model: FusionNet, out_dir: str | Path, extra_meta: dict | None = None, batch: int = 1) -> Path:
+    """Export ``model`` to ``out_dir/model.onnx`` (+ ``model.json``; ``onnx_name(batch)`` for another batch);
+    returns the ONNX path."""
     import onnx
 
+    if batch < 1:
+        raise ExportError(f"batch must be >= 1, got {batch}")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    onnx_path = out_dir / "model.onnx"
+    onnx_path = out_dir / onnx_name(batch)
     # A name of this process's own: eval's workers (or two nodes) may export the same model to one folder
     # at once, and a shared temporary name let one of them check the other's half-written file.
-    tmp = out_dir / f"model.onnx.{os.getpid()}.tmp"
+    tmp = out_dir / f"{onnx_path.name}.{os.getpid()}.tmp"
     model = model.eval()
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")
-        program = torch.onnx.export(model, example_inputs(model), dynamo=True, opset_version=OPSET,
+        program = torch.onnx.export(model, example_inputs(model, batch), dynamo=True, opset_version=OPSET,
                                     input_names=list(INPUT_NAMES), output_names=list(OUTPUT_NAMES),
                                     external_data=False, verbose=False)
     program.save(str(tmp))
@@ -79,11 +91,12 @@ def export_onnx(model: FusionNet, out_dir: str | Path, extra_meta: dict | None =
         "torch_version": torch.__version__,
         "onnx_version": onnx.__version__,
         "nodes": len(proto.graph.node),
-        "inputs": [{"name": s.name, "shape": list(s.shape), "dtype": s.dtype} for s in input_specs(model.cfg)],
-        "outputs": [{"name": s.name, "shape": list(s.shape), "dtype": s.dtype} for s in output_specs(model.cfg)],
+        "batch": batch,
+        "inputs": [{"name": s.name, "shape": list(s.shape), "dtype": s.dtype} for s in input_specs(model.cfg, batch)],
+        "outputs": [{"name": s.name, "shape": list(s.shape), "dtype": s.dtype} for s in output_specs(model.cfg, batch)],
         "model_config": config_to_dict(model.cfg),
         **(extra_meta or {}),
     }
-    write_json_atomic(out_dir / "model.json", meta)
+    write_json_atomic(onnx_path.with_suffix(".json"), meta)
     return onnx_path
 

@@ -21,6 +21,7 @@ and counted as ``audio_frame_resyncs``.
 
 from __future__ import annotations
 
+import functools
 from collections import Counter
 from dataclasses import dataclass
 
@@ -28,7 +29,7 @@ import numpy as np
 
 import torch
 
-from ..config import MODALITIES, ModelConfig
+from ..config import MODALITIES, AudioConfig, ModelConfig
 from ..model.network import state_slots
 from ..model.preprocess import LogMelFrames
 from .base import Engine, InputError
@@ -48,19 +49,28 @@ class StepResult:
     mask: np.ndarray          # (M,) the mask the model actually used
 
 
+@functools.lru_cache(maxsize=8)
+def _whole_window_frames(audio: AudioConfig) -> tuple[LogMelFrames, np.ndarray]:
+    """The log-mel of a whole window, built and run once per audio config and process: the first call costs
+    about 70 ms (filter bank, torch warm-up), which would otherwise land on the first control tick that hears
+    audio, and eval builds a Runtime (so a stream) per episode. It has no state, so streams share it; with it, a
+    silent window's frames, which a new stream starts from."""
+    frames = LogMelFrames(audio).eval()
+    with torch.inference_mode():
+        silence = frames(torch.zeros(1, audio.window_samples)).numpy().astype(np.float32, copy=True)
+    silence.flags.writeable = False
+    return frames, silence
+
+
 class FusionStream:
     def __init__(self, engine: Engine, cfg: ModelConfig):
         self.engine = engine
         self.cfg = cfg
         self.counters: Counter[str] = Counter()
         self.state = np.zeros((1, state_slots(cfg), cfg.encoder.hidden), dtype=np.float32)
-        self.audio_frames = np.zeros((1, cfg.audio.n_mels, cfg.audio.n_frames), dtype=np.float32)
+        self._whole_window, silence = _whole_window_frames(cfg.audio)
+        self.audio_frames = silence.copy()   # (1, n_mels, n_frames)
         self._audio_end: int | None = None  # sample index the cached frames' window ended at
-        # Built and run once here: the first call costs about 70 ms (filter bank, torch warm-up),
-        # which would otherwise land on the first control tick that hears audio.
-        self._whole_window = LogMelFrames(cfg.audio).eval()
-        self._recompute_frames(np.zeros(cfg.audio.window_samples, np.float32))
-        self.counters.clear()
 
     def reset(self) -> None:
         """Forget the recurrent state (a clock jump backwards, a restarted bag)."""
@@ -100,6 +110,14 @@ class FusionStream:
         and ``audio_rewritten_from`` the lowest sample index written over since the previous tick
         (None: nothing); without ``audio_end`` every tick recomputes the whole window's frames.
         """
+        prepared = self.prepare(camera, audio, imu, lidar, joint_state, mask, dt, audio_end, audio_rewritten_from)
+        return self.finish(prepared, self.engine.step(prepared.inputs))
+
+    def prepare(self, camera: np.ndarray, audio: np.ndarray, imu: np.ndarray, lidar: np.ndarray,
+                joint_state: np.ndarray, mask: np.ndarray, dt: float, audio_end: int | None = None,
+                audio_rewritten_from: int | None = None) -> "PreparedStep":
+        """``step`` up to the engine: the engine's batch-1 inputs, with this stream's state. Whoever runs them
+        (``step``, or one batched call for several streams: ``BatchedSteps``) hands the outputs to ``finish``."""
         if not np.isfinite(dt) or dt <= 0.0:
             raise InputError(f"dt must be a positive finite number of seconds, got {dt}")
         mask = np.asarray(mask, dtype=np.float32).reshape(1, len(MODALITIES)).copy()
@@ -110,7 +128,7 @@ class FusionStream:
                 windows[name] = np.where(np.isfinite(window), window, 0.0).astype(window.dtype)
                 mask[0, index] = 0.0
                 self.counters[f"nonfinite_{name}"] += 1
-        audio_used = mask[0, _AUDIO] > 0.5
+        audio_used = bool(mask[0, _AUDIO] > 0.5)
         if audio_used and not self._cached_frames_valid(audio_end, audio_rewritten_from):
             self._recompute_frames(windows["audio"])
         inputs = {
@@ -121,11 +139,14 @@ class FusionStream:
         # The cache was moved in place: until this step's frames are back (an engine may raise),
         # it matches no window.
         self._audio_end = None
-        out = self.engine.step(inputs)
+        return PreparedStep(inputs, mask, audio_used, audio_end)
+
+    def finish(self, prepared: "PreparedStep", out: dict[str, np.ndarray]) -> StepResult:
+        """The engine's outputs for ``prepared`` (batch 1): keep the new state and frames, return the tick's."""
         # A masked tick's frames are of a zeroed or stale window: the next audio tick starts over.
-        if audio_used and np.isfinite(out["new_audio_frames"]).all():
+        if prepared.audio_used and np.isfinite(out["new_audio_frames"]).all():
             self.audio_frames = np.ascontiguousarray(out["new_audio_frames"], dtype=np.float32)
-            self._audio_end = audio_end
+            self._audio_end = prepared.audio_end
         if np.isfinite(out["new_state"]).all():
             self.state = np.ascontiguousarray(out["new_state"], dtype=np.float32)
         else:  # never feed a poisoned state back; start clean instead
@@ -133,4 +154,35 @@ class FusionStream:
             self.reset()
         self.counters["ticks"] += 1
         return StepResult(out["action"][0], out["fused_state"][0], out["attention"][0],
-                          out["contribution"][0], mask[0])
+                          out["contribution"][0], prepared.mask[0])
+
+
+@dataclass(frozen=True)
+class PreparedStep:
+    """One stream's tick, ready for the engine (``FusionStream.prepare``)."""
+
+    inputs: dict[str, np.ndarray]   # batch 1
+    mask: np.ndarray                # (1, M) after the finiteness checks
+    audio_used: bool
+    audio_end: int | None
+
+
+class BatchedSteps:
+    """Several streams' ticks in one engine call: an engine exported for a batch of K (``create_engine(...,
+    batch=K)``) steps up to K prepared ticks at once. Each row's outputs depend on that
+    row's inputs alone (checked bit for bit in test_lockstep), so which row a stream takes changes nothing, and
+    rows left over keep their last inputs, whose outputs nobody reads."""
+
+    def __init__(self, engine: Engine):
+        self.engine = engine
+        self.batch = engine.input_specs[0].shape[0]
+        self._inputs = {s.name: np.zeros(s.shape, s.dtype) for s in engine.input_specs}
+
+    def run(self, prepared: list[PreparedStep]) -> list[dict[str, np.ndarray]]:
+        if not 1 <= len(prepared) <= self.batch:
+            raise InputError(f"a batch of {self.batch} steps takes 1 to {self.batch} streams, got {len(prepared)}")
+        for name, batch in self._inputs.items():
+            for row, p in enumerate(prepared):
+                batch[row] = p.inputs[name][0]
+        out = self.engine.step(self._inputs)
+        return [{name: value[row:row + 1] for name, value in out.items()} for row in range(len(prepared))]
