@@ -110,10 +110,10 @@ def peak_memory_mb(checkpoints: list[Path]) -> float | None:
     return round(max(peaks), 1) if peaks else None
 
 
-def run_row(name: str, row: dict, episodes: int, seed: int, workers: int, trained: tuple[Path, float] | None = None
-            ) -> dict:
-    """Train (or, with ``trained``: (a checkpoint that this row's `make train` already wrote, its minutes),
-    adopt) and evaluate one row."""
+def run_row(name: str, row: dict, episodes: int, seed: int, workers: int,
+            trained: tuple[Path, float, tuple[Path, ...]] | None = None) -> dict:
+    """Train (or, with ``trained``: (a checkpoint that this row's `make train` already wrote, its minutes, its
+    round checkpoints), adopt) and evaluate one row."""
     import shutil
 
     from mm_fusion_ros.files import write_json_atomic
@@ -151,7 +151,8 @@ def run_row(name: str, row: dict, episodes: int, seed: int, workers: int, traine
         # The rounds' checkpoints are this row's only where it was just trained here.
         "peak_memory_mb": peak_memory_mb([REPO / "artifacts" / "policy_round0.pt",
                                           REPO / "artifacts" / "policy_round1.pt", policy] if trained is None
-                                         else [policy]),
+                                         else [*trained[2], policy]),
+        "peak_memory_stages": "all" if trained is None or trained[2] else "final only",
         "parameters": sum(p.numel() for p in model.parameters()),
         "onnx_step_p50_ms": onnx_step_p50_ms(policy),
         "summary": report["summary"], "seeds": report["seeds"],
@@ -188,7 +189,9 @@ def render() -> str:
         claimed = f"{CLAIMED[s]} %" if s in CLAIMED else "-"
         if r:
             lines.append(f"| {s} | {claimed} | {_rate(r['summary'])} | {r['onnx_step_p50_ms']} ms | "
-                         f"{r['parameters']:,} | {r['peak_memory_mb']} MB | {r['train_min']} min |")
+                         f"{r['parameters']:,} | {r['peak_memory_mb']} MB"
+                         f"{' (final stage only)' if r.get('peak_memory_stages') == 'final only' else ''} | "
+                         f"{r['train_min']} min |")
         else:
             lines.append(f"| {s} | {claimed} | not run | | | | |")
     return "\n".join(lines)
@@ -206,6 +209,9 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("--trained", type=Path, help="one row only: a checkpoint its `make train` command already "
                    "wrote (e.g. the shipped policy for 'all'), evaluated without training again")
     r.add_argument("--train-min", type=float, help="with --trained: how long that make train took (minutes)")
+    r.add_argument("--trained-rounds", type=Path, nargs="*", default=[],
+                   help="with --trained: that make train's round checkpoints (policy_round0.pt, policy_round1.pt), "
+                        "whose stages' peak memory the row reports with the final one's")
     sub.add_parser("render", help="the tables as Markdown")
     args = p.parse_args(argv)
     table = rows()
@@ -226,12 +232,16 @@ def main(argv: list[str] | None = None) -> int:
     if (args.trained is None) != (args.train_min is None) or (args.trained and len(args.rows) != 1):
         print("tables: --trained and --train-min go together, with one row", file=sys.stderr)
         return 2
-    if args.trained and not args.trained.is_file():
-        print(f"tables: --trained: no checkpoint at {args.trained}", file=sys.stderr)
+    if args.trained_rounds and not args.trained:
+        print("tables: --trained-rounds goes with --trained", file=sys.stderr)
         return 2
+    for path in ([args.trained] if args.trained else []) + list(args.trained_rounds):
+        if not path.is_file():
+            print(f"tables: --trained: no checkpoint at {path}", file=sys.stderr)
+            return 2
     for name in args.rows:
         run_row(name, table[name], args.episodes, args.seed, args.workers,
-                (args.trained, args.train_min) if args.trained else None)
+                (args.trained, args.train_min, tuple(args.trained_rounds)) if args.trained else None)
     return 0
 
 

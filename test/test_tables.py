@@ -79,6 +79,12 @@ def test_render_shows_what_the_rows_wrote(tables, tmp_path, monkeypatch):
     assert "| all but imu | 150/200 (75.0 %, CI 68.6-80.4 %) | timeout 50 | 51.2 min |" in text
     assert "| all five inputs | not run |" in text
     assert "| hierarchical | 87.2 % | not run |" in text
+    # An adopted checkpoint without its rounds knows its final stage's memory only, and says so.
+    (tmp_path / "all.json").write_text(json.dumps({
+        "summary": summary, "train_min": 45.0, "onnx_step_p50_ms": 0.8, "parameters": 1234, "peak_memory_mb": 2500,
+        "peak_memory_stages": "final only"}))
+    assert "| hybrid | 86.7 % | 150/200 (75.0 %, CI 68.6-80.4 %) | 0.8 ms | 1,234 | 2500 MB (final stage only) | " \
+           "45.0 min |" in tables.render()
 
 
 def test_bad_requests_are_refused_before_any_work(tables, tmp_path, monkeypatch, capsys):
@@ -91,4 +97,10 @@ def test_bad_requests_are_refused_before_any_work(tables, tmp_path, monkeypatch,
     assert "--trained and --train-min go together, with one row" in capsys.readouterr().err
     assert tables.main(["run", "all", "--trained", str(tmp_path / "x.pt"), "--train-min", "3"]) == 2
     assert "--trained: no checkpoint at" in capsys.readouterr().err
+    (tmp_path / "x.pt").write_bytes(b"")
+    assert tables.main(["run", "all", "--trained", str(tmp_path / "x.pt"), "--train-min", "3",
+                        "--trained-rounds", str(tmp_path / "round0.pt")]) == 2
+    assert f"no checkpoint at {tmp_path / 'round0.pt'}" in capsys.readouterr().err
+    assert tables.main(["run", "all", "--trained-rounds", str(tmp_path / "x.pt")]) == 2
+    assert "--trained-rounds goes with --trained" in capsys.readouterr().err
     assert not (tmp_path / "never").exists()
