@@ -284,7 +284,7 @@ class Evaluator:
                 live = [e for e in slots if e is not None]
                 ticks = [e.loop.runtime.begin_tick(e.t_ns / 1e9) for e in live]
                 if self.batched is None:
-                    outs = [_engine_step(live[0].loop.engine, ticks[0])]
+                    outs = [live[0].loop.runtime.infer(ticks[0])]
                 else:
                     outs = _batched_step(self.batched, ticks)
                 for e, tick, out in zip(live, ticks, outs):
@@ -300,24 +300,15 @@ class Evaluator:
                     e.abort()
 
 
-def _engine_step(engine, tick):
-    """The engine's outputs for one prepared tick, or what it raised (the Runtime rests on it, counted)."""
-    if tick.step is not None:
-        return None
-    try:
-        return engine.step(tick.prepared.inputs)
-    except Exception as exc:  # noqa: BLE001 - as Runtime.tick: a failed step is a rest, not a dead loop
-        return exc
-
-
 def _batched_step(batched, ticks) -> list:
+    """``Runtime.infer`` for several Runtimes' prepared ticks in one engine call."""
     ready = [i for i, t in enumerate(ticks) if t.step is None]
     outs: list = [None] * len(ticks)
     if ready:
         try:
             for i, out in zip(ready, batched.run([ticks[i].prepared for i in ready])):
                 outs[i] = out
-        except Exception as exc:  # noqa: BLE001
+        except Exception as exc:  # noqa: BLE001 - as Runtime.infer: each Runtime rests on it, counted
             for i in ready:
                 outs[i] = exc
     return outs

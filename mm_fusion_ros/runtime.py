@@ -216,15 +216,19 @@ class Runtime:
     def tick(self, t: float) -> TickResult:
         """One control tick at time ``t``: align the buffered inputs, step the network, apply safety."""
         pending = self.begin_tick(t)
-        if pending.step is None:
-            t0 = time.perf_counter()
-            try:
-                out = self.engine.step(pending.prepared.inputs)
-            except Exception as exc:  # noqa: BLE001 - a dead control loop would leave the arm on its last command
-                out = exc
-            pending.infer_s += time.perf_counter() - t0
-            return self.complete_tick(pending, out)
-        return self.complete_tick(pending, None)
+        return self.complete_tick(pending, self.infer(pending))
+
+    def infer(self, pending: "PendingTick") -> "dict[str, np.ndarray] | Exception | None":
+        """The engine's outputs for a prepared tick, or the exception it raised (None where preparing failed)."""
+        if pending.step is not None:
+            return None
+        t0 = time.perf_counter()
+        try:
+            out = self.engine.step(pending.prepared.inputs)
+        except Exception as exc:  # noqa: BLE001 - a dead control loop would leave the arm on its last command
+            out = exc
+        pending.infer_s += time.perf_counter() - t0
+        return out
 
     def begin_tick(self, t: float) -> "PendingTick":
         """``tick`` up to the engine: the aligned inputs, prepared for the stream's next step. ``tick`` runs them

@@ -415,7 +415,7 @@ def test_a_tick_in_two_halves_is_the_same_tick_and_an_engine_failure_between_the
         sensors_b.until(t)
         a = whole.tick(t)
         pending = halves.begin_tick(t)
-        b = halves.complete_tick(pending, engine.step(pending.prepared.inputs))
+        b = halves.complete_tick(pending, engine.step(pending.prepared.inputs))   # the engine, run elsewhere
         np.testing.assert_array_equal(a.raw_action, b.raw_action)
         np.testing.assert_array_equal(a.safety.command, b.safety.command)
         np.testing.assert_array_equal(whole.stream.state, halves.stream.state)
