@@ -169,9 +169,9 @@ class PreparedStep:
 
 class BatchedSteps:
     """Several streams' ticks in one engine call: an engine exported for a batch of K (``create_engine(...,
-    batch=K)``) steps up to K prepared ticks at once. Each row's outputs depend on that
-    row's inputs alone (checked bit for bit in test_lockstep), so which row a stream takes changes nothing, and
-    rows left over keep their last inputs, whose outputs nobody reads."""
+    batch=K)``) steps up to K prepared ticks at once. Each row's outputs depend on that row's inputs alone
+    (checked bit for bit in test_eval.py), so which row a stream takes changes nothing, and rows left over keep
+    their last inputs, whose outputs nobody reads."""
 
     def __init__(self, engine: Engine):
         self.engine = engine
