@@ -142,3 +142,12 @@ def with_strategy(cfg, strategy: str):
         cue_objects=3 if "cue" in extras else 0, cue_memory="memory" in extras),
         camera=dataclasses.replace(cfg.camera, pixel_keypoints=3 if "memory" in extras else 0),
         imu=dataclasses.replace(cfg.imu, high_pass="memory" in extras))
+
+
+def load_script(name: str, path: Path):
+    """A script that is not part of the package (bench/, examples/) imported as module ``name``."""
+    import importlib.util
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

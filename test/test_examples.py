@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import re
 from pathlib import Path
 
@@ -15,16 +14,15 @@ from mm_fusion_ros.engine import create_engine, model_fingerprint
 from mm_fusion_ros.remote.server import PolicyServer
 from mm_fusion_ros.runtime import load_model
 
+from conftest import load_script
+
 REPO = Path(__file__).resolve().parents[1]
 SIM_YAML = REPO / "config" / "sim.yaml"
 
 
 @pytest.fixture(scope="module")
 def example():
-    spec = importlib.util.spec_from_file_location("sim_policy_client", REPO / "examples" / "sim_policy_client.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("sim_policy_client", REPO / "examples" / "sim_policy_client.py")
 
 
 def _report(out: str) -> dict:

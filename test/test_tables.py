@@ -3,7 +3,6 @@ recipe in one thing only, the tables render what the rows wrote, and bad request
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import shlex
 from pathlib import Path
@@ -14,15 +13,14 @@ from mm_fusion_ros.cli import build_parser
 from mm_fusion_ros.config import MODALITIES, load_config
 from mm_fusion_ros.train import TrainConfig, check_task_targets, trained_config
 
+from conftest import load_script
+
 REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
 def tables():
-    spec = importlib.util.spec_from_file_location("bench_tables", REPO / "bench" / "tables.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("bench_tables", REPO / "bench" / "tables.py")
 
 
 def _round0_command(tables, row: dict) -> list[str]:
